@@ -1,0 +1,56 @@
+# The two commands a new user needs: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
+
+.PHONY: venv demo up down status test test-unit test-integration test-e2e lint format train clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+venv: $(STAMP)
+
+demo: venv ## start everything, train, promote, serve, print a prediction
+	$(PY) -m cluster demo
+
+up: venv
+	$(PY) -m cluster up
+
+down: ## stop what `up`/`demo` started; safe to repeat
+	@if [ -x $(PY) ]; then $(PY) -m cluster down; else echo "nothing to stop"; fi
+
+status: venv
+	$(PY) -m cluster status
+
+train: venv ## submit the default training job to the running stack
+	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.train --config jobs/configs/adult.yaml
+
+test: venv ## the whole suite: unit, integration (real Ray, MLflow, PostgreSQL, S3), e2e
+	$(PY) -m pytest tests
+
+test-unit: venv
+	$(PY) -m pytest tests/unit
+
+test-integration: venv
+	$(PY) -m pytest tests/integration
+
+test-e2e: venv
+	$(PY) -m pytest tests/e2e
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy cluster jobs serve_apps tests
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean: down
+	rm -rf .state

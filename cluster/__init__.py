@@ -1,0 +1,1 @@
+"""Running the platform: settings, the `python -m cluster` CLI and infrastructure configs."""

@@ -1,0 +1,163 @@
+"""The platform's one typed settings object, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Every knob of the platform.
+
+    Embedded defaults run the whole stack on a bare machine (MLflow on SQLite, artifacts on local
+    disk, the shipped data set). Secrets have no defaults.
+    """
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Where `cluster up` keeps pid files, logs, the SQLite store and local artifacts.
+    state_dir: Path = REPO_ROOT / ".state"
+
+    # Ray head. 6379 belongs to Redis on the dev machines, hence 6380.
+    ray_host: str = "127.0.0.1"
+    # Address drivers connect to; unset means a running local cluster, else a fresh local one.
+    ray_address: str | None = None
+    ray_gcs_port: int = 6380
+    ray_dashboard_host: str = "127.0.0.1"
+    ray_dashboard_port: int = 8265
+    ray_client_port: int = 10001
+    # Logical CPUs the head advertises. Training workers and Ray Data tasks mostly wait on each
+    # other, so advertising more than the physical cores avoids resource deadlocks on small boxes.
+    ray_num_cpus: int = Field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))
+    # Short temp dir: Ray's unix sockets must fit in 107 characters.
+    ray_temp_dir: Path | None = None
+    # Where Ray Train keeps checkpoints; a shared URI (s3://...) once there are several nodes.
+    ray_storage_path: str | None = None
+
+    # Ray Serve HTTP proxy.
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    serve_config_path: Path = REPO_ROOT / "serve_apps" / "config.yaml"
+
+    # MLflow tracking server and the clients that talk to it.
+    mlflow_host: str = "127.0.0.1"
+    mlflow_port: int = 5000
+    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    mlflow_backend_store_uri: str | None = None  # default: SQLite under state_dir
+    mlflow_artifacts_destination: str | None = None  # default: S3 bucket if set, else state_dir
+    mlflow_experiment: str = "adult-income"
+    mlflow_workers: int = 2
+
+    # How long `cluster up` waits for each component to report healthy.
+    startup_timeout_s: float = 180.0
+
+    # Object store (MinIO in compose, any S3-compatible server elsewhere).
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_region: str = "us-east-1"
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+
+    # Recorded on every run; set when the code travels without its .git (containers, Ray jobs).
+    git_commit: str | None = None
+
+    # Inference API.
+    api_keys: SecretStr | None = None  # comma-separated; no default on purpose
+    model_name: str = "adult-income"
+    champion_alias: str = "champion"
+    model_poll_interval_s: float = 5.0
+    max_batch_rows: int = 1000
+    serve_max_batch_size: int = 64
+    serve_batch_wait_timeout_s: float = 0.005
+
+    @field_validator("state_dir", "serve_config_path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value if value.is_absolute() else (REPO_ROOT / value).resolve()
+
+    # Derived values -----------------------------------------------------------------------
+
+    @property
+    def ray_gcs_address(self) -> str:
+        return f"{self.ray_host}:{self.ray_gcs_port}"
+
+    @property
+    def ray_dashboard_url(self) -> str:
+        return f"http://{self.ray_dashboard_host}:{self.ray_dashboard_port}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.serve_host}:{self.serve_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.mlflow_host}:{self.mlflow_port}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def resolved_backend_store_uri(self) -> str:
+        if self.mlflow_backend_store_uri:
+            return self.mlflow_backend_store_uri
+        return f"sqlite:///{self.state_dir / 'mlflow.db'}"
+
+    @property
+    def resolved_artifacts_destination(self) -> str:
+        if self.mlflow_artifacts_destination:
+            return self.mlflow_artifacts_destination
+        if self.s3_bucket:
+            return f"s3://{self.s3_bucket}/mlflow"
+        return str(self.state_dir / "mlartifacts")
+
+    @property
+    def resolved_storage_path(self) -> str:
+        return self.ray_storage_path or str(self.state_dir / "ray_results")
+
+    def api_key_list(self) -> list[str]:
+        if self.api_keys is None:
+            return []
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+    def api_key_hashes(self) -> list[str]:
+        """Keys are held only as SHA-256 digests once they leave the settings object."""
+        return [hash_api_key(k) for k in self.api_key_list()]
+
+    def s3_client_kwargs(self) -> dict[str, str]:
+        kwargs: dict[str, str] = {"region_name": self.s3_region}
+        if self.s3_endpoint_url:
+            kwargs["endpoint_url"] = self.s3_endpoint_url
+        if self.aws_access_key_id is not None:
+            kwargs["aws_access_key_id"] = self.aws_access_key_id.get_secret_value()
+        if self.aws_secret_access_key is not None:
+            kwargs["aws_secret_access_key"] = self.aws_secret_access_key.get_secret_value()
+        return kwargs
+
+    def s3_environment(self) -> dict[str, str]:
+        """The variables that boto3 inside MLflow's server and clients read."""
+        env: dict[str, str] = {}
+        if self.s3_endpoint_url:
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        if self.aws_access_key_id is not None:
+            env["AWS_ACCESS_KEY_ID"] = self.aws_access_key_id.get_secret_value()
+        if self.aws_secret_access_key is not None:
+            env["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_access_key.get_secret_value()
+        env["AWS_DEFAULT_REGION"] = self.s3_region
+        return env
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

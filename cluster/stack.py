@@ -1,0 +1,214 @@
+"""`up`, `down` and `status` of the local stack: Ray head, MLflow server, the Serve app."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from cluster.health import check, probes, wait_healthy, wait_until
+from cluster.settings import Settings
+from cluster.supervisor import child_environment, log_tail, managed, read_pid, spawn, stop
+
+SERVE_APP = "inference"
+
+
+class StartupError(RuntimeError):
+    """One line: what failed and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    url: str
+    healthy: bool
+    detail: str
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _require_free(host: str, port: int, what: str, setting: str) -> None:
+    if _port_taken(host, port):
+        raise StartupError(f"{what}: port {port} on {host} is already in use; stop what holds it or set {setting}")
+
+
+# MLflow ------------------------------------------------------------------------------------
+
+
+def _check_backend(uri: str) -> None:
+    if not uri.startswith("postgresql"):
+        return
+    import psycopg
+
+    dsn = "postgresql://" + uri.split("://", 1)[1]
+    try:
+        with psycopg.connect(dsn, connect_timeout=5):
+            pass
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StartupError(
+            f"mlflow: PostgreSQL backend not reachable ({first}); start PostgreSQL, create the database, "
+            "or fix MLFLOW_BACKEND_STORE_URI"
+        ) from exc
+
+
+def _check_artifacts(settings: Settings) -> None:
+    destination = settings.resolved_artifacts_destination
+    if not destination.startswith("s3://"):
+        Path(destination).mkdir(parents=True, exist_ok=True)
+        return
+    from jobs.data.storage import s3_client, split_s3_uri
+
+    bucket = split_s3_uri(destination + "/x")[0]
+    try:
+        client = s3_client(settings)
+        try:
+            client.head_bucket(Bucket=bucket)
+        except client.exceptions.ClientError:
+            client.create_bucket(Bucket=bucket)
+    except Exception as exc:
+        raise StartupError(
+            f"mlflow: artifact store {destination} not reachable ({type(exc).__name__}: {exc}); "
+            "check S3_ENDPOINT_URL, S3_BUCKET and the access keys"
+        ) from exc
+
+
+def start_mlflow(settings: Settings, env: dict[str, str]) -> str:
+    item = managed(settings, "mlflow")
+    if read_pid(item) and check(f"{settings.mlflow_url}/health")[0]:
+        return "already running"
+    _require_free(settings.mlflow_host, settings.mlflow_port, "mlflow", "MLFLOW_PORT")
+    _check_backend(settings.resolved_backend_store_uri)
+    _check_artifacts(settings)
+    argv = [
+        _bin("mlflow"), "server",
+        "--host", settings.mlflow_host,
+        "--port", str(settings.mlflow_port),
+        "--workers", str(settings.mlflow_workers),
+        "--backend-store-uri", settings.resolved_backend_store_uri,
+        "--artifacts-destination", settings.resolved_artifacts_destination,
+    ]  # fmt: skip
+    proc = spawn(item, argv, env)
+    if not wait_healthy(f"{settings.mlflow_url}/health", settings.startup_timeout_s, lambda: proc.poll() is None):
+        stop(item)
+        raise StartupError(f"mlflow: server did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
+    return "started"
+
+
+# Ray ---------------------------------------------------------------------------------------
+
+
+def start_ray(settings: Settings, env: dict[str, str]) -> str:
+    item = managed(settings, "ray")
+    if read_pid(item) and check(f"{settings.ray_dashboard_url}/api/gcs_healthz")[0]:
+        return "already running"
+    _require_free(settings.ray_host, settings.ray_gcs_port, "ray", "RAY_GCS_PORT")
+    _require_free(settings.ray_dashboard_host, settings.ray_dashboard_port, "ray dashboard", "RAY_DASHBOARD_PORT")
+    argv = [
+        _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address", settings.ray_host,
+        "--port", str(settings.ray_gcs_port),
+        "--dashboard-host", settings.ray_dashboard_host,
+        "--dashboard-port", str(settings.ray_dashboard_port),
+        "--ray-client-server-port", str(settings.ray_client_port),
+        "--num-cpus", str(settings.ray_num_cpus),
+    ]  # fmt: skip
+    if settings.ray_temp_dir:
+        argv += ["--temp-dir", str(settings.ray_temp_dir)]
+    proc = spawn(item, argv, env)
+    alive = lambda: proc.poll() is None  # noqa: E731
+    ready = wait_healthy(f"{settings.ray_dashboard_url}/api/gcs_healthz", settings.startup_timeout_s, alive)
+    ready = ready and wait_healthy(f"{settings.ray_dashboard_url}/api/version", settings.startup_timeout_s, alive)
+    if not ready:
+        stop(item)
+        raise StartupError(f"ray: head node did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
+    return "started"
+
+
+# Serve -------------------------------------------------------------------------------------
+
+
+def render_serve_config(settings: Settings) -> Path:
+    """The shipped Serve config with host and port taken from the settings."""
+    config: dict[str, Any] = yaml.safe_load(settings.serve_config_path.read_text(encoding="utf-8"))
+    config.setdefault("http_options", {}).update({"host": settings.serve_host, "port": settings.serve_port})
+    target = settings.state_dir / "serve_config.yaml"
+    target.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return target
+
+
+def serve_app_status(settings: Settings) -> tuple[str, str]:
+    try:
+        response = httpx.get(f"{settings.ray_dashboard_url}/api/serve/applications/", timeout=5)
+        app = response.json().get("applications", {}).get(SERVE_APP, {})
+    except (httpx.HTTPError, ValueError):
+        return "UNKNOWN", "dashboard not reachable"
+    return str(app.get("status", "NOT_STARTED")), str(app.get("message", ""))
+
+
+def deploy_serve(settings: Settings, env: dict[str, str]) -> str:
+    if not settings.api_key_hashes():
+        raise StartupError(
+            "serve: API_KEYS is not set; the inference API refuses to start without a key. "
+            "Add API_KEYS=<key> to .env (`make demo` generates one)"
+        )
+    config = render_serve_config(settings)
+    result = subprocess.run(
+        [_bin("serve"), "deploy", str(config), "--address", settings.ray_dashboard_url],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise StartupError(f"serve: deploy failed: {last[0]}")
+
+    def settled() -> bool:
+        status, _ = serve_app_status(settings)
+        return status in {"RUNNING", "DEPLOY_FAILED", "UNHEALTHY"} and (
+            status != "RUNNING" or check(f"{settings.serve_url}/healthz")[0]
+        )
+
+    wait_until(settled, settings.startup_timeout_s)
+    status, message = serve_app_status(settings)
+    if status != "RUNNING":
+        reason = message.strip().splitlines()[-1] if message.strip() else status
+        raise StartupError(f"serve: application {SERVE_APP} is {status}: {reason}")
+    return "deployed"
+
+
+# The whole stack -------------------------------------------------------------------------------
+
+
+def up(settings: Settings, report: Any = print) -> None:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    env = child_environment(settings)
+    report(f"mlflow: {start_mlflow(settings, env)} at {settings.mlflow_url}")
+    report(f"ray: {start_ray(settings, env)}, dashboard at {settings.ray_dashboard_url}")
+    report(f"serve: {deploy_serve(settings, env)} at {settings.serve_url}")
+
+
+def down(settings: Settings, report: Any = print) -> None:
+    for name in ("ray", "mlflow"):
+        stopped = stop(managed(settings, name))
+        report(f"{name}: {'stopped' if stopped else 'not running'}")
+
+
+def status(settings: Settings) -> list[ComponentStatus]:
+    rows = []
+    for probe in probes(settings):
+        healthy, detail = check(probe.health_url)
+        rows.append(ComponentStatus(probe.name, probe.url, healthy, detail))
+    return rows

@@ -1,0 +1,119 @@
+"""Start and stop the stack's local processes, each in its own session, tracked by pid files.
+
+`down` signals only the sessions that `up` recorded, so it never touches another Ray cluster,
+MLflow server or anything else on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from dotenv import dotenv_values
+
+from cluster.settings import REPO_ROOT, Settings
+
+
+@dataclass(frozen=True)
+class Managed:
+    name: str
+    pid_file: Path
+    log_file: Path
+
+
+def managed(settings: Settings, name: str) -> Managed:
+    return Managed(name, settings.state_dir / "pids" / f"{name}.pid", settings.logs_dir / f"{name}.log")
+
+
+def child_environment(settings: Settings) -> dict[str, str]:
+    """What every process of the stack sees: .env, the settings' derived values, our code."""
+    env = dict(os.environ)
+    for dotenv in (REPO_ROOT / ".env", Path.cwd() / ".env"):
+        if dotenv.is_file():
+            env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None and k not in os.environ})
+    python_path = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{python_path}" if python_path else str(REPO_ROOT)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["STATE_DIR"] = str(settings.state_dir)
+    env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env.update(settings.s3_environment())
+    return env
+
+
+def read_pid(item: Managed) -> int | None:
+    try:
+        pid = int(item.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if psutil.pid_exists(pid) else None
+
+
+def spawn(item: Managed, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    item.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    item.log_file.parent.mkdir(parents=True, exist_ok=True)
+    log = item.log_file.open("ab")
+    proc = subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,  # its own session: `down` can end it and all it spawned
+    )
+    item.pid_file.write_text(str(proc.pid))
+    return proc
+
+
+def session_members(sid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members
+
+
+def stop(item: Managed, grace_s: float = 20.0) -> bool:
+    """SIGTERM the process's session, SIGKILL what is left after the grace period."""
+    pid = read_pid(item)
+    if pid is None:
+        item.pid_file.unlink(missing_ok=True)
+        return False
+    members = session_members(pid)
+    for proc in members:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(members, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    # Ray workers re-parented elsewhere still carry our session id; sweep once more.
+    for proc in session_members(pid):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    item.pid_file.unlink(missing_ok=True)
+    return True
+
+
+def log_tail(item: Managed, lines: int = 5) -> str:
+    try:
+        text = item.log_file.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])

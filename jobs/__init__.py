@@ -1,0 +1,1 @@
+"""Ray jobs: data, model, training, evaluation, registry and promotion."""

@@ -1,0 +1,1 @@
+"""Data sets: storage (local or S3), loading and cleaning, splits."""

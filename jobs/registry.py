@@ -1,0 +1,92 @@
+"""MLflow model packaging and registry access."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import infer_signature
+from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.tracking import MlflowClient
+
+from cluster.settings import REPO_ROOT
+from jobs.predictor import TabularPredictor
+
+PREDICTOR_ARTIFACT = "predictor"
+CONFIG_ARTIFACT = "job_config.json"
+SCHEMA_ARTIFACT = "schema.json"
+
+
+class TabularPyfunc(PythonModel):  # type: ignore[misc]
+    """pyfunc wrapper so `mlflow models serve` and `mlflow.pyfunc.load_model` work too."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        self.predictor = TabularPredictor.load(Path(context.artifacts[PREDICTOR_ARTIFACT]))
+
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
+        return self.predictor.predict_frame(model_input)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    pins = ["torch", "pandas", "numpy", "pydantic", "pydantic-settings", "pyyaml", "scikit-learn"]
+    return [f"{name}=={version(name).split('+')[0]}" for name in pins]
+
+
+def log_and_register(predictor: TabularPredictor, example: pd.DataFrame, model_name: str) -> ModelVersion:
+    """Log the model (weights, preprocessing, signature, input example) and register a version."""
+    features = example[predictor.schema.feature_names].head(5).reset_index(drop=True)
+    signature = infer_signature(features, predictor.predict_frame(features))
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = predictor.save(Path(tmp) / PREDICTOR_ARTIFACT)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=TabularPyfunc(),
+            artifacts={PREDICTOR_ARTIFACT: str(directory)},
+            code_paths=[str(REPO_ROOT / "jobs"), str(REPO_ROOT / "cluster")],
+            signature=signature,
+            input_example=features,
+            pip_requirements=_requirements(),
+            registered_model_name=model_name,
+        )
+    version = info.registered_model_version
+    if version is None:
+        raise RuntimeError(f"model {model_name} was logged but not registered")
+    return MlflowClient().get_model_version(model_name, str(version))
+
+
+def download_model(model_uri: str, dst: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+
+
+def predictor_dir(model_dir: Path) -> Path:
+    """Where the pyfunc flavour keeps our artifact, as recorded in the MLmodel file."""
+    meta = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))
+    artifacts = meta["flavors"]["python_function"].get("artifacts", {})
+    return model_dir / artifacts[PREDICTOR_ARTIFACT]["path"]
+
+
+def load_predictor(model_uri: str) -> TabularPredictor:
+    with tempfile.TemporaryDirectory() as tmp:
+        return TabularPredictor.load(predictor_dir(download_model(model_uri, Path(tmp))))
+
+
+def champion_version(client: MlflowClient, model_name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def run_config(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    """The job config a run was trained with, as it logged it."""
+    loaded = mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFIG_ARTIFACT}")
+    return dict(loaded)

@@ -1,0 +1,377 @@
+"""Distributed training with Ray Train, tracked in MLflow, registered and gated for promotion.
+
+    python -m jobs.train --config jobs/configs/adult.yaml [--set train.epochs=2]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m jobs.train --config jobs/configs/adult.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import ray
+import torch
+import typer
+from mlflow.tracking import MlflowClient
+
+from cluster.settings import REPO_ROOT, Settings, get_settings
+from jobs.config import JobConfig, load_config, parse_override
+from jobs.data.loading import Splits, combined_digest, load_splits
+from jobs.evaluate import evaluate
+from jobs.predictor import Architecture, TabularPredictor
+from jobs.preprocess import Preprocessor
+from jobs.promote import Decision, gate
+from jobs.registry import CONFIG_ARTIFACT, SCHEMA_ARTIFACT, log_and_register
+from jobs.schema import build_schema
+from jobs.tracking import require_tracking_server
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "state.pt"
+
+
+@dataclass
+class TrainingOutcome:
+    run_id: str
+    model_name: str
+    model_version: str
+    test_metrics: dict[str, float]
+    epochs_run: int
+    promotion: Decision | None
+    wall_time_s: float
+
+
+# Worker side -------------------------------------------------------------------------------
+
+
+def _batch_tensors(batch: dict[str, torch.Tensor], n_cat: int, n_num: int) -> tuple[torch.Tensor, ...]:
+    rows = len(batch["y"])
+    x_cat = (
+        torch.stack([batch[f"c{j}"] for j in range(n_cat)], dim=1).long()
+        if n_cat
+        else torch.zeros((rows, 0), dtype=torch.long)
+    )
+    x_num = (
+        torch.stack([batch[f"n{j}"] for j in range(n_num)], dim=1).float()
+        if n_num
+        else torch.zeros((rows, 0), dtype=torch.float32)
+    )
+    return x_cat, x_num, batch["y"]
+
+
+def _all_reduce_sums(values: list[float]) -> list[float]:
+    """Sum per-worker statistics so every worker takes the same early-stopping decision."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _loss_fn(task: str) -> torch.nn.Module:
+    return torch.nn.CrossEntropyLoss(reduction="sum") if task == "classification" else torch.nn.MSELoss(reduction="sum")
+
+
+def _targets(y: torch.Tensor, task: str) -> torch.Tensor:
+    return y.long() if task == "classification" else y.float().unsqueeze(1)
+
+
+def _run_epoch(
+    model: torch.nn.Module,
+    shard: Any,
+    cfg: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None,
+) -> tuple[float, float, float]:
+    """One pass over a shard; returns (loss sum, correct count, rows). Trains if given an optimizer."""
+    loss_fn = _loss_fn(cfg["task"])
+    loss_sum = correct = rows = 0.0
+    training = optimizer is not None
+    model.train(training)
+    iterator = shard.iter_torch_batches(
+        batch_size=cfg["batch_size"],
+        drop_last=training,  # a batch of one breaks BatchNorm in training mode
+        local_shuffle_buffer_size=cfg["batch_size"] * 8 if training else None,
+    )
+    with torch.set_grad_enabled(training):
+        for batch in iterator:
+            x_cat, x_num, y = _batch_tensors(batch, cfg["n_cat"], cfg["n_num"])
+            out = model(x_cat, x_num)
+            target = _targets(y, cfg["task"])
+            loss = loss_fn(out, target)
+            if optimizer is not None:
+                optimizer.zero_grad()
+                (loss / len(y)).backward()
+                optimizer.step()
+            loss_sum += float(loss.detach())
+            rows += len(y)
+            if cfg["task"] == "classification":
+                correct += float((out.argmax(dim=1) == target).sum())
+    return loss_sum, correct, rows
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(cfg["seed"] + rank)
+    torch.set_num_threads(max(1, cfg["torch_threads"]))
+    model = ray.train.torch.prepare_model(Architecture.model_validate(cfg["architecture"]).build())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=cfg["lr_decay"], patience=cfg["lr_patience"]
+    )
+    start_epoch, best_loss, stale = 0, math.inf, 0
+    best_state = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+
+    # Resume where a restarted run left off (worker or node failure).
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            saved = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+        _unwrap(model).load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        start_epoch, best_loss, stale = saved["epoch"] + 1, saved["best_loss"], saved["stale"]
+        best_state = saved["best_model"]
+
+    tracker = MlflowClient(cfg["tracking_uri"]) if rank == 0 and cfg.get("run_id") else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg["epochs"]):
+        started = time.perf_counter()
+        t_loss, t_correct, t_rows = _all_reduce_sums(list(_run_epoch(model, train_shard, cfg, optimizer)))
+        train_seconds = time.perf_counter() - started
+        v_loss, v_correct, v_rows = _all_reduce_sums(list(_run_epoch(_unwrap(model), val_shard, cfg, None)))
+        val_loss = v_loss / max(v_rows, 1)
+        scheduler.step(val_loss)
+        improved = val_loss < best_loss - 1e-5
+        if improved:
+            best_loss, stale = val_loss, 0
+            best_state = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+        else:
+            stale += 1
+        metrics: dict[str, float] = {
+            "epoch": float(epoch),
+            "train_loss": t_loss / max(t_rows, 1),
+            "val_loss": val_loss,
+            "best_val_loss": best_loss,
+            "train_rows_per_s": t_rows / max(train_seconds, 1e-9),
+            "epoch_time_s": time.perf_counter() - started,
+            "lr": float(optimizer.param_groups[0]["lr"]),
+        }
+        if cfg["task"] == "classification":
+            metrics["train_accuracy"] = t_correct / max(t_rows, 1)
+            metrics["val_accuracy"] = v_correct / max(v_rows, 1)
+        if tracker is not None:
+            for key, value in metrics.items():
+                if key != "epoch":
+                    tracker.log_metric(cfg["run_id"], key, value, step=epoch)
+        stop = stale >= cfg["patience"]
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                torch.save(
+                    {
+                        "model": _unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "best_loss": best_loss,
+                        "stale": stale,
+                        "best_model": best_state,
+                    },
+                    Path(directory) / CHECKPOINT_FILE,
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+        if stop:
+            break
+
+
+# Driver side -------------------------------------------------------------------------------
+
+
+def git_commit(settings: Settings) -> str:
+    if settings.git_commit:
+        return settings.git_commit
+    for directory in (Path.cwd(), REPO_ROOT):
+        try:
+            out = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5, check=True
+            )
+            return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return "unknown"
+
+
+def _flat_params(config: JobConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = json.dumps(node) if isinstance(node, list) else node
+
+    walk("", config.model_dump(exclude={"data": {"features"}}))
+    return {k: str(v)[:500] for k, v in flat.items()}
+
+
+def _log_inputs(splits: Splits, config: JobConfig, digest: str) -> None:
+    for name, frame in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
+        dataset = mlflow.data.from_pandas(frame, source=splits.sources.get(name, config.data.train_uri), name=f"{config.name}-{name}", targets=config.data.target)
+        mlflow.log_input(dataset, context=name, tags={"sha256": digest})
+
+
+def _ray_datasets(pre: Preprocessor, splits: Splits) -> dict[str, Any]:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    return {
+        "train": ray.data.from_pandas(pre.to_columns(splits.train)),
+        "val": ray.data.from_pandas(pre.to_columns(splits.val)),
+    }
+
+
+def architecture_for(pre: Preprocessor, config: JobConfig) -> Architecture:
+    return Architecture(
+        cardinalities=pre.cardinalities,
+        n_numeric=pre.n_numeric,
+        n_outputs=pre.n_outputs,
+        hidden=config.model.hidden,
+        dropout=config.model.dropout,
+        max_embedding_dim=config.model.max_embedding_dim,
+    )
+
+
+def fit(config: JobConfig, settings: Settings, pre: Preprocessor, splits: Splits, run_id: str | None) -> tuple[dict[str, Any], int]:
+    """Run the Ray Train job; returns the best weights and the number of epochs run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tc = config.train
+    architecture = architecture_for(pre, config)
+    loop_config = {
+        "task": config.task,
+        "architecture": architecture.model_dump(),
+        "n_cat": len(pre.cardinalities),
+        "n_num": pre.n_numeric,
+        "epochs": tc.epochs,
+        "batch_size": tc.batch_size,
+        "lr": tc.lr,
+        "weight_decay": tc.weight_decay,
+        "patience": tc.patience,
+        "lr_decay": tc.lr_decay,
+        "lr_patience": tc.lr_patience,
+        "seed": tc.seed,
+        "torch_threads": int(tc.cpus_per_worker),
+        "tracking_uri": settings.mlflow_tracking_uri,
+        "run_id": run_id,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
+        datasets=_ray_datasets(pre, splits),
+        run_config=RunConfig(
+            name=f"{config.name}-{run_id or int(time.time())}",
+            storage_path=settings.resolved_storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training produced no checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        saved = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+    return saved["best_model"], int(saved["epoch"]) + 1
+
+
+def run_training(config: JobConfig, settings: Settings | None = None) -> TrainingOutcome:
+    settings = settings or get_settings()
+    started = time.perf_counter()
+    require_tracking_server(settings)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_experiment(settings.mlflow_experiment)
+    model_name = config.model_name or settings.model_name
+
+    splits = load_splits(config, settings)
+    schema = build_schema(splits.train, config)
+    pre = Preprocessor.fit(splits.train, schema)
+    digest = combined_digest(splits.digests)
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_address, log_to_driver=True)
+
+    with mlflow.start_run(run_name=f"train-{config.name}") as run:
+        mlflow.set_tags(
+            {
+                "job.kind": "train",
+                "git_commit": git_commit(settings),
+                "data.sha256": digest,
+                **{f"data.sha256.{name}": splits.digests[uri] for name, uri in splits.sources.items() if uri in splits.digests},
+                "ray.job_id": ray.get_runtime_context().get_job_id(),
+            }
+        )
+        mlflow.log_params(_flat_params(config))
+        mlflow.log_params({"data.train_rows": len(splits.train), "data.val_rows": len(splits.val), "data.test_rows": len(splits.test)})
+        mlflow.log_dict(config.model_dump(mode="json"), CONFIG_ARTIFACT)
+        mlflow.log_text(schema.model_dump_json(indent=2), SCHEMA_ARTIFACT)
+        _log_inputs(splits, config, digest)
+
+        best_state, epochs_run = fit(config, settings, pre, splits, run.info.run_id)
+        predictor = TabularPredictor.from_state_dict(pre, architecture_for(pre, config), best_state)
+        test_metrics = evaluate(predictor, splits.test)
+        mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
+        mlflow.log_metric("epochs_run", epochs_run)
+
+        version = log_and_register(predictor, splits.test, model_name)
+        decision = None
+        if config.promotion.enabled:
+            decision = gate(
+                MlflowClient(), model_name, settings.champion_alias, version.version, predictor, config, splits.test
+            )
+        return TrainingOutcome(
+            run_id=run.info.run_id,
+            model_name=model_name,
+            model_version=version.version,
+            test_metrics=test_metrics,
+            epochs_run=epochs_run,
+            promotion=decision,
+            wall_time_s=time.perf_counter() - started,
+        )
+
+
+def main(
+    config: Path = typer.Option(REPO_ROOT / "jobs" / "configs" / "adult.yaml", "--config", help="job config YAML"),
+    overrides: list[str] = typer.Option([], "--set", help="override a config value, e.g. train.epochs=2"),
+) -> None:
+    """Train a model on the Ray cluster, log it to MLflow, register it and gate its promotion."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    job = load_config(config).with_overrides(dict(parse_override(o) for o in overrides))
+    outcome = run_training(job)
+    summary = asdict(outcome)
+    typer.echo("TRAINING_RESULT " + json.dumps(summary, default=str))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,1 @@
+"""Ray Serve applications: the inference API (FastAPI ingress) and the model deployment."""

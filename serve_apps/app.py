@@ -1,0 +1,48 @@
+"""Serve application builder, named by the Serve config: `serve_apps.app:build_app`."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+from ray.serve import Application
+
+from cluster.settings import get_settings
+from serve_apps.ingress import Ingress
+from serve_apps.model_server import ModelServer
+
+
+class MissingApiKeys(RuntimeError):
+    pass
+
+
+class AppArgs(BaseModel):
+    """Arguments from the Serve config's `args:`; anything left out comes from the settings."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_name: str | None = None
+    alias: str | None = None
+    tracking_uri: str | None = None
+    poll_interval_s: float | None = None
+    max_rows: int | None = None
+    max_batch_size: int | None = None
+    batch_wait_timeout_s: float | None = None
+
+
+def build_app(args: dict[str, object]) -> Application:
+    parsed = AppArgs.model_validate(args or {})
+    settings = get_settings()
+    key_hashes = settings.api_key_hashes()
+    if not key_hashes:
+        raise MissingApiKeys(
+            "API_KEYS is not set: the inference API will not start without at least one key. "
+            "Add API_KEYS=<key>[,<key>...] to .env or the environment (`make demo` generates one)."
+        )
+    model = ModelServer.bind(
+        parsed.model_name or settings.model_name,
+        parsed.alias or settings.champion_alias,
+        parsed.tracking_uri or settings.mlflow_tracking_uri,
+        parsed.poll_interval_s or settings.model_poll_interval_s,
+        parsed.max_batch_size or settings.serve_max_batch_size,
+        parsed.batch_wait_timeout_s or settings.serve_batch_wait_timeout_s,
+    )
+    return Ingress.bind(model, key_hashes, parsed.max_rows or settings.max_batch_rows)

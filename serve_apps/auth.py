@@ -1,0 +1,48 @@
+"""API-key authentication as a FastAPI dependency.
+
+Keys are held as SHA-256 digests and every candidate is compared in constant time, so neither a
+memory dump nor response timing gives a key away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <API key>")
+
+
+class KeyStore:
+    def __init__(self, key_hashes: list[str]) -> None:
+        if not key_hashes:
+            raise ValueError("no API keys configured")
+        self._hashes = [h.encode("ascii") for h in key_hashes]
+
+    def verify(self, presented: str | None) -> bool:
+        if not presented:
+            return False
+        digest = hashlib.sha256(presented.encode("utf-8")).hexdigest().encode("ascii")
+        # Check every stored hash: no early exit, so the time taken does not depend on the match.
+        matched = False
+        for stored in self._hashes:
+            matched |= hmac.compare_digest(digest, stored)
+        return matched
+
+
+def require_api_key(
+    request: Request,
+    bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+    api_key: str | None = Depends(header_scheme),
+) -> None:
+    store: KeyStore = request.app.state.key_store
+    presented = bearer.credentials if bearer is not None else api_key
+    if not store.verify(presented):
+        raise HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED,
+            detail="missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -1,0 +1,89 @@
+"""Request and response bodies of the inference API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EXAMPLE_ROW: dict[str, Any] = {
+    "age": 39,
+    "workclass": "State-gov",
+    "fnlwgt": 77516,
+    "education": "Bachelors",
+    "education_num": 13,
+    "marital_status": "Never-married",
+    "occupation": "Adm-clerical",
+    "relationship": "Not-in-family",
+    "race": "White",
+    "sex": "Male",
+    "capital_gain": 2174,
+    "capital_loss": 0,
+    "hours_per_week": 40,
+    "native_country": "United-States",
+}
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"instances": [EXAMPLE_ROW]}]}
+    )
+    instances: list[dict[str, Any]] = Field(
+        ..., min_length=1, description="feature rows; field names and types follow the served model's schema"
+    )
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    run_id: str
+
+
+class Prediction(BaseModel):
+    label: str | None = None
+    probability: float | None = None
+    probabilities: dict[str, float] | None = None
+    value: float | None = None
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    model: ModelRef
+    predictions: list[Prediction]
+
+
+class FeatureInfo(BaseModel):
+    name: str
+    kind: str
+    categories: list[str] = []
+    nullable: bool = False
+
+
+class CurrentModel(BaseModel):
+    name: str
+    version: str
+    run_id: str
+    alias: str
+    loaded_at: float
+    task: str
+    target: str
+    classes: list[str] | None
+    features: list[FeatureInfo]
+    metrics: dict[str, float]
+
+
+class ErrorDetail(BaseModel):
+    loc: list[Any] | None = None
+    msg: str
+    type: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    request_id: str | None = None
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
