@@ -7,7 +7,12 @@ import typer
 from cluster.settings import get_settings
 from cluster.stack import StartupError, down, status, up
 
-app = typer.Typer(help="Run the local Ray training and serving stack.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    pretty_exceptions_enable=False,
+    help="Run the local Ray training and serving stack.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.command("up")

@@ -72,7 +72,10 @@ def run_demo(config: str = "jobs/configs/adult.yaml") -> int:
     status, logs = follow_job(settings, job_id, echo=lambda chunk: print(chunk, end="", flush=True))
     result = training_result(logs)
     if status != "SUCCEEDED" or result is None:
-        print(f"training job {job_id} ended {status}; see `ray job logs {job_id} --address {settings.ray_dashboard_url}`", file=sys.stderr)
+        print(
+            f"training job {job_id} ended {status}; see `ray job logs {job_id} --address {settings.ray_dashboard_url}`",
+            file=sys.stderr,
+        )
         return 1
     version = str(result["model_version"])
     print(f"== registered {result['model_name']} version {version}: test metrics {result['test_metrics']}")

@@ -12,12 +12,23 @@ from cluster.settings import REPO_ROOT, Settings
 
 RESULT_MARKER = "TRAINING_RESULT "
 # Never ship local state, environments or caches to the cluster with the working dir.
-WORKING_DIR_EXCLUDES = [".venv/", ".state/", ".git/", "**/__pycache__/", ".mypy_cache/", ".ruff_cache/", ".pytest_cache/", "benchmarks/results/"]
+WORKING_DIR_EXCLUDES = [
+    ".venv/",
+    ".state/",
+    ".git/",
+    "**/__pycache__/",
+    ".mypy_cache/",
+    ".ruff_cache/",
+    ".pytest_cache/",
+    "benchmarks/results/",
+]
 
 
 def local_git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -43,7 +54,9 @@ def submit_training(
     client = JobSubmissionClient(settings.ray_dashboard_url)
     args = " ".join(f"--set {o}" for o in overrides or [])
     entrypoint = f"python -m {module} --config {config} {args}".strip()
-    return str(client.submit_job(entrypoint=entrypoint, runtime_env=training_runtime_env(), submission_id=submission_id))
+    return str(
+        client.submit_job(entrypoint=entrypoint, runtime_env=training_runtime_env(), submission_id=submission_id)
+    )
 
 
 def follow_job(settings: Settings, job_id: str, echo: Callable[[str], None] | None = None) -> tuple[str, str]:

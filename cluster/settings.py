@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     ray_dashboard_host: str = "127.0.0.1"
     ray_dashboard_port: int = 8265
     ray_client_port: int = 10001
+    # The head's HTTP agent (Jobs API back end); fixed so that Prometheus and firewalls can name it.
+    ray_dashboard_agent_port: int = 52365
+    ray_metrics_export_port: int = 8090
     # Logical CPUs the head advertises. Training workers and Ray Data tasks mostly wait on each
     # other, so advertising more than the physical cores avoids resource deadlocks on small boxes.
     ray_num_cpus: int = Field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))

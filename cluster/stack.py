@@ -125,6 +125,8 @@ def start_ray(settings: Settings, env: dict[str, str]) -> str:
         "--dashboard-host", settings.ray_dashboard_host,
         "--dashboard-port", str(settings.ray_dashboard_port),
         "--ray-client-server-port", str(settings.ray_client_port),
+        "--dashboard-agent-listen-port", str(settings.ray_dashboard_agent_port),
+        "--metrics-export-port", str(settings.ray_metrics_export_port),
         "--num-cpus", str(settings.ray_num_cpus),
     ]  # fmt: skip
     if settings.ray_temp_dir:
@@ -160,12 +162,16 @@ def serve_app_status(settings: Settings) -> tuple[str, str]:
     return str(app.get("status", "NOT_STARTED")), str(app.get("message", ""))
 
 
-def deploy_serve(settings: Settings, env: dict[str, str]) -> str:
+def require_api_keys(settings: Settings) -> None:
     if not settings.api_key_hashes():
         raise StartupError(
             "serve: API_KEYS is not set; the inference API refuses to start without a key. "
             "Add API_KEYS=<key> to .env (`make demo` generates one)"
         )
+
+
+def deploy_serve(settings: Settings, env: dict[str, str]) -> str:
+    require_api_keys(settings)
     config = render_serve_config(settings)
     result = subprocess.run(
         [_bin("serve"), "deploy", str(config), "--address", settings.ray_dashboard_url],
@@ -193,6 +199,7 @@ def deploy_serve(settings: Settings, env: dict[str, str]) -> str:
 
 
 def up(settings: Settings, report: Any = print) -> None:
+    require_api_keys(settings)  # before starting anything, so a missing key costs nothing
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     env = child_environment(settings)
     report(f"mlflow: {start_mlflow(settings, env)} at {settings.mlflow_url}")

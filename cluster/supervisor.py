@@ -6,6 +6,7 @@ MLflow server or anything else on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,23 +91,17 @@ def stop(item: Managed, grace_s: float = 20.0) -> bool:
         return False
     members = session_members(pid)
     for proc in members:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(members, timeout=grace_s)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(alive, timeout=5)
     # Ray workers re-parented elsewhere still carry our session id; sweep once more.
     for proc in session_members(pid):
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     item.pid_file.unlink(missing_ok=True)
     return True
 

@@ -22,10 +22,11 @@ class TabularMLP(nn.Module):
         max_embedding_dim: int = 16,
     ) -> None:
         super().__init__()
+        dims = [embedding_dim(card, max_embedding_dim) for card in cardinalities]
         self.embeddings = nn.ModuleList(
-            nn.Embedding(card, embedding_dim(card, max_embedding_dim)) for card in cardinalities
+            [nn.Embedding(card, dim) for card, dim in zip(cardinalities, dims, strict=True)]
         )
-        width = sum(e.embedding_dim for e in self.embeddings) + n_numeric
+        width = sum(dims) + n_numeric
         layers: list[nn.Module] = []
         for size in hidden:
             layers += [nn.Linear(width, size), nn.BatchNorm1d(size), nn.ReLU(), nn.Dropout(dropout)]

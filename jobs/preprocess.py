@@ -40,9 +40,7 @@ class Preprocessor:
     def __init__(self, state: PreprocessorState) -> None:
         self.state = state
         self.schema = state.schema_
-        self._cat_index = {
-            f.name: pd.Index(f.categories) for f in self.schema.categorical
-        }
+        self._cat_index = {f.name: pd.Index(f.categories) for f in self.schema.categorical}
         self._class_index = pd.Index(self.schema.classes or [])
 
     # Construction ------------------------------------------------------------------------

@@ -89,8 +89,10 @@ def gate(
     if candidate_score is None:
         raise ValueError(f"candidate version {version} cannot be scored with {metric}")
     current = champion_version(client, model_name, alias)
+    if current is not None and current.version == version:
+        return Decision(False, metric, margin, candidate_score, candidate_score, version, "already champion")
     champion_score = None
-    if current is not None and current.version != version:
+    if current is not None:
         champion = load_predictor(f"models:/{model_name}/{current.version}")
         champion_score = _score(champion, metric, test)
     decision = decide(
@@ -101,8 +103,6 @@ def gate(
         champion_version=current.version if current else None,
         force=force,
     )
-    if current is not None and current.version == version:
-        decision = Decision(False, metric, margin, candidate_score, candidate_score, version, "already champion")
     if decision.promote:
         client.set_registered_model_alias(model_name, alias, version)
     _record(client, model_name, version, decision)
@@ -163,4 +163,7 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    # Plain tracebacks: they end up in Ray job logs, where rich's boxes are noise.
+    cli = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    cli.command()(main)
+    cli()

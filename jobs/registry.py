@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
-from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
 from mlflow.tracking import MlflowClient
 
 from cluster.settings import REPO_ROOT
@@ -22,7 +22,7 @@ CONFIG_ARTIFACT = "job_config.json"
 SCHEMA_ARTIFACT = "schema.json"
 
 
-class TabularPyfunc(PythonModel):  # type: ignore[misc]
+class TabularPyfunc(PythonModel):
     """pyfunc wrapper so `mlflow models serve` and `mlflow.pyfunc.load_model` work too."""
 
     def load_context(self, context: PythonModelContext) -> None:

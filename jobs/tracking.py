@@ -8,7 +8,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from cluster.settings import Settings
 
 
-class TrackingServerUnavailable(RuntimeError):
+class TrackingServerUnavailableError(RuntimeError):
     pass
 
 
@@ -30,7 +30,7 @@ def require_tracking_server(settings: Settings, timeout_s: float = 30.0) -> None
     try:
         probe()
     except httpx.HTTPError as exc:
-        raise TrackingServerUnavailable(
+        raise TrackingServerUnavailableError(
             f"MLflow tracking server at {uri} is not reachable ({exc}); "
             "start the stack with `python -m cluster up` or set MLFLOW_TRACKING_URI"
         ) from exc

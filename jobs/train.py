@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 import ray
 import torch
 import typer
+from mlflow.data.pandas_dataset import from_pandas as mlflow_dataset_from_pandas
 from mlflow.tracking import MlflowClient
 
 from cluster.settings import REPO_ROOT, Settings, get_settings
@@ -32,7 +32,7 @@ from jobs.predictor import Architecture, TabularPredictor
 from jobs.preprocess import Preprocessor
 from jobs.promote import Decision, gate
 from jobs.registry import CONFIG_ARTIFACT, SCHEMA_ARTIFACT, log_and_register
-from jobs.schema import build_schema
+from jobs.schema import build_schema, snake_case
 from jobs.tracking import require_tracking_server
 
 log = logging.getLogger(__name__)
@@ -235,19 +235,21 @@ def _flat_params(config: JobConfig) -> dict[str, Any]:
 
 def _log_inputs(splits: Splits, config: JobConfig, digest: str) -> None:
     for name, frame in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
-        dataset = mlflow.data.from_pandas(frame, source=splits.sources.get(name, config.data.train_uri), name=f"{config.name}-{name}", targets=config.data.target)
+        dataset = mlflow_dataset_from_pandas(
+            frame,
+            source=splits.sources.get(name, config.data.train_uri),
+            name=f"{config.name}-{name}",
+            targets=snake_case(config.data.target),
+        )
         mlflow.log_input(dataset, context=name, tags={"sha256": digest})
 
 
 def _ray_datasets(pre: Preprocessor, splits: Splits) -> dict[str, Any]:
-    import ray.data
+    from ray.data import DataContext
+    from ray.data.read_api import from_pandas
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    return {
-        "train": ray.data.from_pandas(pre.to_columns(splits.train)),
-        "val": ray.data.from_pandas(pre.to_columns(splits.val)),
-    }
+    DataContext.get_current().enable_progress_bars = False
+    return {"train": from_pandas(pre.to_columns(splits.train)), "val": from_pandas(pre.to_columns(splits.val))}
 
 
 def architecture_for(pre: Preprocessor, config: JobConfig) -> Architecture:
@@ -261,7 +263,9 @@ def architecture_for(pre: Preprocessor, config: JobConfig) -> Architecture:
     )
 
 
-def fit(config: JobConfig, settings: Settings, pre: Preprocessor, splits: Splits, run_id: str | None) -> tuple[dict[str, Any], int]:
+def fit(
+    config: JobConfig, settings: Settings, pre: Preprocessor, splits: Splits, run_id: str | None
+) -> tuple[dict[str, Any], int]:
     """Run the Ray Train job; returns the best weights and the number of epochs run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -328,12 +332,18 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
                 "job.kind": "train",
                 "git_commit": git_commit(settings),
                 "data.sha256": digest,
-                **{f"data.sha256.{name}": splits.digests[uri] for name, uri in splits.sources.items() if uri in splits.digests},
+                **{
+                    f"data.sha256.{name}": splits.digests[uri]
+                    for name, uri in splits.sources.items()
+                    if uri in splits.digests
+                },
                 "ray.job_id": ray.get_runtime_context().get_job_id(),
             }
         )
         mlflow.log_params(_flat_params(config))
-        mlflow.log_params({"data.train_rows": len(splits.train), "data.val_rows": len(splits.val), "data.test_rows": len(splits.test)})
+        mlflow.log_params(
+            {"data.train_rows": len(splits.train), "data.val_rows": len(splits.val), "data.test_rows": len(splits.test)}
+        )
         mlflow.log_dict(config.model_dump(mode="json"), CONFIG_ARTIFACT)
         mlflow.log_text(schema.model_dump_json(indent=2), SCHEMA_ARTIFACT)
         _log_inputs(splits, config, digest)
@@ -374,4 +384,7 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    # Plain tracebacks: they end up in Ray job logs, where rich's boxes are noise.
+    cli = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    cli.command()(main)
+    cli()

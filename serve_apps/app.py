@@ -10,7 +10,7 @@ from serve_apps.ingress import Ingress
 from serve_apps.model_server import ModelServer
 
 
-class MissingApiKeys(RuntimeError):
+class MissingApiKeysError(RuntimeError):
     pass
 
 
@@ -33,11 +33,11 @@ def build_app(args: dict[str, object]) -> Application:
     settings = get_settings()
     key_hashes = settings.api_key_hashes()
     if not key_hashes:
-        raise MissingApiKeys(
+        raise MissingApiKeysError(
             "API_KEYS is not set: the inference API will not start without at least one key. "
             "Add API_KEYS=<key>[,<key>...] to .env or the environment (`make demo` generates one)."
         )
-    model = ModelServer.bind(
+    model = ModelServer.bind(  # type: ignore[attr-defined]
         parsed.model_name or settings.model_name,
         parsed.alias or settings.champion_alias,
         parsed.tracking_uri or settings.mlflow_tracking_uri,
@@ -45,4 +45,4 @@ def build_app(args: dict[str, object]) -> Application:
         parsed.max_batch_size or settings.serve_max_batch_size,
         parsed.batch_wait_timeout_s or settings.serve_batch_wait_timeout_s,
     )
-    return Ingress.bind(model, key_hashes, parsed.max_rows or settings.max_batch_rows)
+    return Ingress.bind(model, key_hashes, parsed.max_rows or settings.max_batch_rows)  # type: ignore[attr-defined]

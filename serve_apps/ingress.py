@@ -1,6 +1,5 @@
 """The HTTP front door: auth, validation, request ids, error mapping. Holds no model."""
 
-
 import uuid
 from typing import Any
 
@@ -33,7 +32,9 @@ def request_id_of(request: Request) -> str:
     return rid
 
 
-def error_response(request: Request, status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    request: Request, status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     rid = request_id_of(request)
     body: dict[str, Any] = {"code": code, "message": message, "request_id": rid}
     if details is not None:
@@ -45,7 +46,13 @@ def error_response(request: Request, status: int, code: str, message: str, detai
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     codes = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-    return error_response(request, exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), headers=exc.headers)
+    return error_response(
+        request,
+        exc.status_code,
+        codes.get(exc.status_code, "http_error"),
+        str(exc.detail),
+        headers=dict(exc.headers) if exc.headers else None,
+    )
 
 
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -71,7 +78,7 @@ api.add_exception_handler(RequestValidationError, _validation_error)
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, model: DeploymentHandle, key_hashes: list[str], max_rows: int) -> None:
+    def __init__(self, model: DeploymentHandle[Any], key_hashes: list[str], max_rows: int) -> None:
         self._model = model
         self._max_rows = max_rows
         api.state.key_store = KeyStore(key_hashes)
@@ -86,7 +93,13 @@ class Ingress:
         """Readiness: 200 once a model is loaded and can answer, 503 before."""
         status = await self._model.status.remote()
         if not status["ready"]:
-            return error_response(request, 503, "not_ready", "no model loaded yet", details=[{"msg": status["last_error"] or "waiting for a champion"}])
+            return error_response(
+                request,
+                503,
+                "not_ready",
+                "no model loaded yet",
+                details=[{"msg": status["last_error"] or "waiting for a champion"}],
+            )
         return {"status": "ready", "model": status["model"]}
 
     @api.post(
@@ -101,8 +114,17 @@ class Ingress:
         """Predict a label and its probability for each instance."""
         if len(body.instances) > self._max_rows:
             return error_response(
-                request, 422, "validation_error", f"instances: at most {self._max_rows} per request",
-                [{"loc": ["body", "instances"], "msg": f"at most {self._max_rows} instances per request, got {len(body.instances)}", "type": "too_long"}],
+                request,
+                422,
+                "validation_error",
+                f"instances: at most {self._max_rows} per request",
+                [
+                    {
+                        "loc": ["body", "instances"],
+                        "msg": f"at most {self._max_rows} instances per request, got {len(body.instances)}",
+                        "type": "too_long",
+                    }
+                ],
             )
         result = await self._model.predict.remote(body.instances)
         status = result.get("status", 500)

@@ -79,7 +79,7 @@ def _fetch(tracking_uri: str, model_name: str, alias: str, current: str | None) 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
 class ModelServer:
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
         model_name: str,
         alias: str,
@@ -98,8 +98,8 @@ class ModelServer:
         self._poll_interval_s = poll_interval_s
         self._model: LoadedModel | None = None
         self._last_error: str | None = None
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.predict_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         await self.refresh()
         self._follower = asyncio.get_running_loop().create_task(self._follow_alias())
 

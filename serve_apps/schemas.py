@@ -25,9 +25,7 @@ EXAMPLE_ROW: dict[str, Any] = {
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"instances": [EXAMPLE_ROW]}]}
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"instances": [EXAMPLE_ROW]}]})
     instances: list[dict[str, Any]] = Field(
         ..., min_length=1, description="feature rows; field names and types follow the served model's schema"
     )

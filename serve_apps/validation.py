@@ -46,7 +46,14 @@ class RowValidator:
             if name not in row:
                 # Even nullable features must be sent (as null): a silently missing key is
                 # usually a typo, and the model would quietly predict without it.
-                errors.append(_error(i, name, "field required (send null if unknown)" if name in self._nullable else "field required", "missing"))
+                errors.append(
+                    _error(
+                        i,
+                        name,
+                        "field required (send null if unknown)" if name in self._nullable else "field required",
+                        "missing",
+                    )
+                )
                 continue
             message = self._check_value(name, row[name])
             if message:

@@ -77,7 +77,7 @@ def clean_frame(frame: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
 def _split(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(frame))
-    cut = int(round(len(frame) * fraction))
+    cut = round(len(frame) * fraction)
     held = frame.iloc[order[:cut]].reset_index(drop=True)
     rest = frame.iloc[order[cut:]].reset_index(drop=True)
     return rest, held

@@ -1,0 +1,123 @@
+"""Shared fixtures: one real stack (Ray head, MLflow on this machine's PostgreSQL, the Serve app)
+for the integration and end-to-end tests, started and stopped through `python -m cluster`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cluster.settings import REPO_ROOT, Settings, get_settings
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for kind in ("unit", "integration", "e2e"):
+            if f"/tests/{kind}/" in str(item.fspath):
+                item.add_marker(getattr(pytest.mark, kind))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    env: dict[str, str]
+    api_key: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A throwaway database on this machine's PostgreSQL for MLflow's backend store."""
+    import psycopg
+
+    name = f"mlflow_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("stack")
+    gcs = free_port()
+    api_key = secrets.token_urlsafe(24)
+    mlflow_port = free_port()
+    overrides = {
+        "STATE_DIR": str(state),
+        "RAY_GCS_PORT": str(gcs),
+        "RAY_DASHBOARD_PORT": str(free_port()),
+        "RAY_CLIENT_PORT": str(free_port()),
+        "RAY_DASHBOARD_AGENT_PORT": str(free_port()),
+        "RAY_METRICS_EXPORT_PORT": str(free_port()),
+        "RAY_TEMP_DIR": f"/tmp/rt{gcs}",
+        "SERVE_PORT": str(free_port()),
+        "MLFLOW_PORT": str(mlflow_port),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        "MLFLOW_BACKEND_STORE_URI": pg_database,
+        "MLFLOW_EXPERIMENT": "tests",
+        "API_KEYS": f"{api_key},second-{api_key}",
+        "MODEL_POLL_INTERVAL_S": "1",
+        "MAX_BATCH_ROWS": "50",
+    }
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    get_settings.cache_clear()
+    env = dict(os.environ)
+    started = run_cli("cluster", "up", env=env)
+    try:
+        assert started.returncode == 0, f"cluster up failed:\n{started.stdout}\n{started.stderr}"
+        yield Stack(settings=get_settings(), env=env, api_key=api_key)
+    finally:
+        run_cli("cluster", "down", env=env, timeout=120)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def trained(stack: Stack) -> dict[str, object]:
+    """The first model: a short training job through the Jobs API, promoted to champion."""
+    from cluster.jobs_api import follow_job, submit_training, training_result
+
+    job_id = submit_training(stack.settings, "jobs/configs/adult.yaml", ["train.epochs=2", "train.patience=2"])
+    status, logs = follow_job(stack.settings, job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+    result = training_result(logs)
+    assert result is not None, logs[-4000:]
+    result["job_id"] = job_id
+    return result
+
+
+@pytest.fixture
+def adult_paths() -> tuple[Path, Path]:
+    return REPO_ROOT / "data/adult/adult.data.gz", REPO_ROOT / "data/adult/adult.test.gz"

@@ -1,0 +1,78 @@
+"""What a user does from a shell: `ray job submit`, `cluster status`, `cluster up` misconfigured."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from cluster.jobs_api import training_result
+from cluster.settings import REPO_ROOT
+from tests.conftest import free_port, run_cli
+
+
+def test_status_lists_each_component_healthy(stack, trained):
+    result = run_cli("cluster", "status", env=stack.env, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("ray", "mlflow", "serve", "model"):
+        assert any(line.startswith("up") and f" {name} " in line for line in result.stdout.splitlines()), result.stdout
+
+
+def test_ray_job_submit_adds_a_model_version(stack, trained):
+    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    before = {v.version for v in client.search_model_versions("name='adult-income'")}
+    ray = str(Path(sys.executable).parent / "ray")
+    result = subprocess.run(
+        [ray, "job", "submit", "--address", stack.settings.ray_dashboard_url, "--working-dir", ".", "--",
+         "python", "-m", "jobs.train", "--config", "jobs/configs/adult.yaml",
+         "--set", "train.epochs=1", "--set", "promotion.enabled=false"],
+        cwd=REPO_ROOT, env=stack.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outcome = training_result(result.stdout)
+    assert outcome is not None
+    after = {v.version for v in client.search_model_versions("name='adult-income'")}
+    assert after - before == {outcome["model_version"]}
+
+
+def _bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "API_KEYS"}
+    env.update(
+        STATE_DIR=str(tmp_path),
+        RAY_GCS_PORT=str(free_port()),
+        RAY_DASHBOARD_PORT=str(free_port()),
+        MLFLOW_PORT=str(free_port()),
+        SERVE_PORT=str(free_port()),
+        **extra,
+    )
+    return env
+
+
+def test_up_without_api_key_fails_with_one_clear_line_and_starts_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "up"], cwd=tmp_path, env=_bare_env(tmp_path),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "API_KEYS is not set" in lines[0], result.stderr
+    assert not (tmp_path / "pids").exists()
+
+
+def test_up_with_unreachable_database_names_it(tmp_path):
+    env = _bare_env(tmp_path, API_KEYS="k", MLFLOW_BACKEND_STORE_URI="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "up"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert "PostgreSQL backend not reachable" in result.stderr and "MLFLOW_BACKEND_STORE_URI" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_down_is_idempotent_when_nothing_runs(tmp_path):
+    env = _bare_env(tmp_path)
+    for _ in range(2):
+        result = run_cli("cluster", "down", env=env, timeout=60)
+        assert result.returncode == 0
+        assert "ray: not running" in result.stdout and "mlflow: not running" in result.stdout

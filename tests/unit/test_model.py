@@ -1,0 +1,59 @@
+import numpy as np
+import pandas as pd
+import torch
+
+from jobs.config import DataConfig, JobConfig
+from jobs.model import TabularMLP
+from jobs.predictor import Architecture, TabularPredictor
+from jobs.preprocess import Preprocessor
+from jobs.schema import build_schema
+
+
+def test_forward_shapes_classification_and_regression():
+    model = TabularMLP([5, 3], n_numeric=4, n_outputs=3, hidden=[16, 8]).eval()
+    out = model(torch.randint(0, 3, (7, 2)), torch.randn(7, 4))
+    assert out.shape == (7, 3)
+    regression = TabularMLP([], n_numeric=2, n_outputs=1, hidden=[8]).eval()
+    assert regression(torch.zeros((5, 0), dtype=torch.long), torch.randn(5, 2)).shape == (5, 1)
+
+
+def _predictor(task="classification"):
+    frame = pd.DataFrame(
+        {"c": ["a", "b", "a", "b"] * 5, "n": np.linspace(0, 1, 20), "y": ["p", "q", "r", "p"] * 5}
+        if task == "classification"
+        else {"c": ["a", "b", "a", "b"] * 5, "n": np.linspace(0, 1, 20), "y": np.linspace(5, 9, 20)}
+    )
+    config = JobConfig(name="t", task=task, data=DataConfig(train_uri="x", target="y"))
+    pre = Preprocessor.fit(frame, build_schema(frame, config))
+    arch = Architecture(
+        cardinalities=pre.cardinalities,
+        n_numeric=pre.n_numeric,
+        n_outputs=pre.n_outputs,
+        hidden=[8],
+        dropout=0.0,
+        max_embedding_dim=4,
+    )
+    return TabularPredictor(pre, arch, arch.build()), frame
+
+
+def test_predict_frame_gives_label_and_probabilities():
+    predictor, frame = _predictor()
+    result = predictor.predict_frame(frame.drop(columns="y"))
+    assert len(result) == len(frame)
+    assert set(result["label"]) <= {"p", "q", "r"}
+    probs = result[["p_p", "p_q", "p_r"]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose(result["probability"], probs.max(axis=1))
+
+
+def test_regression_predicts_values_in_target_units():
+    predictor, frame = _predictor("regression")
+    result = predictor.predict_frame(frame)
+    assert list(result.columns) == ["value"]
+    assert result["value"].between(-100, 100).all()
+
+
+def test_save_and_load_give_identical_outputs(tmp_path):
+    predictor, frame = _predictor()
+    loaded = TabularPredictor.load(predictor.save(tmp_path / "p"))
+    assert np.allclose(predictor.raw_outputs(frame), loaded.raw_outputs(frame))
