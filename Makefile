@@ -29,10 +29,12 @@ status: venv
 	$(PY) -m cluster status
 
 train: venv ## submit the default training job to the running stack
-	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.train --config jobs/configs/adult.yaml
+	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . \
+	  --runtime-env-json '{"env_vars": {"GIT_COMMIT": "'"$$(git rev-parse HEAD 2>/dev/null)"'"}}' \
+	  -- python -m jobs.train --config jobs/configs/adult.yaml
 
 test: venv ## the whole suite: unit, integration (real Ray, MLflow, PostgreSQL, S3), e2e
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests/unit tests/integration tests/e2e
 
 test-unit: venv
 	$(PY) -m pytest tests/unit

@@ -83,25 +83,38 @@ def session_members(sid: int) -> list[psutil.Process]:
     return members
 
 
+def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Processes still running. Zombies count as gone: once the session leader's parent has
+    exited nobody may reap them, and waiting on them would only burn the grace period."""
+    alive = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+    return alive
+
+
+def _signal_all(procs: list[psutil.Process], sig: signal.Signals) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+
+
 def stop(item: Managed, grace_s: float = 20.0) -> bool:
     """SIGTERM the process's session, SIGKILL what is left after the grace period."""
+    from cluster.health import wait_until
+
     pid = read_pid(item)
     if pid is None:
         item.pid_file.unlink(missing_ok=True)
         return False
     members = session_members(pid)
-    for proc in members:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(members, timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-    # Ray workers re-parented elsewhere still carry our session id; sweep once more.
-    for proc in session_members(pid):
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
+    _signal_all(_running(members), signal.SIGTERM)
+    if not wait_until(lambda: not _running(members), grace_s, max_wait_s=0.5):
+        _signal_all(_running(members), signal.SIGKILL)
+    # Anything spawned during shutdown still carries our session id; sweep once more.
+    _signal_all(_running(session_members(pid)), signal.SIGKILL)
+    wait_until(lambda: not _running(session_members(pid)), 10, max_wait_s=0.5)
     item.pid_file.unlink(missing_ok=True)
     return True
 

@@ -42,6 +42,9 @@ def _requirements() -> list[str]:
 def log_and_register(predictor: TabularPredictor, example: pd.DataFrame, model_name: str) -> ModelVersion:
     """Log the model (weights, preprocessing, signature, input example) and register a version."""
     features = example[predictor.schema.feature_names].head(5).reset_index(drop=True)
+    # Declare numerics as doubles: integer columns in a signature reject rows with missing values.
+    numeric = [f.name for f in predictor.schema.numeric]
+    features[numeric] = features[numeric].astype("float64")
     signature = infer_signature(features, predictor.predict_frame(features))
     with tempfile.TemporaryDirectory() as tmp:
         directory = predictor.save(Path(tmp) / PREDICTOR_ARTIFACT)

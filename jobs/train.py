@@ -338,6 +338,8 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
                     if uri in splits.digests
                 },
                 "ray.job_id": ray.get_runtime_context().get_job_id(),
+                # Ray names the uploaded working dir by its content hash: provenance without .git.
+                "ray.working_dir": str(ray.get_runtime_context().runtime_env.get("working_dir", "")),
             }
         )
         mlflow.log_params(_flat_params(config))

@@ -12,8 +12,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from cluster.settings import REPO_ROOT, Settings, get_settings
 
@@ -104,18 +106,30 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Iterato
         get_settings.cache_clear()
 
 
-@pytest.fixture(scope="session")
-def trained(stack: Stack) -> dict[str, object]:
-    """The first model: a short training job through the Jobs API, promoted to champion."""
+def train_job(stack: Stack, config: str | Path | dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
+    """Submit a training job through the Ray Jobs API, wait for it, return its result line.
+
+    A dict config is written next to the state dir first, as a user would write a new YAML file.
+    """
     from cluster.jobs_api import follow_job, submit_training, training_result
 
-    job_id = submit_training(stack.settings, "jobs/configs/adult.yaml", ["train.epochs=2", "train.patience=2"])
+    if isinstance(config, dict):
+        path = stack.settings.state_dir / f"{config['name']}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        config = path
+    job_id = submit_training(stack.settings, str(config), overrides)
     status, logs = follow_job(stack.settings, job_id)
     assert status == "SUCCEEDED", logs[-4000:]
     result = training_result(logs)
     assert result is not None, logs[-4000:]
     result["job_id"] = job_id
     return result
+
+
+@pytest.fixture(scope="session")
+def trained(stack: Stack) -> dict[str, Any]:
+    """The first model: a short training job through the Jobs API, promoted to champion."""
+    return train_job(stack, "jobs/configs/adult.yaml", ["train.epochs=2", "train.patience=2"])
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cluster.jobs_api import follow_job, submit_training, training_result
+from tests.conftest import train_job
 
 
 def test_regression_on_a_parquet_data_set(stack, tmp_path):
@@ -32,15 +32,7 @@ def test_regression_on_a_parquet_data_set(stack, tmp_path):
         "model": {"hidden": [32]},
         "train": {"num_workers": 2, "epochs": 3, "batch_size": 64, "lr": 0.01},
     }
-    config_path = tmp_path / "houses.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-
-    job_id = submit_training(stack.settings, str(config_path))
-    status, logs = follow_job(stack.settings, job_id)
-    assert status == "SUCCEEDED", logs[-3000:]
-    result = training_result(logs)
-    assert result is not None
-
+    result = train_job(stack, config)
     client = MlflowClient(stack.settings.mlflow_tracking_uri)
     run = client.get_run(result["run_id"])
     assert {"test_rmse", "test_mae", "test_r2"} <= set(run.data.metrics)
@@ -65,10 +57,5 @@ def test_classification_on_a_csv_with_inferred_features(stack, tmp_path):
         "data": {"train_uri": str(path), "target": "decision"},
         "train": {"num_workers": 1, "epochs": 3, "batch_size": 64, "lr": 0.01},
     }
-    config_path = tmp_path / "shop.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    job_id = submit_training(stack.settings, str(config_path))
-    status, logs = follow_job(stack.settings, job_id)
-    assert status == "SUCCEEDED", logs[-3000:]
-    result = training_result(logs)
-    assert result is not None and result["test_metrics"]["roc_auc"] > 0.9
+    result = train_job(stack, config)
+    assert result["test_metrics"]["roc_auc"] > 0.9

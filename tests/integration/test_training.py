@@ -33,6 +33,7 @@ def test_run_records_params_metrics_tags_and_model(stack, trained, pg_database):
     assert tags["data.sha256.train"] == files["data/adult/adult.data.gz"]
     assert len(tags["git_commit"]) in (7, 40) or tags["git_commit"] == "unknown"
     assert tags["ray.job_id"]
+    assert tags["ray.working_dir"].startswith("gcs://_ray_pkg_")  # content hash of the shipped code
 
     # The tracking server really stores runs in this machine's PostgreSQL.
     with psycopg.connect(pg_database.replace("postgresql+psycopg", "postgresql")) as conn:

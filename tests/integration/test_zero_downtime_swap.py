@@ -6,20 +6,13 @@ import time
 import httpx
 from mlflow.tracking import MlflowClient
 
-from cluster.jobs_api import follow_job, submit_training, training_result
 from serve_apps.schemas import EXAMPLE_ROW
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_job
 
 
 def test_promoting_a_version_swaps_it_in_without_failed_requests(stack, trained):
     # A second version, registered but not promoted by its own job.
-    job_id = submit_training(
-        stack.settings, "jobs/configs/adult.yaml", ["train.epochs=1", "train.seed=7", "promotion.enabled=false"]
-    )
-    status, logs = follow_job(stack.settings, job_id)
-    assert status == "SUCCEEDED", logs[-3000:]
-    outcome = training_result(logs)
-    assert outcome is not None
+    outcome = train_job(stack, "jobs/configs/adult.yaml", ["train.epochs=1", "train.seed=7", "promotion.enabled=false"])
     new_version = str(outcome["model_version"])
     old_version = str(trained["model_version"])
     client = MlflowClient(stack.settings.mlflow_tracking_uri)

@@ -1,4 +1,13 @@
+import pytest
+
 from cluster.settings import Settings, hash_api_key
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch):
+    """Settings come from the environment: start each test from none of ours."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
 
 
 def test_embedded_defaults(tmp_path):
