@@ -42,9 +42,8 @@ def _requirements() -> list[str]:
 def log_and_register(predictor: TabularPredictor, example: pd.DataFrame, model_name: str) -> ModelVersion:
     """Log the model (weights, preprocessing, signature, input example) and register a version."""
     features = example[predictor.schema.feature_names].head(5).reset_index(drop=True)
-    # Declare numerics as doubles: integer columns in a signature reject rows with missing values.
-    numeric = [f.name for f in predictor.schema.numeric]
-    features[numeric] = features[numeric].astype("float64")
+    # The signature keeps the data's own column types: MLflow will not cast int64 to a double
+    # column, so declaring doubles would reject the integer rows that callers actually send.
     signature = infer_signature(features, predictor.predict_frame(features))
     with tempfile.TemporaryDirectory() as tmp:
         directory = predictor.save(Path(tmp) / PREDICTOR_ARTIFACT)

@@ -54,16 +54,16 @@ class TrainingOutcome:
 
 
 def _batch_tensors(batch: dict[str, torch.Tensor], n_cat: int, n_num: int) -> tuple[torch.Tensor, ...]:
-    rows = len(batch["y"])
+    rows, device = len(batch["y"]), batch["y"].device
     x_cat = (
         torch.stack([batch[f"c{j}"] for j in range(n_cat)], dim=1).long()
         if n_cat
-        else torch.zeros((rows, 0), dtype=torch.long)
+        else torch.zeros((rows, 0), dtype=torch.long, device=device)
     )
     x_num = (
         torch.stack([batch[f"n{j}"] for j in range(n_num)], dim=1).float()
         if n_num
-        else torch.zeros((rows, 0), dtype=torch.float32)
+        else torch.zeros((rows, 0), dtype=torch.float32, device=device)
     )
     return x_cat, x_num, batch["y"]
 
@@ -99,6 +99,7 @@ def _run_epoch(
         batch_size=cfg["batch_size"],
         drop_last=training,  # a batch of one breaks BatchNorm in training mode
         local_shuffle_buffer_size=cfg["batch_size"] * 8 if training else None,
+        device=cfg["device"],
     )
     with torch.set_grad_enabled(training):
         for batch in iterator:
@@ -117,6 +118,10 @@ def _run_epoch(
     return loss_sum, correct, rows
 
 
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
@@ -129,19 +134,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     torch.manual_seed(cfg["seed"] + rank)
     torch.set_num_threads(max(1, cfg["torch_threads"]))
+    # The batches land on the worker's device (a GPU when use_gpu), like the model.
+    cfg = {**cfg, "device": ray.train.torch.get_device()}
     model = ray.train.torch.prepare_model(Architecture.model_validate(cfg["architecture"]).build())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=cfg["lr_decay"], patience=cfg["lr_patience"]
     )
     start_epoch, best_loss, stale = 0, math.inf, 0
-    best_state = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+    best_state = _cpu_state(_unwrap(model))
 
     # Resume where a restarted run left off (worker or node failure).
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            saved = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+            saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=cfg["device"], weights_only=False)
         _unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -161,7 +168,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         improved = val_loss < best_loss - 1e-5
         if improved:
             best_loss, stale = val_loss, 0
-            best_state = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+            best_state = _cpu_state(_unwrap(model))
         else:
             stale += 1
         metrics: dict[str, float] = {
@@ -185,7 +192,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as directory:
                 torch.save(
                     {
-                        "model": _unwrap(model).state_dict(),
+                        "model": _cpu_state(_unwrap(model)),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "epoch": epoch,
@@ -307,7 +314,7 @@ def fit(
     if result.checkpoint is None:
         raise RuntimeError("training produced no checkpoint")
     with result.checkpoint.as_directory() as directory:
-        saved = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=False)
+        saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     return saved["best_model"], int(saved["epoch"]) + 1
 
 
