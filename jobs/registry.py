@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ def log_and_register(predictor: TabularPredictor, example: pd.DataFrame, model_n
     # The signature keeps the data's own column types: MLflow will not cast int64 to a double
     # column, so declaring doubles would reject the integer rows that callers actually send.
     signature = infer_signature(features, predictor.predict_frame(features))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The hint is about integer columns with missing values; ours have none (see above).
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
         directory = predictor.save(Path(tmp) / PREDICTOR_ARTIFACT)
         info = mlflow.pyfunc.log_model(
             name="model",
