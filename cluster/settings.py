@@ -20,7 +20,9 @@ class Settings(BaseSettings):
     disk, the shipped data set). Secrets have no defaults.
     """
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # The repository's .env, then one in the working directory (which wins), so the CLI reads the
+    # same values wherever it is started from.
+    model_config = SettingsConfigDict(env_file=(REPO_ROOT / ".env", ".env"), env_file_encoding="utf-8", extra="ignore")
 
     # Where `cluster up` keeps pid files, logs, the SQLite store and local artifacts.
     state_dir: Path = REPO_ROOT / ".state"

@@ -173,11 +173,16 @@ def require_api_keys(settings: Settings) -> None:
 def deploy_serve(settings: Settings, env: dict[str, str]) -> str:
     require_api_keys(settings)
     config = render_serve_config(settings)
-    result = subprocess.run(
-        [_bin("serve"), "deploy", str(config), "--address", settings.ray_dashboard_url],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
+    attempts: list[subprocess.CompletedProcess[str]] = []
+
+    def deployed() -> bool:
+        # The dashboard answers before its Serve module does; a refused deploy is retried.
+        argv = [_bin("serve"), "deploy", str(config), "--address", settings.ray_dashboard_url]
+        attempts.append(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False))
+        return attempts[-1].returncode == 0
+
+    if not wait_until(deployed, 60):
+        result = attempts[-1]
         last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise StartupError(f"serve: deploy failed: {last[0]}")
 
@@ -202,9 +207,20 @@ def up(settings: Settings, report: Any = print) -> None:
     require_api_keys(settings)  # before starting anything, so a missing key costs nothing
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     env = child_environment(settings)
-    report(f"mlflow: {start_mlflow(settings, env)} at {settings.mlflow_url}")
-    report(f"ray: {start_ray(settings, env)}, dashboard at {settings.ray_dashboard_url}")
-    report(f"serve: {deploy_serve(settings, env)} at {settings.serve_url}")
+    started: list[str] = []
+    try:
+        outcome = start_mlflow(settings, env)
+        started += ["mlflow"] if outcome == "started" else []
+        report(f"mlflow: {outcome} at {settings.mlflow_url}")
+        outcome = start_ray(settings, env)
+        started += ["ray"] if outcome == "started" else []
+        report(f"ray: {outcome}, dashboard at {settings.ray_dashboard_url}")
+        report(f"serve: {deploy_serve(settings, env)} at {settings.serve_url}")
+    except StartupError:
+        # A half-started stack helps nobody: stop what this call started, keep what was running.
+        for name in reversed(started):
+            stop(managed(settings, name), grace_s=5.0)
+        raise
 
 
 def down(settings: Settings, report: Any = print) -> None:

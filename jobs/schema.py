@@ -51,12 +51,6 @@ class DataSchema(BaseModel):
     def bucketed(self) -> list[FeatureSpec]:
         return [f for f in self.features if f.kind == "numeric" and f.buckets > 0]
 
-    def example_row(self) -> dict[str, object]:
-        row: dict[str, object] = {}
-        for f in self.features:
-            row[f.name] = (f.categories[0] if f.categories else None) if f.kind == "categorical" else 0.0
-        return row
-
 
 def infer_kind(series: pd.Series) -> FeatureKind:
     if pd.api.types.is_bool_dtype(series):

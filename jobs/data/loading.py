@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 
@@ -109,7 +110,5 @@ def load_test_frame(config: JobConfig, settings: Settings | None = None) -> pd.D
 
 def combined_digest(digests: dict[str, str]) -> str:
     """One digest for a data set version made of several files."""
-    import hashlib
-
     joined = "\n".join(f"{uri}={digest}" for uri, digest in sorted(digests.items()))
     return hashlib.sha256(joined.encode()).hexdigest() if len(digests) > 1 else next(iter(digests.values()))

@@ -37,15 +37,21 @@ def test_ray_job_submit_adds_a_model_version(stack, trained):
 
 
 def _bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "API_KEYS"}
+    env = dict(os.environ)
     env.update(
-        STATE_DIR=str(tmp_path),
-        RAY_GCS_PORT=str(free_port()),
-        RAY_DASHBOARD_PORT=str(free_port()),
-        MLFLOW_PORT=str(free_port()),
-        SERVE_PORT=str(free_port()),
-        **extra,
+        {
+            "API_KEYS": "",  # the environment wins over any developer's .env
+            "STATE_DIR": str(tmp_path),
+            "RAY_GCS_PORT": str(free_port()),
+            "RAY_DASHBOARD_PORT": str(free_port()),
+            "RAY_CLIENT_PORT": str(free_port()),
+            "RAY_DASHBOARD_AGENT_PORT": str(free_port()),
+            "RAY_METRICS_EXPORT_PORT": str(free_port()),
+            "MLFLOW_PORT": str(free_port()),
+            "SERVE_PORT": str(free_port()),
+        }
     )
+    env.update(extra)
     return env
 
 
@@ -58,6 +64,18 @@ def test_up_without_api_key_fails_with_one_clear_line_and_starts_nothing(tmp_pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "API_KEYS is not set" in lines[0], result.stderr
     assert not (tmp_path / "pids").exists()
+
+
+def test_failed_up_stops_what_it_started(tmp_path):
+    # A Serve config that cannot be deployed: MLflow and Ray start, Serve fails, both are stopped.
+    broken = tmp_path / "serve.yaml"
+    broken.write_text("applications: [{name: inference, import_path: nowhere.module:app}]\n")
+    env = _bare_env(tmp_path, API_KEYS="k", SERVE_CONFIG_PATH=str(broken), RAY_TEMP_DIR=f"/tmp/rtf{free_port()}")
+    result = run_cli("cluster", "up", env=env, timeout=400)
+    assert result.returncode == 1
+    assert "serve: application inference is DEPLOY_FAILED" in result.stderr, result.stderr
+    assert not list((tmp_path / "pids").glob("*.pid"))
+    assert run_cli("cluster", "status", env=env, timeout=60).returncode == 1
 
 
 def test_up_with_unreachable_database_names_it(tmp_path):

@@ -54,11 +54,11 @@ def test_keys_are_not_kept_in_plain_text():
 
 
 def test_serve_app_refuses_to_build_without_keys(monkeypatch):
-    from cluster.settings import get_settings
+    from cluster.settings import Settings, get_settings
     from serve_apps.app import MissingApiKeysError, build_app
 
     monkeypatch.delenv("API_KEYS", raising=False)
-    monkeypatch.chdir("/")  # no .env to pick a key up from
+    monkeypatch.setitem(Settings.model_config, "env_file", None)  # no .env to pick a key up from
     get_settings.cache_clear()
     try:
         with pytest.raises(MissingApiKeysError, match="API_KEYS is not set"):
