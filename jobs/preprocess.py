@@ -103,8 +103,9 @@ class Preprocessor:
         n_cat = len(self.schema.categorical)
         x_cat = np.zeros((rows, n_cat + len(self.schema.bucketed)), dtype=np.int64)
         for j, f in enumerate(self.schema.categorical):
-            column = frame[f.name].astype(object).where(frame[f.name].notna(), None)
-            codes = self._cat_index[f.name].get_indexer(column.astype(str).where(column.notna(), None))
+            column = frame[f.name]
+            codes = self._cat_index[f.name].get_indexer(column.astype(str))
+            codes[column.isna().to_numpy()] = -1
             x_cat[:, j] = codes + 1  # -1 (missing/unseen) becomes the reserved 0
         for j, f in enumerate(self.schema.bucketed):
             raw = pd.to_numeric(frame[f.name], errors="coerce").to_numpy(np.float64)

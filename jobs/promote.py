@@ -143,7 +143,7 @@ def promote_version(
     mv = client.get_model_version(settings.model_name, version)
     if not mv.run_id:
         raise ValueError(f"version {version} has no run to read its config from")
-    config = JobConfig.model_validate(run_config(client, mv.run_id))
+    config = JobConfig.model_validate(run_config(mv.run_id))
     candidate = load_predictor(f"models:/{settings.model_name}/{version}")
     test = load_test_frame(config, settings)
     return gate(client, settings.model_name, settings.champion_alias, version, candidate, config, test, margin, force)

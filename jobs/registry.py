@@ -91,7 +91,7 @@ def champion_version(client: MlflowClient, model_name: str, alias: str) -> Model
         return None
 
 
-def run_config(client: MlflowClient, run_id: str) -> dict[str, Any]:
+def run_config(run_id: str) -> dict[str, Any]:
     """The job config a run was trained with, as it logged it."""
     loaded = mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFIG_ARTIFACT}")
     return dict(loaded)

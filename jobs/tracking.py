@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
-
+from cluster.health import check, wait_healthy
 from cluster.settings import Settings
 
 
@@ -17,20 +15,9 @@ def require_tracking_server(settings: Settings, timeout_s: float = 30.0) -> None
     uri = settings.mlflow_tracking_uri
     if not uri.startswith(("http://", "https://")):
         return  # a file or database store needs no server
-
-    @retry(
-        retry=retry_if_exception_type(httpx.HTTPError),
-        wait=wait_exponential(multiplier=0.2, max=3),
-        stop=stop_after_delay(timeout_s),
-        reraise=True,
-    )
-    def probe() -> None:
-        httpx.get(f"{uri.rstrip('/')}/health", timeout=3).raise_for_status()
-
-    try:
-        probe()
-    except httpx.HTTPError as exc:
+    health = f"{uri.rstrip('/')}/health"
+    if not wait_healthy(health, timeout_s):
         raise TrackingServerUnavailableError(
-            f"MLflow tracking server at {uri} is not reachable ({exc}); "
+            f"MLflow tracking server at {uri} is not reachable ({check(health)[1]}); "
             "start the stack with `python -m cluster up` or set MLFLOW_TRACKING_URI"
-        ) from exc
+        )

@@ -8,10 +8,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlflow
 import pandas as pd
+from mlflow.tracking import MlflowClient
 from ray import serve
 
 from jobs.predictor import TabularPredictor
+from jobs.registry import champion_version, load_predictor
 from serve_apps.validation import RowValidator
 
 log = logging.getLogger("ray.serve")
@@ -49,15 +52,8 @@ def _rows_to_predictions(result: pd.DataFrame, task: str, classes: list[str] | N
     ]
 
 
-def _fetch(tracking_uri: str, model_name: str, alias: str, current: str | None) -> LoadedModel | None:
+def _fetch(client: MlflowClient, model_name: str, alias: str, current: str | None) -> LoadedModel | None:
     """Blocking registry look-up and download; returns a model only when the alias moved."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from jobs.registry import champion_version, load_predictor
-
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
     mv = champion_version(client, model_name, alias)
     if mv is None or mv.version == current:
         return None
@@ -94,7 +90,8 @@ class ModelServer:
         torch.set_num_threads(torch_threads)
         self._model_name = model_name
         self._alias = alias
-        self._tracking_uri = tracking_uri
+        mlflow.set_tracking_uri(tracking_uri)  # model downloads resolve models:/ URIs through it
+        self._registry = MlflowClient(tracking_uri)
         self._poll_interval_s = poll_interval_s
         self._model: LoadedModel | None = None
         self._last_error: str | None = None
@@ -107,7 +104,7 @@ class ModelServer:
         """Load the aliased version if it changed; requests keep using the old one until then."""
         current = self._model.version if self._model else None
         try:
-            loaded = await asyncio.to_thread(_fetch, self._tracking_uri, self._model_name, self._alias, current)
+            loaded = await asyncio.to_thread(_fetch, self._registry, self._model_name, self._alias, current)
         except Exception as exc:  # keep serving the loaded version whatever the registry does
             self._last_error = f"{type(exc).__name__}: {exc}"
             log.warning("model refresh failed: %s", self._last_error)

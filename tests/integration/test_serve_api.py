@@ -3,24 +3,15 @@
 import httpx
 import pytest
 
-from cluster.health import wait_until
+from cluster.demo import wait_for_version
 from serve_apps.schemas import EXAMPLE_ROW
 
 
 @pytest.fixture(scope="module")
 def api(stack, trained):
-    base = stack.settings.serve_url
     version = str(trained["model_version"])
-
-    def serving() -> bool:
-        try:
-            body = httpx.get(f"{base}/readyz", timeout=5).json()
-        except (httpx.HTTPError, ValueError):
-            return False
-        return (body.get("model") or {}).get("version") == version
-
-    assert wait_until(serving, 60), "the champion was not picked up"
-    with httpx.Client(base_url=base, timeout=30) as client:
+    assert wait_for_version(stack.settings, version, 60), "the champion was not picked up"
+    with httpx.Client(base_url=stack.settings.serve_url, timeout=30) as client:
         yield client
 
 
