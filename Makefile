@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
 
-.PHONY: venv demo up down status test test-unit test-integration test-e2e lint format train clean
+.PHONY: venv demo up down status test test-unit test-integration test-e2e lint format train bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,10 +45,14 @@ test-integration: venv
 test-e2e: venv
 	$(PY) -m pytest tests/e2e
 
+bench: venv ## performance figures (needs wrk; starts and removes its own stack)
+	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 2; }
+	$(PY) -m benchmarks.training_jobs_api --connections 16 --duration 30
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy cluster jobs serve_apps tests
+	$(VENV)/bin/mypy cluster jobs serve_apps tests benchmarks
 
 format: venv
 	$(VENV)/bin/ruff format .

@@ -19,12 +19,16 @@ class Probe:
 
 
 def probes(settings: Settings) -> list[Probe]:
-    return [
+    found = [
         Probe("ray", settings.ray_dashboard_url, f"{settings.ray_dashboard_url}/api/gcs_healthz"),
         Probe("mlflow", settings.mlflow_url, f"{settings.mlflow_url}/health"),
         Probe("serve", settings.serve_url, f"{settings.serve_url}/healthz"),
         Probe("model", f"{settings.serve_url}/docs", f"{settings.serve_url}/readyz"),
     ]
+    if settings.training_jobs_enabled:
+        metrics = f"{settings.dispatcher_url}/metrics"
+        found.append(Probe("dispatcher", metrics, metrics))
+    return found
 
 
 def check(url: str, timeout_s: float = 3.0) -> tuple[bool, str]:

@@ -82,6 +82,32 @@ class Settings(BaseSettings):
     serve_max_batch_size: int = 64
     serve_batch_wait_timeout_s: float = 0.005
 
+    # Asynchronous training (off unless both are set): job records in PostgreSQL, requests on
+    # RabbitMQ. URLs may carry passwords, hence secrets without defaults.
+    database_url: SecretStr | None = None  # postgresql://user@host:5432/db
+    amqp_url: SecretStr | None = None  # amqp://user:password@host:5672/%2F
+    training_exchange: str = "training"
+    training_queue: str = "training.requests"
+    training_dead_letter_queue: str = "training.requests.dead"
+    # Training jobs one dispatcher runs at once (its RabbitMQ prefetch).
+    dispatcher_concurrency: int = Field(default=1, ge=1)
+    dispatcher_max_attempts: int = Field(default=3, ge=1)
+    dispatcher_backoff_base_s: float = Field(default=5.0, gt=0)
+    dispatcher_backoff_max_s: float = Field(default=300.0, gt=0)
+    dispatcher_poll_interval_s: float = Field(default=2.0, gt=0)
+    # A job whose follower has not written a heartbeat for this long is handed to another dispatcher.
+    dispatcher_heartbeat_timeout_s: float = Field(default=60.0, gt=0)
+    # How long a running Ray job may be unreachable before its attempt counts as failed.
+    dispatcher_ray_unreachable_s: float = Field(default=60.0, gt=0)
+    dispatcher_host: str = "127.0.0.1"
+    dispatcher_metrics_port: int = 9102
+
+    @field_validator("database_url", "amqp_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `DATABASE_URL=` in a .env or the environment switches the feature off explicitly.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("state_dir", "serve_config_path")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
@@ -126,6 +152,14 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_path(self) -> str:
         return self.ray_storage_path or str(self.state_dir / "ray_results")
+
+    @property
+    def training_jobs_enabled(self) -> bool:
+        return self.database_url is not None and self.amqp_url is not None
+
+    @property
+    def dispatcher_url(self) -> str:
+        return f"http://{self.dispatcher_host}:{self.dispatcher_metrics_port}"
 
     def api_key_list(self) -> list[str]:
         if self.api_keys is None:

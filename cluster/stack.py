@@ -141,6 +141,78 @@ def start_ray(settings: Settings, env: dict[str, str]) -> str:
     return "started"
 
 
+# Dispatcher (asynchronous training) ------------------------------------------------------------
+
+
+def ensure_jobs_database(settings: Settings) -> None:
+    """Create the job database when the server is up but the database is not there yet."""
+    import psycopg
+
+    from jobs.training_jobs.store import plain_dsn
+
+    assert settings.database_url is not None
+    dsn = plain_dsn(settings.database_url.get_secret_value())
+    try:
+        with psycopg.connect(dsn, connect_timeout=5):
+            return
+    except psycopg.OperationalError as exc:
+        missing = "does not exist" in str(exc)
+        if not missing:
+            raise StartupError(
+                f"dispatcher: PostgreSQL not reachable for DATABASE_URL ({_first_line(exc)}); "
+                "start it or fix DATABASE_URL"
+            ) from exc
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    name = str(info.get("dbname"))
+    admin = psycopg.conninfo.make_conninfo(dsn, dbname="postgres")
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+    except psycopg.errors.DuplicateDatabase:
+        pass  # created concurrently
+    except psycopg.Error as exc:
+        raise StartupError(f"dispatcher: cannot create database {name!r} ({_first_line(exc)})") from exc
+
+
+def check_broker(settings: Settings) -> None:
+    import asyncio
+
+    from jobs.training_jobs.broker import connect
+
+    assert settings.amqp_url is not None
+    url = settings.amqp_url.get_secret_value()
+
+    async def probe() -> None:
+        connection = await asyncio.wait_for(connect(url, "cluster up"), 10)
+        await connection.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:
+        raise StartupError(
+            f"dispatcher: RabbitMQ not reachable for AMQP_URL ({type(exc).__name__}: {_first_line(exc)}); "
+            "start it or fix AMQP_URL"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def start_dispatcher(settings: Settings, env: dict[str, str]) -> str:
+    item = managed(settings, "dispatcher")
+    metrics = f"{settings.dispatcher_url}/metrics"
+    if read_pid(item) and check(metrics)[0]:
+        return "already running"
+    _require_free(settings.dispatcher_host, settings.dispatcher_metrics_port, "dispatcher", "DISPATCHER_METRICS_PORT")
+    proc = spawn(item, [sys.executable, "-m", "jobs.dispatcher", "run"], env)
+    if not wait_healthy(metrics, settings.startup_timeout_s, lambda: proc.poll() is None):
+        stop(item)
+        raise StartupError(f"dispatcher: did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
+    return "started"
+
+
 # Serve -------------------------------------------------------------------------------------
 
 
@@ -204,7 +276,11 @@ def deploy_serve(settings: Settings, env: dict[str, str]) -> str:
 
 
 def up(settings: Settings, report: Any = print) -> None:
-    require_api_keys(settings)  # before starting anything, so a missing key costs nothing
+    # Configuration and dependencies first, so a mistake costs nothing and leaves nothing running.
+    require_api_keys(settings)
+    if settings.training_jobs_enabled:
+        ensure_jobs_database(settings)
+        check_broker(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     env = child_environment(settings)
     started: list[str] = []
@@ -215,6 +291,12 @@ def up(settings: Settings, report: Any = print) -> None:
         outcome = start_ray(settings, env)
         started += ["ray"] if outcome == "started" else []
         report(f"ray: {outcome}, dashboard at {settings.ray_dashboard_url}")
+        if settings.training_jobs_enabled:
+            outcome = start_dispatcher(settings, env)
+            started += ["dispatcher"] if outcome == "started" else []
+            report(f"dispatcher: {outcome}, metrics at {settings.dispatcher_url}/metrics")
+        else:
+            report("dispatcher: off (set DATABASE_URL and AMQP_URL for asynchronous training)")
         report(f"serve: {deploy_serve(settings, env)} at {settings.serve_url}")
     except StartupError:
         # A half-started stack helps nobody: stop what this call started, keep what was running.
@@ -226,7 +308,8 @@ def up(settings: Settings, report: Any = print) -> None:
 def down(settings: Settings, report: Any = print) -> None:
     # The GCS keeps its state in memory and holds on to SIGTERM for tens of seconds; nothing is
     # lost by killing it after a short grace. MLflow's workers finish their requests first.
-    for name, grace_s in (("ray", 5.0), ("mlflow", 20.0)):
+    # The dispatcher goes first: requests it holds return to the queue, its Ray jobs keep running.
+    for name, grace_s in (("dispatcher", 10.0), ("ray", 5.0), ("mlflow", 20.0)):
         stopped = stop(managed(settings, name), grace_s=grace_s)
         report(f"{name}: {'stopped' if stopped else 'not running'}")
 

@@ -1,23 +1,40 @@
 """The HTTP front door: auth, validation, request ids, error mapping. Holds no model."""
 
+import asyncio
+import logging
 import uuid
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster import tracecontext
+from cluster.settings import get_settings
+from jobs.training_jobs.models import InvalidJobSpecError, JobDetail, JobList, JobRecord, JobSpec, JobState
+from jobs.training_jobs.service import TrainingJobs
+from jobs.training_jobs.store import TRANSIENT_DB_ERRORS, IdempotencyConflictError
 from serve_apps.auth import KeyStore, require_api_key
 from serve_apps.schemas import CurrentModel, ErrorResponse, PredictRequest, PredictResponse
 
+log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-ID"
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or invalid API key"},
     422: {"model": ErrorResponse, "description": "invalid request; details name each field"},
     503: {"model": ErrorResponse, "description": "no model loaded yet"},
+}
+_JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "missing or invalid API key"},
+    404: {"model": ErrorResponse, "description": "no such training job"},
+    409: {"model": ErrorResponse, "description": "idempotency key already used for a different job spec"},
+    422: {"model": ErrorResponse, "description": "invalid job spec; details name the field"},
+    503: {"model": ErrorResponse, "description": "asynchronous training disabled, or the job store is unreachable"},
 }
 
 
@@ -82,6 +99,39 @@ class Ingress:
         self._model = model
         self._max_rows = max_rows
         api.state.key_store = KeyStore(key_hashes)
+        self._jobs: TrainingJobs | None = None
+        self._jobs_lock = asyncio.Lock()
+
+    async def _training_jobs(self) -> TrainingJobs | None:
+        """Connect on first use, so the inference API starts and serves without PostgreSQL or
+        RabbitMQ; None when asynchronous training is not configured."""
+        settings = get_settings()
+        if not settings.training_jobs_enabled:
+            return None
+        async with self._jobs_lock:
+            if self._jobs is None:
+                jobs = TrainingJobs.from_settings(settings, name=f"inference-api {uuid.uuid4().hex[:8]}")
+                try:
+                    await jobs.start()
+                except BaseException:
+                    await jobs.close()  # the next request starts afresh; no pool left behind
+                    raise
+                self._jobs = jobs
+        return self._jobs
+
+    async def _jobs_or_error(self, request: Request) -> TrainingJobs | JSONResponse:
+        try:
+            jobs = await self._training_jobs()
+        except TRANSIENT_DB_ERRORS as exc:
+            return _store_unavailable(request, exc)
+        if jobs is None:
+            return error_response(
+                request,
+                503,
+                "training_jobs_disabled",
+                "asynchronous training is not configured: set DATABASE_URL and AMQP_URL for the cluster",
+            )
+        return jobs
 
     @api.get("/healthz", tags=["health"])
     async def healthz(self) -> dict[str, str]:
@@ -146,3 +196,101 @@ class Ingress:
         if current is None:
             return error_response(request, 503, "not_ready", "no model loaded yet")
         return current
+
+    @api.post(
+        "/v1/training-jobs",
+        tags=["training"],
+        status_code=202,
+        response_model=JobRecord,
+        responses=_JOB_RESPONSES,
+        dependencies=[Depends(require_api_key)],
+    )
+    async def create_training_job(
+        self,
+        spec: JobSpec,
+        request: Request,
+        response: Response,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    ) -> Any:
+        """Queue a training (or tuning) job. Returns at once with the job's id; the job is stored
+        durably before this returns. Reusing an idempotency key returns the original job."""
+        jobs = await self._jobs_or_error(request)
+        if isinstance(jobs, JSONResponse):
+            return jobs
+        if idempotency_key and not spec.idempotency_key:
+            spec = spec.model_copy(update={"idempotency_key": idempotency_key})
+        try:
+            job, created = await jobs.submit(spec, tracecontext.child_of(request.headers.get("traceparent")))
+        except InvalidJobSpecError as exc:
+            return error_response(
+                request,
+                422,
+                "validation_error",
+                exc.message,
+                [{"loc": exc.loc, "msg": exc.message, "type": "value_error"}],
+            )
+        except IdempotencyConflictError as exc:
+            return error_response(
+                request, 409, "idempotency_conflict", str(exc), [{"existing_job_id": str(exc.existing.id)}]
+            )
+        except TRANSIENT_DB_ERRORS as exc:
+            return _store_unavailable(request, exc)
+        response.headers["Location"] = f"/v1/training-jobs/{job.id}"
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
+        return job
+
+    @api.get(
+        "/v1/training-jobs/{job_id}",
+        tags=["training"],
+        response_model=JobDetail,
+        responses=_JOB_RESPONSES,
+        dependencies=[Depends(require_api_key)],
+    )
+    async def get_training_job(self, job_id: UUID, request: Request) -> Any:
+        """A training job's state, attempts, Ray job, MLflow run, model version and history."""
+        jobs = await self._jobs_or_error(request)
+        if isinstance(jobs, JSONResponse):
+            return jobs
+        try:
+            detail = await jobs.get(job_id)
+        except TRANSIENT_DB_ERRORS as exc:
+            return _store_unavailable(request, exc)
+        if detail is None:
+            return error_response(request, 404, "not_found", f"no training job {job_id}")
+        return detail
+
+    @api.get(
+        "/v1/training-jobs",
+        tags=["training"],
+        response_model=JobList,
+        responses=_JOB_RESPONSES,
+        dependencies=[Depends(require_api_key)],
+    )
+    async def list_training_jobs(
+        self,
+        request: Request,
+        state: JobState | None = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        before: datetime | None = None,
+    ) -> Any:
+        """Training jobs, newest first; page with `before`."""
+        jobs = await self._jobs_or_error(request)
+        if isinstance(jobs, JSONResponse):
+            return jobs
+        try:
+            page = await jobs.list(state, limit, before)
+        except TRANSIENT_DB_ERRORS as exc:
+            return _store_unavailable(request, exc)
+        return JobList(jobs=page, next_before=page[-1].created_at if len(page) == limit else None)
+
+
+def _store_unavailable(request: Request, exc: BaseException) -> JSONResponse:
+    log.warning("job store unavailable: %s", exc)
+    return error_response(
+        request,
+        503,
+        "job_store_unavailable",
+        "the training job store (PostgreSQL) is unreachable; nothing was accepted, retry later",
+        headers={"Retry-After": "5"},
+    )

@@ -20,6 +20,7 @@ import yaml
 from cluster.settings import REPO_ROOT, Settings, get_settings
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -66,7 +67,47 @@ def pg_database() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Iterator[Stack]:
+def jobs_database() -> Iterator[str]:
+    """A database name for training-job records; `cluster up` creates it, as it would for a user."""
+    import psycopg
+
+    name = f"jobs_test_{uuid.uuid4().hex[:8]}"
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def queue_names() -> Iterator[dict[str, str]]:
+    """Per-session exchange and queues on this machine's RabbitMQ, deleted afterwards."""
+    import asyncio
+
+    import aio_pika
+
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        "TRAINING_EXCHANGE": f"training-test-{suffix}",
+        "TRAINING_QUEUE": f"training-test-{suffix}.requests",
+        "TRAINING_DEAD_LETTER_QUEUE": f"training-test-{suffix}.dead",
+    }
+    yield names
+
+    async def delete() -> None:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            for queue in (names["TRAINING_QUEUE"], names["TRAINING_DEAD_LETTER_QUEUE"]):
+                await channel.queue_delete(queue)
+            for exchange in (names["TRAINING_EXCHANGE"], names["TRAINING_EXCHANGE"] + ".dead"):
+                await channel.exchange_delete(exchange)
+
+    asyncio.run(delete())
+
+
+@pytest.fixture(scope="session")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, pg_database: str, jobs_database: str, queue_names: dict[str, str]
+) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("stack")
     gcs = free_port()
     api_key = secrets.token_urlsafe(24)
@@ -87,6 +128,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_database: str) -> Iterato
         "API_KEYS": f"{api_key},second-{api_key}",
         "MODEL_POLL_INTERVAL_S": "1",
         "MAX_BATCH_ROWS": "50",
+        "DATABASE_URL": jobs_database,
+        "AMQP_URL": AMQP_URL,
+        **queue_names,
+        "DISPATCHER_METRICS_PORT": str(free_port()),
+        "DISPATCHER_MAX_ATTEMPTS": "2",
+        "DISPATCHER_BACKOFF_BASE_S": "1",
+        "DISPATCHER_POLL_INTERVAL_S": "1",
     }
     saved = {k: os.environ.get(k) for k in overrides}
     os.environ.update(overrides)

@@ -49,6 +49,9 @@ def _bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
             "RAY_METRICS_EXPORT_PORT": str(free_port()),
             "MLFLOW_PORT": str(free_port()),
             "SERVE_PORT": str(free_port()),
+            "DISPATCHER_METRICS_PORT": str(free_port()),
+            "DATABASE_URL": "",  # no asynchronous training unless a test asks for it
+            "AMQP_URL": "",
         }
     )
     env.update(extra)
@@ -94,3 +97,17 @@ def test_down_is_idempotent_when_nothing_runs(tmp_path):
         result = run_cli("cluster", "down", env=env, timeout=60)
         assert result.returncode == 0
         assert "ray: not running" in result.stdout and "mlflow: not running" in result.stdout
+
+
+def test_up_with_unreachable_broker_names_it_and_starts_nothing(tmp_path):
+    env = _bare_env(
+        tmp_path,
+        API_KEYS="k",
+        DATABASE_URL="postgresql://postgres@127.0.0.1:5432/postgres",
+        AMQP_URL="amqp://guest:guest@127.0.0.1:1/%2F",
+    )
+    result = run_cli("cluster", "up", env=env, timeout=120)
+    assert result.returncode == 1
+    assert "RabbitMQ not reachable" in result.stderr and "AMQP_URL" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "pids").glob("*.pid"))

@@ -1,0 +1,174 @@
+"""Latency of `POST /v1/training-jobs` under concurrent clients, measured with wrk.
+
+    .venv/bin/python -m benchmarks.training_jobs_api [--connections 16] [--duration 30]
+
+Starts its own stack (own ports, state dir, job database and queues), stops its dispatcher so the
+accepted jobs stay queued instead of training, drives the endpoint with wrk, then checks that every
+202 left exactly one job row and one message on the queue. Everything is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import aio_pika
+import psycopg
+import typer
+
+from cluster.settings import REPO_ROOT
+
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+wrk.body = '{{"kind": "train", "config": "adult", "overrides": {{"train.epochs": 3}}}}'
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _environment(state: Path, database: str, suffix: str, key: str) -> dict[str, str]:
+    gcs = _free_port()
+    return {
+        **os.environ,
+        "STATE_DIR": str(state),
+        "RAY_GCS_PORT": str(gcs),
+        "RAY_TEMP_DIR": f"/tmp/rtb{gcs}",
+        **{
+            name: str(_free_port())
+            for name in (
+                "RAY_DASHBOARD_PORT",
+                "RAY_CLIENT_PORT",
+                "RAY_DASHBOARD_AGENT_PORT",
+                "RAY_METRICS_EXPORT_PORT",
+                "SERVE_PORT",
+                "MLFLOW_PORT",
+                "DISPATCHER_METRICS_PORT",
+            )
+        },
+        "API_KEYS": key,
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{database}",
+        "AMQP_URL": AMQP_URL,
+        "TRAINING_EXCHANGE": f"bench-{suffix}",
+        "TRAINING_QUEUE": f"bench-{suffix}.requests",
+        "TRAINING_DEAD_LETTER_QUEUE": f"bench-{suffix}.dead",
+    }
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False
+    )
+
+
+def _queue_depth(queue: str) -> int:
+    async def depth() -> int:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            declared = await channel.get_queue(queue, ensure=True)
+            return int(declared.declaration_result.message_count or 0)
+
+    return asyncio.run(depth())
+
+
+def _cleanup_queues(suffix: str) -> None:
+    async def delete() -> None:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            for queue in (f"bench-{suffix}.requests", f"bench-{suffix}.dead"):
+                await channel.queue_delete(queue)
+            for exchange in (f"bench-{suffix}", f"bench-{suffix}.dead"):
+                await channel.exchange_delete(exchange)
+
+    asyncio.run(delete())
+
+
+def _parse_wrk(output: str) -> dict[str, float]:
+    def latency_ms(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+        if match is None:
+            raise ValueError(f"no {label}% latency in wrk output:\n{output}")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    total = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return {
+        "p50_ms": latency_ms("50"),
+        "p90_ms": latency_ms("90"),
+        "p99_ms": latency_ms("99"),
+        "requests": total,
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": sum(int(g) for g in errors.groups()) if errors else 0,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
+    }
+
+
+def main(connections: int = 16, duration: int = 30, threads: int = 2) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    database = f"bench_jobs_{suffix}"
+    key = secrets.token_urlsafe(24)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp)
+        env = _environment(state, database, suffix, key)
+        try:
+            started = _cli(env, "up")
+            if started.returncode != 0:
+                raise SystemExit(f"cluster up failed: {started.stderr}")
+            pid = int((state / "pids" / "dispatcher.pid").read_text())
+            os.kill(pid, signal.SIGTERM)  # accept only; nothing trains during the measurement
+            script = state / "post.lua"
+            script.write_text(LUA.format(key=key))
+            url = f"http://127.0.0.1:{env['SERVE_PORT']}/v1/training-jobs"
+            subprocess.run(["wrk", "-t1", "-c4", "-d3s", "-s", str(script), url], check=True, capture_output=True)
+            with psycopg.connect(env["DATABASE_URL"]) as conn:
+                warmup = conn.execute("SELECT count(*) FROM training_jobs").fetchone()[0]  # type: ignore[index]
+            run = subprocess.run(
+                ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            figures = _parse_wrk(run.stdout)
+            accepted = int(figures["requests"] - figures["non_2xx"] - figures["socket_errors"])
+            with psycopg.connect(env["DATABASE_URL"]) as conn:
+                rows = conn.execute("SELECT count(*) FROM training_jobs").fetchone()[0] - warmup  # type: ignore[index]
+            messages = _queue_depth(env["TRAINING_QUEUE"]) - warmup
+            typer.echo(run.stdout)
+            typer.echo(
+                f"POST /v1/training-jobs, {connections} connections, {duration}s: "
+                f"p50 {figures['p50_ms']:.1f} ms, p90 {figures['p90_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
+                f"{figures['rps']:.0f} req/s; {accepted} accepted, {rows} job rows, {messages} queued messages, "
+                f"{figures['non_2xx']} non-2xx, {figures['socket_errors']} socket errors"
+            )
+            if not rows == messages == accepted:
+                raise SystemExit("accepted, stored and queued counts differ")
+        finally:
+            _cli(env, "down")
+            _cleanup_queues(suffix)
+            with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    typer.run(main)

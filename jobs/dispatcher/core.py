@@ -1,0 +1,353 @@
+"""Consume training requests, run each as a Ray job, record the outcome.
+
+Delivery guarantees come from three rules:
+- a message is acknowledged only after the job's new state is committed in PostgreSQL;
+- each attempt has a deterministic Ray submission id, so a redelivered message (dispatcher
+  killed, broker restarted, a second dispatcher) follows the Ray job already started;
+- the job row, not the message, holds the state: duplicates and stale messages are recognised
+  and dropped, retries are scheduled in the row and re-published by the outbox relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from cluster.settings import Settings
+from jobs.dispatcher.metrics import DispatcherMetrics
+from jobs.dispatcher.ray_jobs import RayJobs, RayRejectedError, RayUnavailableError, error_summary, result_of
+from jobs.training_jobs.broker import (
+    MalformedMessageError,
+    Publisher,
+    Topology,
+    connect,
+    dead_letter_message,
+    declare,
+    decode,
+)
+from jobs.training_jobs.models import JobRecord, JobState
+from jobs.training_jobs.store import TRANSIENT_DB_ERRORS, JobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # succeeded | failed | stopped | unavailable | superseded
+    error: str = ""
+    result: dict[str, Any] | None = None
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
+    """Exponential backoff with +-20% jitter, so retries of many jobs do not arrive together."""
+    delay = min(max_s, base_s * 2 ** max(0, attempt - 1))
+    return float(delay * random.uniform(0.8, 1.2))
+
+
+def dispatcher_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, store: JobStore, publisher: Publisher, ray: RayJobs) -> None:
+        if settings.amqp_url is None:
+            raise RuntimeError("the dispatcher needs AMQP_URL")
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+        self.ray = ray
+        self.metrics = DispatcherMetrics()
+        self.name = dispatcher_name()
+        self.topology = Topology.from_settings(settings)
+        self._amqp_url = settings.amqp_url.get_secret_value()
+        self._active: dict[UUID, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+
+    # Lifecycle -----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.store.open()
+        await self.store.migrate()
+        self._connection = await self._connect()
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        channel = await self._connection.channel()
+        self._channel = channel
+        await channel.set_qos(prefetch_count=self.settings.dispatcher_concurrency)
+        _, queue = await declare(channel, self.topology)
+        await queue.consume(self._on_message, no_ack=False)
+        log.info(
+            "dispatcher %s consuming %s (prefetch %d)",
+            self.name,
+            self.topology.queue,
+            self.settings.dispatcher_concurrency,
+        )
+        loops = [asyncio.create_task(self._relay_loop()), asyncio.create_task(self._metrics_loop(queue))]
+        try:
+            await stop.wait()
+        finally:
+            for task in [*loops, *self._tasks]:
+                task.cancel()
+            await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
+            # Unacknowledged requests go back to the queue; their Ray jobs keep running and the
+            # next dispatcher follows them.
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            await self.publisher.close()
+            await self.store.close()
+
+    async def _connect(self) -> AbstractRobustConnection:
+        """The first connection, retried for as long as it takes (the broker may start later)."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((OSError, aio_pika.exceptions.AMQPError)),
+            wait=wait_exponential_jitter(initial=0.5, max=15),
+            before_sleep=lambda s: log.warning(
+                "broker unreachable (%s); retrying", s.outcome.exception() if s.outcome else "?"
+            ),
+        ):
+            with attempt:
+                return await connect(self._amqp_url, f"dispatcher {self.name}")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _on_reconnect(self, *_: Any) -> None:
+        self.metrics.reconnects.inc()
+        log.warning("reconnected to the broker; unacknowledged requests are redelivered")
+
+    # Messages ------------------------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Each request may run for hours: handle it in its own task, so the consumer keeps taking
+        # deliveries up to the prefetch limit and heartbeats keep flowing.
+        task = asyncio.create_task(self._handle(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            job_id = decode(message.body)
+        except MalformedMessageError as exc:
+            await self._dead_letter(message, f"malformed message: {exc}", None, "malformed")
+            return
+        running = self._active.get(job_id)
+        if running is not None:
+            # A redelivery (the broker connection dropped) of a job this process is following.
+            await asyncio.shield(running)
+            await self._ack(message)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._active[job_id] = done
+        self.metrics.in_flight.inc()
+        try:
+            await self._process(job_id, message)
+        except TRANSIENT_DB_ERRORS as exc:
+            # The database stayed away longer than the store retries: hand the request back.
+            log.error("job %s: database unavailable (%s); returning the request to the queue", job_id, exc)
+            await self._nack(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s: unexpected error; returning the request to the queue", job_id)
+            await self._nack(message)
+        finally:
+            self.metrics.in_flight.dec()
+            done.set_result(None)
+            del self._active[job_id]
+
+    async def _process(self, job_id: UUID, message: AbstractIncomingMessage) -> None:
+        job = await self.store.get(job_id)
+        if job is None:
+            await self._dead_letter(message, f"unknown training job {job_id}", job_id, "unknown_job")
+            return
+        if job.state.terminal:
+            await self._ack(message)  # a duplicate of a finished job
+            return
+        if job.state == JobState.QUEUED:
+            if job.attempts > 0 and job.next_attempt_at and job.next_attempt_at > datetime.now(UTC):
+                await self._ack(message)  # stale copy; the relay re-publishes the retry when it is due
+                return
+            claimed = await self.store.claim(job_id, self.name)
+            if claimed is None:
+                await self._process_again(job_id, message)
+                return
+            job = claimed
+            if job.next_attempt_at is not None:
+                self.metrics.queue_wait.observe(max(0.0, (datetime.now(UTC) - job.next_attempt_at).total_seconds()))
+        else:
+            log.info("job %s: resuming attempt %d (%s) after a redelivery", job_id, job.attempts, job.ray_job_id)
+        await self._finish(job, message, await self._run_attempt(job))
+
+    async def _process_again(self, job_id: UUID, message: AbstractIncomingMessage) -> None:
+        """Lost the claim race: the job just moved on. Follow it if in flight, else drop the copy."""
+        job = await self.store.get(job_id)
+        if job is None or job.state.terminal or job.state == JobState.QUEUED:
+            await self._ack(message)
+            return
+        await self._finish(job, message, await self._run_attempt(job))
+
+    async def _run_attempt(self, job: JobRecord) -> Outcome:
+        assert job.ray_job_id is not None
+        started = time.monotonic()
+        traceparent = await self.store.traceparent(job.id)
+        unreachable_since: float | None = None
+        submitted = False
+        marked_running = job.state == JobState.RUNNING
+        last_heartbeat = time.monotonic()
+        while True:
+            try:
+                if not submitted:
+                    status = await self.ray.ensure_submitted(job.ray_job_id, job.spec(), job.id, traceparent)
+                    submitted = True
+                    log.info("job %s: attempt %d is Ray job %s", job.id, job.attempts, job.ray_job_id)
+                else:
+                    found = await self.ray.status(job.ray_job_id)
+                    if found is None:
+                        return Outcome("failed", f"Ray lost job {job.ray_job_id} (head restarted?)")
+                    status = found
+                unreachable_since = None
+            except RayRejectedError as exc:
+                return Outcome("failed", f"Ray refused the job: {exc}")
+            except RayUnavailableError as exc:
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > self.settings.dispatcher_ray_unreachable_s:
+                    return Outcome("unavailable", str(exc))
+                log.warning("job %s: %s; retrying", job.id, exc)
+                await asyncio.sleep(min(10.0, 1.0 + (now - unreachable_since) / 2))
+                continue
+            if status.status == "RUNNING" and not marked_running:
+                marked_running = await self.store.mark_running(job.id, job.attempts) or marked_running
+            if status.terminal:
+                return await self._ended(job, status.status, status.message, time.monotonic() - started)
+            if time.monotonic() - last_heartbeat >= self.settings.dispatcher_poll_interval_s:
+                if not await self.store.heartbeat(job.id, job.attempts):
+                    return Outcome("superseded")
+                last_heartbeat = time.monotonic()
+            await asyncio.sleep(self.settings.dispatcher_poll_interval_s)
+
+    async def _ended(self, job: JobRecord, status: str, message: str, elapsed_s: float) -> Outcome:
+        assert job.ray_job_id is not None
+        try:
+            logs = await self.ray.logs(job.ray_job_id)
+        except RayUnavailableError as exc:
+            logs = f"(logs unavailable: {exc})"
+        if status == "SUCCEEDED":
+            result = result_of(logs)
+            outcome = (
+                Outcome("succeeded", result=result)
+                if result is not None
+                else Outcome("failed", "the job ended without a TRAINING_RESULT line")
+            )
+        elif status == "STOPPED":
+            outcome = Outcome("stopped", f"Ray job {job.ray_job_id} was stopped")
+        else:
+            outcome = Outcome("failed", error_summary(logs, message))
+        self.metrics.duration.labels(job.kind, outcome.status).observe(elapsed_s)
+        return outcome
+
+    async def _finish(self, job: JobRecord, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+        self.metrics.attempts.labels(job.kind, outcome.status).inc()
+        if outcome.status == "succeeded":
+            assert outcome.result is not None
+            await self.store.succeed(job.id, job.attempts, outcome.result)
+            log.info("job %s succeeded: model version %s", job.id, outcome.result.get("model_version"))
+        elif outcome.status == "stopped":
+            await self.store.end(job.id, job.attempts, JobState.FAILED, outcome.error)
+        elif outcome.status in {"failed", "unavailable"}:
+            if job.attempts < job.max_attempts:
+                delay = backoff_s(
+                    job.attempts, self.settings.dispatcher_backoff_base_s, self.settings.dispatcher_backoff_max_s
+                )
+                await self.store.schedule_retry(job.id, job.attempts, outcome.error, delay)
+                log.warning("job %s attempt %d failed; retry in %.0fs: %s", job.id, job.attempts, delay, outcome.error)
+            else:
+                error = f"gave up after {job.attempts} attempts: {outcome.error}"
+                # The dead-letter copy goes first: should the row update fail, the redelivered
+                # request arrives here again, rather than a dead job without its message.
+                await self.publisher.dead_letter(
+                    dead_letter_message(message.body, dict(message.headers or {}), error, job.id)
+                )
+                self.metrics.dead_lettered.labels("attempts_exhausted").inc()
+                await self.store.end(job.id, job.attempts, JobState.DEAD_LETTERED, error)
+                log.error("job %s dead-lettered: %s", job.id, error)
+        await self._ack(message)
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, reason: str, job_id: UUID | None, label: str
+    ) -> None:
+        log.error("dead-lettering a request: %s", reason)
+        try:
+            await self.publisher.dead_letter(
+                dead_letter_message(message.body, dict(message.headers or {}), reason, job_id)
+            )
+        except Exception:
+            log.exception("could not publish to the dead-letter queue; rejecting to the broker's dead-letter exchange")
+            await self._nack(message, requeue=False)
+            return
+        self.metrics.dead_lettered.labels(label).inc()
+        await self._ack(message)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack()
+        except Exception as exc:
+            log.warning("ack lost with its channel (%s); the redelivered copy will be recognised", exc)
+
+    async def _nack(self, message: AbstractIncomingMessage, requeue: bool = True) -> None:
+        try:
+            await message.nack(requeue=requeue)
+        except Exception as exc:
+            log.warning("nack lost with its channel (%s); the broker redelivers", exc)
+
+    # Background loops ----------------------------------------------------------------------------
+
+    async def _relay_loop(self) -> None:
+        """The outbox relay: publish jobs that are due but not on the broker (retries, or requests
+        accepted while the broker was down), and re-publish in-flight jobs nobody is following."""
+        while True:
+            try:
+                sent = await self.store.publish_due(self._publish_record)
+                if sent:
+                    self.metrics.relayed.labels("due").inc(sent)
+                for job, traceparent in await self.store.orphaned(self.settings.dispatcher_heartbeat_timeout_s):
+                    if job.id not in self._active:
+                        await self.publisher.publish(job.id, traceparent)
+                        self.metrics.relayed.labels("orphaned").inc()
+                        log.warning("job %s: no heartbeat; re-published", job.id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("relay round failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(self.settings.dispatcher_poll_interval_s)
+
+    async def _publish_record(self, job: JobRecord, traceparent: str | None) -> None:
+        await asyncio.wait_for(self.publisher.publish(job.id, traceparent), 10)
+
+    async def _metrics_loop(self, queue: AbstractQueue) -> None:
+        while True:
+            try:
+                self.metrics.set_counts(await self.store.counts())
+                self.metrics.queue_lag.set(await self.store.oldest_queued_age_s())
+                if self._channel is not None and not self._channel.is_closed:
+                    for name in (self.topology.queue, self.topology.dead_letter_queue):
+                        declared = await self._channel.declare_queue(name, passive=True)
+                        count = declared.declaration_result.message_count
+                        self.metrics.queue_messages.labels(name).set(count or 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("metrics round failed: %s", exc)
+            await asyncio.sleep(5)

@@ -1,0 +1,135 @@
+"""The Ray Jobs API as the dispatcher needs it: idempotent submission, status, and logs.
+
+The SDK client is synchronous and connects in its constructor, so every call runs in a thread
+with a fresh client; a head that is down or restarting shows up as RayUnavailableError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from uuid import UUID
+
+import requests
+
+from cluster.jobs_api import RESULT_MARKER, training_result, training_runtime_env
+from jobs.training_jobs.models import JobSpec
+
+T = TypeVar("T")
+TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+CALL_TIMEOUT_S = 120.0
+
+
+class RayUnavailableError(Exception):
+    """The Jobs API could not be reached; worth retrying."""
+
+
+class RayRejectedError(Exception):
+    """The Jobs API refused the submission itself (not a transient condition)."""
+
+
+@dataclass(frozen=True)
+class RayJobStatus:
+    status: str
+    message: str
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+def entrypoint(spec: JobSpec) -> str:
+    args = " ".join(f"--set {shlex.quote(o)}" for o in spec.cli_overrides())
+    return f"python -m {spec.module} --config jobs/configs/{spec.config_name}.yaml {args}".strip()
+
+
+class RayJobs:
+    def __init__(self, dashboard_url: str) -> None:
+        self._url = dashboard_url
+
+    async def _call(self, fn: Callable[[Any], T]) -> T:
+        def run() -> T:
+            from ray.job_submission import JobSubmissionClient
+
+            try:
+                client = JobSubmissionClient(self._url)
+                return fn(client)
+            except (ConnectionError, requests.exceptions.RequestException) as exc:
+                raise RayUnavailableError(f"Ray Jobs API at {self._url} unreachable: {exc}") from exc
+            except RuntimeError as exc:
+                # The SDK reports HTTP errors as RuntimeError("Request failed with status code N").
+                if re.search(r"status code (5\d\d)", str(exc)):
+                    raise RayUnavailableError(str(exc)) from exc
+                raise
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(run), CALL_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise RayUnavailableError(f"Ray Jobs API at {self._url} did not answer in {CALL_TIMEOUT_S:.0f}s") from exc
+
+    async def status(self, submission_id: str) -> RayJobStatus | None:
+        """The job's status, or None when Ray has never heard of it."""
+
+        def get(client: Any) -> RayJobStatus | None:
+            try:
+                info = client.get_job_info(submission_id)
+            except RuntimeError as exc:
+                if "status code 404" in str(exc) or "does not exist" in str(exc):
+                    return None
+                raise
+            return RayJobStatus(str(info.status.value), str(info.message or ""))
+
+        return await self._call(get)
+
+    async def ensure_submitted(
+        self, submission_id: str, spec: JobSpec, job_id: UUID, traceparent: str | None
+    ) -> RayJobStatus:
+        """Submit under a deterministic id unless Ray already has that job: a redelivered message,
+        a restarted dispatcher or a second dispatcher never starts the attempt twice."""
+        existing = await self.status(submission_id)
+        if existing is not None:
+            return existing
+        env = {"TRAINING_JOB_ID": str(job_id)}
+        if traceparent:
+            env["TRACEPARENT"] = traceparent
+
+        def submit(client: Any) -> None:
+            try:
+                client.submit_job(
+                    entrypoint=entrypoint(spec),
+                    submission_id=submission_id,
+                    runtime_env=training_runtime_env(env),
+                    metadata={"training_job_id": str(job_id), "kind": spec.kind},
+                )
+            except RuntimeError as exc:
+                if "already exists" in str(exc):
+                    return  # another dispatcher submitted it a moment ago
+                if "status code 4" in str(exc):
+                    raise RayRejectedError(str(exc)) from exc
+                raise
+
+        await self._call(submit)
+        return await self.status(submission_id) or RayJobStatus("PENDING", "")
+
+    async def logs(self, submission_id: str) -> str:
+        return str(await self._call(lambda client: client.get_job_logs(submission_id)))
+
+    async def stop(self, submission_id: str) -> bool:
+        return bool(await self._call(lambda client: client.stop_job(submission_id)))
+
+
+def result_of(logs: str) -> dict[str, Any] | None:
+    return training_result(logs)
+
+
+def error_summary(logs: str, message: str, max_chars: int = 2000) -> str:
+    """The part of a failed job's output a user needs: the exception line(s), not the whole log."""
+    lines = [line for line in logs.splitlines() if line.strip() and not line.startswith(RESULT_MARKER)]
+    errors = [line for line in lines if re.match(r"^\s*[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
+    tail = errors[-1:] if errors else lines[-5:]
+    text = " | ".join(s.strip() for s in [message, *tail] if s.strip())
+    return text[-max_chars:] or "Ray job failed without output"

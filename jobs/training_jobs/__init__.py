@@ -1,0 +1,1 @@
+"""Asynchronous training requests: job specs, their durable records and the message broker."""

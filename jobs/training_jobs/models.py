@@ -1,0 +1,168 @@
+"""What a training request is, the states it goes through, and how it is shown to users."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cluster.settings import REPO_ROOT
+from jobs.config import JobConfig, load_config
+
+CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
+_CONFIG_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DEFAULT_CONFIG = {"train": "adult", "tune": "adult-tune"}
+MODULES = {"train": "jobs.train", "tune": "jobs.tune"}
+
+JobKind = Literal["train", "tune"]
+OverrideValue = str | int | float | bool | None | list[Any] | dict[str, Any]
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"  # accepted, or waiting for its next attempt after a failed one
+    SUBMITTED = "submitted"  # claimed by a dispatcher, Ray job submitted or being submitted
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # ended without retries: stopped by an operator, or no longer runnable
+    DEAD_LETTERED = "dead_lettered"  # every attempt failed; the request sits in the dead-letter queue
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD_LETTERED})
+
+
+class InvalidJobSpecError(ValueError):
+    """The spec names a config that does not exist or overrides that do not validate."""
+
+    def __init__(self, loc: list[str | int], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+class JobSpec(BaseModel):
+    """A training request, as posted to `POST /v1/training-jobs`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"kind": "train", "config": "adult", "overrides": {"train.epochs": 5}}],
+        },
+    )
+
+    kind: JobKind = "train"
+    # A config shipped in jobs/configs (by name, without .yaml); default: adult / adult-tune.
+    config: str | None = Field(default=None, description="name of a config in jobs/configs, without .yaml")
+    overrides: dict[str, OverrideValue] = Field(
+        default_factory=dict, description='dotted config keys, e.g. {"train.epochs": 5}'
+    )
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("config")
+    @classmethod
+    def _config_name(cls, value: str | None) -> str | None:
+        if value is not None and not _CONFIG_NAME.match(value):
+            raise ValueError("must be a config name such as 'adult' (letters, digits, '-' and '_')")
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _override_keys(cls, value: dict[str, OverrideValue]) -> dict[str, OverrideValue]:
+        for key in value:
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", key):
+                raise ValueError(f"{key!r} is not a dotted config key such as 'train.epochs'")
+        return value
+
+    @property
+    def config_name(self) -> str:
+        return self.config or DEFAULT_CONFIG[self.kind]
+
+    @property
+    def config_path(self) -> Path:
+        return CONFIG_DIR / f"{self.config_name}.yaml"
+
+    @property
+    def module(self) -> str:
+        return MODULES[self.kind]
+
+    def fingerprint(self) -> str:
+        """Identity of the request, to tell a replay of an idempotency key from a conflicting reuse."""
+        canonical = json.dumps(
+            {"kind": self.kind, "config": self.config_name, "overrides": self.overrides}, sort_keys=True
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def resolve(self) -> JobConfig:
+        """The effective job config; raises InvalidJobSpecError naming the field at fault."""
+        if not self.config_path.is_file():
+            raise InvalidJobSpecError(["body", "config"], f"no config named {self.config_name!r} in jobs/configs")
+        base = load_config(self.config_path)
+        try:
+            resolved = base.with_overrides(self.overrides)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            path = ".".join(str(p) for p in first["loc"])
+            raise InvalidJobSpecError(["body", "overrides", path], f"overrides: {path}: {first['msg']}") from exc
+        if self.kind == "tune" and getattr(resolved, "tune", None) is None:
+            raise InvalidJobSpecError(["body", "config"], f"config {self.config_name!r} has no tune section")
+        return resolved
+
+    def cli_overrides(self) -> list[str]:
+        """The overrides as `--set key=value` arguments; values as JSON, which YAML reads back."""
+        return [f"{key}={json.dumps(value)}" for key, value in self.overrides.items()]
+
+
+class JobRecord(BaseModel):
+    """A training job as stored and as returned by the API."""
+
+    id: UUID
+    kind: JobKind
+    config: str
+    overrides: dict[str, Any]
+    idempotency_key: str | None = None
+    state: JobState
+    attempts: int
+    max_attempts: int
+    ray_job_id: str | None = None
+    mlflow_run_id: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    promoted: bool | None = None
+    test_metrics: dict[str, float] | None = None
+    last_error: str | None = None
+    trace_id: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+
+    def spec(self) -> JobSpec:
+        return JobSpec(kind=self.kind, config=self.config, overrides=self.overrides)
+
+
+class JobEvent(BaseModel):
+    at: datetime
+    state: JobState
+    attempt: int
+    message: str | None = None
+
+
+class JobDetail(JobRecord):
+    events: list[JobEvent] = Field(default_factory=list)
+
+
+class JobList(BaseModel):
+    jobs: list[JobRecord]
+    next_before: datetime | None = Field(default=None, description="pass as `before` for the next page")

@@ -1,0 +1,481 @@
+"""Durable training-job records in PostgreSQL.
+
+The row is the source of truth: a job is accepted once its row is committed, and every state
+change is a guarded UPDATE (the expected state and attempt are part of the WHERE clause), so
+duplicate deliveries and concurrent dispatchers cannot move a job backwards or count an attempt
+twice. Rows not yet on the broker are found by the outbox relay (`due_for_publish`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from cluster.tracecontext import trace_id_of
+from jobs.training_jobs.models import JobDetail, JobEvent, JobRecord, JobSpec, JobState
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Connection problems that go away when the server comes back.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (psycopg.OperationalError, PoolTimeout)
+
+_IN_FLIGHT = ("submitted", "running")
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE training_jobs (
+        id uuid PRIMARY KEY,
+        kind text NOT NULL,
+        config text NOT NULL,
+        overrides jsonb NOT NULL DEFAULT '{}'::jsonb,
+        idempotency_key text UNIQUE,
+        fingerprint text NOT NULL,
+        state text NOT NULL CHECK (state IN
+            ('queued', 'submitted', 'running', 'succeeded', 'failed', 'dead_lettered')),
+        attempts integer NOT NULL DEFAULT 0,
+        max_attempts integer NOT NULL,
+        ray_job_id text,
+        mlflow_run_id text,
+        model_name text,
+        model_version text,
+        promoted boolean,
+        test_metrics jsonb,
+        last_error text,
+        traceparent text,
+        dispatcher text,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        submitted_at timestamptz,
+        started_at timestamptz,
+        finished_at timestamptz,
+        next_attempt_at timestamptz NOT NULL DEFAULT now(),
+        published_at timestamptz,
+        heartbeat_at timestamptz
+    );
+    CREATE INDEX training_jobs_outbox ON training_jobs (next_attempt_at)
+        WHERE state = 'queued' AND published_at IS NULL;
+    CREATE INDEX training_jobs_in_flight ON training_jobs (heartbeat_at)
+        WHERE state IN ('submitted', 'running');
+    CREATE INDEX training_jobs_created ON training_jobs (created_at DESC);
+    CREATE TABLE training_job_events (
+        id bigserial PRIMARY KEY,
+        job_id uuid NOT NULL REFERENCES training_jobs (id) ON DELETE CASCADE,
+        at timestamptz NOT NULL DEFAULT now(),
+        state text NOT NULL,
+        attempt integer NOT NULL,
+        message text
+    );
+    CREATE INDEX training_job_events_job ON training_job_events (job_id, id);
+    """,
+]
+
+
+class IdempotencyConflictError(Exception):
+    """An idempotency key reused with a different job spec."""
+
+    def __init__(self, existing: JobRecord) -> None:
+        super().__init__(f"idempotency key already used by job {existing.id} with a different spec")
+        self.existing = existing
+
+
+def plain_dsn(url: str) -> str:
+    """psycopg takes libpq URLs; SQLAlchemy-style `postgresql+psycopg://` is accepted too."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+class JobStore:
+    """Async access to the job table through a pool that survives server restarts."""
+
+    def __init__(self, dsn: str, max_size: int = 4, retry_for_s: float = 300.0, pool_timeout_s: float = 5.0) -> None:
+        self._pool = AsyncConnectionPool(
+            plain_dsn(dsn),
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            timeout=pool_timeout_s,
+            kwargs={"autocommit": True, "connect_timeout": 5, "application_name": "training-jobs"},
+            # A connection the server dropped (restart, failover) is replaced before it is handed out.
+            check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=0,  # keep trying to refill the pool however long the server is away
+        )
+        self._retry_for_s = retry_for_s
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _retrying(self, op: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Run op on a pooled connection; retry with backoff while the database is unreachable."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
+            wait=wait_exponential_jitter(initial=0.2, max=10),
+            stop=stop_after_delay(self._retry_for_s),
+            reraise=True,
+            before_sleep=lambda state: log.warning(
+                "database unavailable (%s); retrying", state.outcome.exception() if state.outcome else "?"
+            ),
+        ):
+            with attempt:
+                async with self._pool.connection() as conn:
+                    return await op(conn)
+        raise AssertionError("unreachable")  # pragma: no cover - AsyncRetrying reraises
+
+    @asynccontextmanager
+    async def _transaction(self, conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            yield cur
+
+    # Schema -----------------------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with self._transaction(conn) as cur:
+                # One migrator at a time when several dispatchers start together.
+                await cur.execute("SELECT pg_advisory_xact_lock(hashtext('training_jobs_schema'))")
+                await cur.execute("CREATE TABLE IF NOT EXISTS training_jobs_schema (version integer NOT NULL)")
+                await cur.execute("SELECT coalesce(max(version), 0) AS v FROM training_jobs_schema")
+                row = await cur.fetchone()
+                current = int(row["v"]) if row else 0
+                for version, statement in enumerate(MIGRATIONS[current:], start=current + 1):
+                    await cur.execute(statement)
+                    await cur.execute("INSERT INTO training_jobs_schema (version) VALUES (%s)", (version,))
+
+        await self._retrying(op)
+
+    # Accepting ---------------------------------------------------------------------------------
+
+    async def create(
+        self, spec: JobSpec, max_attempts: int, traceparent: str | None, publish_grace_s: float
+    ) -> tuple[JobRecord, bool]:
+        """Insert a queued job; returns (job, created). A replayed idempotency key returns the
+        original job; the same key with a different spec raises IdempotencyConflictError."""
+        fingerprint = spec.fingerprint()
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> tuple[JobRecord, bool]:
+            async with self._transaction(conn) as cur:
+                await cur.execute(
+                    """
+                    INSERT INTO training_jobs (id, kind, config, overrides, idempotency_key, fingerprint, state,
+                        max_attempts, traceparent, next_attempt_at)
+                    VALUES (%s, %s, %s, %s, %s, %s, 'queued', %s, %s, now() + make_interval(secs => %s))
+                    ON CONFLICT (idempotency_key) DO NOTHING
+                    RETURNING *
+                    """,
+                    (
+                        uuid4(),
+                        spec.kind,
+                        spec.config_name,
+                        Jsonb(spec.overrides),
+                        spec.idempotency_key,
+                        fingerprint,
+                        max_attempts,
+                        traceparent,
+                        publish_grace_s,
+                    ),
+                )
+                row = await cur.fetchone()
+                if row is not None:
+                    await _event(cur, row["id"], JobState.QUEUED, 0, "accepted")
+                    return _record(row), True
+                await cur.execute("SELECT * FROM training_jobs WHERE idempotency_key = %s", (spec.idempotency_key,))
+                existing = await cur.fetchone()
+            if existing is None:  # pragma: no cover - the conflicting row cannot vanish (no deletes)
+                raise RuntimeError("idempotency conflict without a row")
+            if existing["fingerprint"] != fingerprint:
+                raise IdempotencyConflictError(_record(existing))
+            return _record(existing), False
+
+        return await self._retrying(op)
+
+    async def mark_published(self, job_id: UUID) -> None:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(
+                "UPDATE training_jobs SET published_at = now() WHERE id = %s AND state = 'queued'", (job_id,)
+            )
+
+        await self._retrying(op)
+
+    async def publish_due(self, publish: Callable[[JobRecord, str | None], Awaitable[None]], limit: int = 50) -> int:
+        """Outbox relay: hand every due, unpublished job to `publish`, marking each as published
+        in the same transaction. Row locks with SKIP LOCKED keep several relays from sending the
+        same job; a failed publish rolls back, so the job is tried again on the next round."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> int:
+            async with self._transaction(conn) as cur:
+                await cur.execute(
+                    """
+                    SELECT * FROM training_jobs
+                    WHERE state = 'queued' AND published_at IS NULL AND next_attempt_at <= now()
+                    ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED
+                    """,
+                    (limit,),
+                )
+                rows = await cur.fetchall()
+                for row in rows:
+                    await publish(_record(row), row["traceparent"])
+                    await cur.execute("UPDATE training_jobs SET published_at = now() WHERE id = %s", (row["id"],))
+                return len(rows)
+
+        return await self._retrying(op)
+
+    async def orphaned(self, heartbeat_timeout_s: float, limit: int = 50) -> list[tuple[JobRecord, str | None]]:
+        """In-flight jobs whose follower stopped writing heartbeats: their message was lost with a
+        broker that forgot it, or the follower is wedged. Touching the heartbeat hands each out once."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> list[tuple[JobRecord, str | None]]:
+            async with self._transaction(conn) as cur:
+                await cur.execute(
+                    """
+                    UPDATE training_jobs SET heartbeat_at = now()
+                    WHERE id IN (
+                        SELECT id FROM training_jobs
+                        WHERE state IN ('submitted', 'running')
+                          AND heartbeat_at < now() - make_interval(secs => %s)
+                        LIMIT %s FOR UPDATE SKIP LOCKED)
+                    RETURNING *
+                    """,
+                    (heartbeat_timeout_s, limit),
+                )
+                return [(_record(r), r["traceparent"]) for r in await cur.fetchall()]
+
+        return await self._retrying(op)
+
+    # Dispatching -------------------------------------------------------------------------------
+
+    async def claim(self, job_id: UUID, dispatcher: str) -> JobRecord | None:
+        """Start the next attempt of a queued job; None when it is not queued (someone else has it,
+        or it has ended). The attempt number names the Ray submission, so a redelivery of the same
+        attempt finds the Ray job it already started."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> JobRecord | None:
+            async with self._transaction(conn) as cur:
+                await cur.execute(
+                    """
+                    UPDATE training_jobs SET state = 'submitted', attempts = attempts + 1,
+                        ray_job_id = 'training-' || id::text || '-' || (attempts + 1)::text,
+                        dispatcher = %s, submitted_at = now(), heartbeat_at = now(), updated_at = now(),
+                        published_at = NULL
+                    WHERE id = %s AND state = 'queued'
+                    RETURNING *
+                    """,
+                    (dispatcher, job_id),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    return None
+                await _event(cur, job_id, JobState.SUBMITTED, row["attempts"], f"ray job {row['ray_job_id']}")
+                return _record(row)
+
+        return await self._retrying(op)
+
+    async def get(self, job_id: UUID) -> JobRecord | None:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> JobRecord | None:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute("SELECT * FROM training_jobs WHERE id = %s", (job_id,))
+                row = await cur.fetchone()
+            return _record(row) if row else None
+
+        return await self._retrying(op)
+
+    async def traceparent(self, job_id: UUID) -> str | None:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> str | None:
+            cur = await conn.execute("SELECT traceparent FROM training_jobs WHERE id = %s", (job_id,))
+            row = await cur.fetchone()
+            return row[0] if row else None
+
+        return await self._retrying(op)
+
+    async def detail(self, job_id: UUID) -> JobDetail | None:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> JobDetail | None:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute("SELECT * FROM training_jobs WHERE id = %s", (job_id,))
+                row = await cur.fetchone()
+                if row is None:
+                    return None
+                await cur.execute(
+                    "SELECT at, state, attempt, message FROM training_job_events WHERE job_id = %s ORDER BY id",
+                    (job_id,),
+                )
+                events = [JobEvent.model_validate(e) for e in await cur.fetchall()]
+            return JobDetail(**_record(row).model_dump(), events=events)
+
+        return await self._retrying(op)
+
+    async def list(
+        self, state: JobState | None = None, limit: int = 50, before: datetime | None = None
+    ) -> list[JobRecord]:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> list[JobRecord]:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(
+                    """
+                    SELECT * FROM training_jobs
+                    WHERE (%(state)s::text IS NULL OR state = %(state)s)
+                      AND (%(before)s::timestamptz IS NULL OR created_at < %(before)s)
+                    ORDER BY created_at DESC LIMIT %(limit)s
+                    """,
+                    {"state": state.value if state else None, "before": before, "limit": limit},
+                )
+                return [_record(r) for r in await cur.fetchall()]
+
+        return await self._retrying(op)
+
+    async def counts(self) -> dict[str, int]:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
+            cur = await conn.execute("SELECT state, count(*) FROM training_jobs GROUP BY state")
+            return {str(state): int(n) for state, n in await cur.fetchall()}
+
+        return await self._retrying(op)
+
+    async def oldest_queued_age_s(self) -> float:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> float:
+            cur = await conn.execute(
+                "SELECT coalesce(extract(epoch FROM now() - min(next_attempt_at)), 0) FROM training_jobs "
+                "WHERE state = 'queued' AND next_attempt_at <= now()"
+            )
+            row = await cur.fetchone()
+            return max(0.0, float(row[0])) if row else 0.0
+
+        return await self._retrying(op)
+
+    async def _in_flight_update(
+        self, job_id: UUID, attempt: int, assignments: str, params: tuple[Any, ...], event: tuple[JobState, str] | None
+    ) -> bool:
+        """Update a job still in flight on this attempt; False when it has moved on (a duplicate
+        follower got there first, or an operator intervened)."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> bool:
+            async with self._transaction(conn) as cur:
+                await cur.execute(
+                    f"UPDATE training_jobs SET {assignments}, updated_at = now() "
+                    "WHERE id = %s AND attempts = %s AND state IN ('submitted', 'running') RETURNING id",
+                    (*params, job_id, attempt),
+                )
+                updated = await cur.fetchone() is not None
+                if updated and event is not None:
+                    await _event(cur, job_id, event[0], attempt, event[1])
+                return updated
+
+        return await self._retrying(op)
+
+    async def heartbeat(self, job_id: UUID, attempt: int) -> bool:
+        return await self._in_flight_update(job_id, attempt, "heartbeat_at = now()", (), None)
+
+    async def mark_running(self, job_id: UUID, attempt: int) -> bool:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> bool:
+            async with self._transaction(conn) as cur:
+                await cur.execute(
+                    "UPDATE training_jobs SET state = 'running', started_at = coalesce(started_at, now()), "
+                    "heartbeat_at = now(), updated_at = now() "
+                    "WHERE id = %s AND attempts = %s AND state = 'submitted' RETURNING id",
+                    (job_id, attempt),
+                )
+                updated = await cur.fetchone() is not None
+                if updated:
+                    await _event(cur, job_id, JobState.RUNNING, attempt, None)
+                return updated
+
+        return await self._retrying(op)
+
+    async def succeed(self, job_id: UUID, attempt: int, result: dict[str, Any]) -> bool:
+        promotion = result.get("promotion") or {}
+        metrics = {k: float(v) for k, v in (result.get("test_metrics") or {}).items()}
+        return await self._in_flight_update(
+            job_id,
+            attempt,
+            "state = 'succeeded', finished_at = now(), mlflow_run_id = %s, model_name = %s, model_version = %s, "
+            "promoted = %s, test_metrics = %s, last_error = NULL",
+            (
+                result.get("run_id"),
+                result.get("model_name"),
+                None if result.get("model_version") is None else str(result["model_version"]),
+                promotion.get("promote") if isinstance(promotion, dict) else None,
+                Jsonb(metrics),
+            ),
+            (JobState.SUCCEEDED, f"model version {result.get('model_version')}"),
+        )
+
+    async def schedule_retry(self, job_id: UUID, attempt: int, error: str, delay_s: float) -> bool:
+        return await self._in_flight_update(
+            job_id,
+            attempt,
+            "state = 'queued', last_error = %s, next_attempt_at = now() + make_interval(secs => %s), "
+            "published_at = NULL, heartbeat_at = NULL",
+            (error, delay_s),
+            (JobState.QUEUED, f"attempt {attempt} failed, retry in {delay_s:.0f}s: {error}"),
+        )
+
+    async def end(self, job_id: UUID, attempt: int, state: JobState, error: str) -> bool:
+        """Mark a job failed or dead-lettered after its current attempt."""
+        return await self._in_flight_update(
+            job_id,
+            attempt,
+            "state = %s, last_error = %s, finished_at = now()",
+            (state.value, error),
+            (state, error),
+        )
+
+    async def dead_letter_queued(self, job_id: UUID, error: str) -> bool:
+        """A queued job that can no longer run (its spec stopped validating) ends here."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> bool:
+            async with self._transaction(conn) as cur:
+                await cur.execute(
+                    "UPDATE training_jobs SET state = 'dead_lettered', last_error = %s, finished_at = now(), "
+                    "updated_at = now() WHERE id = %s AND state = 'queued' RETURNING attempts",
+                    (error, job_id),
+                )
+                row = await cur.fetchone()
+                if row is not None:
+                    await _event(cur, job_id, JobState.DEAD_LETTERED, row["attempts"], error)
+                return row is not None
+
+        return await self._retrying(op)
+
+    async def requeue(self, job_id: UUID, extra_attempts: int) -> JobRecord | None:
+        """Give a dead-lettered or failed job a fresh set of attempts; None if it is in another state.
+        Attempt numbers keep counting, so every Ray submission id stays unique."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> JobRecord | None:
+            async with self._transaction(conn) as cur:
+                await cur.execute(
+                    """
+                    UPDATE training_jobs SET state = 'queued', max_attempts = attempts + %s, next_attempt_at = now(),
+                        published_at = NULL, heartbeat_at = NULL, finished_at = NULL, updated_at = now()
+                    WHERE id = %s AND state IN ('dead_lettered', 'failed')
+                    RETURNING *
+                    """,
+                    (extra_attempts, job_id),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    return None
+                await _event(cur, job_id, JobState.QUEUED, row["attempts"], "re-queued by an operator")
+                return _record(row)
+
+        return await self._retrying(op)
+
+
+async def _event(
+    cur: psycopg.AsyncCursor[Any], job_id: UUID, state: JobState, attempt: int, message: str | None
+) -> None:
+    await cur.execute(
+        "INSERT INTO training_job_events (job_id, state, attempt, message) VALUES (%s, %s, %s, %s)",
+        (job_id, state.value, attempt, message),
+    )
+
+
+def _record(row: dict[str, Any]) -> JobRecord:
+    return JobRecord.model_validate({**row, "trace_id": trace_id_of(row.get("traceparent"))})

@@ -1,0 +1,109 @@
+"""`POST /v1/training-jobs` -> RabbitMQ -> dispatcher -> Ray Jobs API -> job record, for real."""
+
+import time
+import uuid
+from typing import Any
+
+import httpx
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_cli
+from tests.training_jobs_helpers import QUICK, dead_letters, get_job, post_job, publish_raw, wait_job
+
+
+def test_invalid_specs_get_a_422_naming_the_field(stack):
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"kind": "deploy"}, "kind"),
+        ({"config": "no-such-config"}, "config"),
+        ({"config": "../etc/passwd"}, "config"),
+        ({"overrides": {"train.epochs": 0}}, "train.epochs"),
+        ({"overrides": {"model.no_such_field": 1}}, "model.no_such_field"),
+        ({"overrides": {"Train..x": 1}}, "overrides"),
+        ({"priority": "high"}, "priority"),
+    ]
+    for body, field in cases:
+        response = post_job(stack, body)
+        assert response.status_code == 422, (body, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "validation_error"
+        assert any(field in ".".join(map(str, d["loc"])) for d in error["details"]), (body, error)
+    assert httpx.post(f"{stack.settings.serve_url}/v1/training-jobs", json={}, timeout=30).status_code == 401
+
+
+def test_unknown_or_malformed_job_ids(stack):
+    missing = httpx.get(f"{stack.settings.serve_url}/v1/training-jobs/{uuid.uuid4()}", headers=stack.auth, timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    malformed = httpx.get(f"{stack.settings.serve_url}/v1/training-jobs/not-a-uuid", headers=stack.auth, timeout=30)
+    assert malformed.status_code == 422
+
+
+def test_job_runs_once_per_idempotency_key_and_registers_a_model(stack, trained):
+    key = f"nightly-{uuid.uuid4().hex}"
+    body: dict[str, Any] = {"kind": "train", "config": "adult", "overrides": QUICK}
+    first = post_job(stack, body, {"Idempotency-Key": key, "traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"})
+    assert first.status_code == 202, first.text
+    job = first.json()
+    assert first.headers["Location"] == f"/v1/training-jobs/{job['id']}"
+    assert job["state"] == "queued" and job["attempts"] == 0 and job["trace_id"] == "ab" * 16
+
+    replay = post_job(stack, body, {"Idempotency-Key": key})
+    assert replay.status_code == 202 and replay.json()["id"] == job["id"]
+    assert replay.headers.get("Idempotent-Replayed") == "true"
+    conflict = post_job(stack, {**body, "overrides": {"train.epochs": 3}}, {"Idempotency-Key": key})
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "idempotency_conflict"
+
+    done = wait_job(stack, job["id"], {"succeeded"})
+    assert done["attempts"] == 1 and done["ray_job_id"] == f"training-{job['id']}-1"
+    assert done["model_name"] == "adult-income" and done["model_version"]
+    assert isinstance(done["promoted"], bool) and 0.5 < done["test_metrics"]["roc_auc"] <= 1
+    assert [e["state"] for e in done["events"]] == ["queued", "submitted", "running", "succeeded"]
+    version = MlflowClient(stack.settings.mlflow_tracking_uri).get_model_version("adult-income", done["model_version"])
+    assert version.run_id == done["mlflow_run_id"]
+
+    listed = httpx.get(
+        f"{stack.settings.serve_url}/v1/training-jobs", params={"state": "succeeded"}, headers=stack.auth, timeout=30
+    ).json()["jobs"]
+    assert job["id"] in [j["id"] for j in listed]
+
+
+def test_permanent_failure_is_dead_lettered_and_can_be_requeued(stack):
+    overrides = {**QUICK, "data.train_uri": "/nonexistent/adult.data.gz", "promotion.enabled": False}
+    job = post_job(stack, {"overrides": overrides}).json()
+    dead = wait_job(stack, job["id"], {"dead_lettered"}, timeout_s=300)
+    assert dead["attempts"] == stack.settings.dispatcher_max_attempts == 2
+    assert "gave up after 2 attempts" in dead["last_error"] and "nonexistent" in dead["last_error"]
+    queue = stack.settings.training_dead_letter_queue
+    copies = [m for m in dead_letters(queue) if m.get("x-job-id") == job["id"]]
+    assert len(copies) == 1 and "nonexistent" in copies[0]["x-error"]
+
+    shown = run_cli("jobs.dispatcher", "show", job["id"], env=stack.env, timeout=60)
+    assert shown.returncode == 0 and '"dead_lettered"' in shown.stdout, shown.stderr
+    listed = run_cli("jobs.dispatcher", "list", "--state", "dead_lettered", env=stack.env, timeout=60)
+    assert job["id"] in listed.stdout
+
+    requeued = run_cli("jobs.dispatcher", "requeue", job["id"], env=stack.env, timeout=60)
+    assert requeued.returncode == 0, requeued.stderr
+    assert "1 dead-letter message(s) removed" in requeued.stdout
+    assert not [m for m in dead_letters(queue) if m.get("x-job-id") == job["id"]]
+    again = wait_job(stack, job["id"], {"dead_lettered"}, timeout_s=300)
+    assert again["attempts"] == 4  # attempt numbers keep counting: each is its own Ray submission
+    assert run_cli("jobs.dispatcher", "requeue", str(uuid.uuid4()), env=stack.env, timeout=60).returncode == 1
+
+
+def test_malformed_message_is_dead_lettered_and_the_dispatcher_keeps_running(stack):
+    marker = f"garbage-{uuid.uuid4().hex}".encode()
+    publish_raw(stack.settings.training_exchange, marker)
+    deadline = time.monotonic() + 60
+    found: list[dict[str, object]] = []
+    while time.monotonic() < deadline and not found:
+        found = [m for m in dead_letters(stack.settings.training_dead_letter_queue) if m["body"] == marker]
+        time.sleep(0.5)
+    assert found and "malformed message" in str(found[0]["x-error"])
+    metrics = httpx.get(f"{stack.settings.dispatcher_url}/metrics", timeout=10).text
+    assert 'training_dead_lettered_messages_total{reason="malformed"}' in metrics
+    # Still consuming: the next request is claimed and attempted.
+    job = post_job(stack, {"overrides": {**QUICK, "data.train_uri": "/nonexistent.csv"}}).json()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and get_job(stack, job["id"])["attempts"] == 0:
+        time.sleep(0.5)
+    assert get_job(stack, job["id"])["attempts"] >= 1

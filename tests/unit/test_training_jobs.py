@@ -1,0 +1,94 @@
+"""Training-job specs, messages, retries and trace context, without services."""
+
+import json
+import shlex
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from cluster import tracecontext
+from cluster.settings import Settings
+from jobs.dispatcher.core import backoff_s
+from jobs.dispatcher.ray_jobs import entrypoint, error_summary
+from jobs.training_jobs.broker import MalformedMessageError, decode, encode
+from jobs.training_jobs.models import InvalidJobSpecError, JobSpec, JobState
+
+
+def test_spec_defaults_to_the_shipped_config_of_its_kind():
+    assert JobSpec().config_path.name == "adult.yaml"
+    assert JobSpec(kind="tune").config_name == "adult-tune"
+    assert JobSpec().module == "jobs.train" and JobSpec(kind="tune").module == "jobs.tune"
+
+
+@pytest.mark.parametrize("name", ["../secrets", "Adult", "a/b", "", "x" * 65])
+def test_config_names_cannot_escape_the_config_folder(name):
+    with pytest.raises(ValidationError):
+        JobSpec(config=name)
+
+
+def test_resolve_names_the_override_at_fault():
+    with pytest.raises(InvalidJobSpecError) as info:
+        JobSpec(overrides={"train.lr": -1}).resolve()
+    assert info.value.loc == ["body", "overrides", "train.lr"]
+    assert JobSpec(overrides={"train.epochs": 3}).resolve().train.epochs == 3
+
+
+def test_fingerprint_ignores_key_order_and_the_idempotency_key():
+    a = JobSpec(overrides={"train.epochs": 3, "train.lr": 0.01}, idempotency_key="k1")
+    b = JobSpec(config="adult", overrides={"train.lr": 0.01, "train.epochs": 3}, idempotency_key="k2")
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != JobSpec(overrides={"train.epochs": 4}).fingerprint()
+
+
+def test_entrypoint_quotes_override_values_for_the_shell():
+    spec = JobSpec(overrides={"data.train_uri": "s3://b/it's here.csv", "model.hidden": [64, 32]})
+    argv = shlex.split(entrypoint(spec))
+    assert argv[:5] == ["python", "-m", "jobs.train", "--config", "jobs/configs/adult.yaml"]
+    values = dict(a.split("=", 1) for a in argv[6::2])
+    assert json.loads(values["data.train_uri"]) == "s3://b/it's here.csv"
+    assert json.loads(values["model.hidden"]) == [64, 32]
+
+
+def test_messages_round_trip_and_garbage_is_reported():
+    job_id = uuid.uuid4()
+    assert decode(encode(job_id)) == job_id
+    for body in (b"not json", b"{}", b'{"job_id": "nope"}', b"[1]"):
+        with pytest.raises(MalformedMessageError):
+            decode(body)
+
+
+def test_backoff_grows_exponentially_and_is_capped():
+    delays = [backoff_s(n, base_s=5, max_s=60) for n in (1, 2, 3, 10)]
+    assert 4 <= delays[0] <= 6 and 8 <= delays[1] <= 12 and 16 <= delays[2] <= 24
+    assert delays[3] <= 72
+
+
+def test_error_summary_keeps_the_exception_line():
+    logs = "starting\nTraceback (most recent call last):\n  File x\nFileNotFoundError: /data.csv\n"
+    summary = error_summary(logs, "Job entrypoint command failed with exit code 1")
+    assert "FileNotFoundError: /data.csv" in summary and "exit code 1" in summary
+    assert error_summary("", "") == "Ray job failed without output"
+
+
+def test_traceparent_is_continued_or_started():
+    incoming = f"00-{'a' * 32}-{'b' * 16}-01"
+    child = tracecontext.child_of(incoming)
+    assert tracecontext.trace_id_of(child) == "a" * 32 and child != incoming
+    fresh = tracecontext.child_of("garbage")
+    assert tracecontext.parse(fresh) is not None and tracecontext.trace_id_of(fresh) != "a" * 32
+    assert tracecontext.parse(f"00-{'0' * 32}-{'b' * 16}-01") is None
+
+
+def test_terminal_states():
+    assert {s for s in JobState if s.terminal} == {JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD_LETTERED}
+
+
+def test_async_training_needs_both_urls_and_blank_means_off(monkeypatch):
+    monkeypatch.setitem(Settings.model_config, "env_file", None)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/jobs")
+    monkeypatch.setenv("AMQP_URL", "")
+    assert not Settings().training_jobs_enabled
+    monkeypatch.setenv("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    settings = Settings()
+    assert settings.training_jobs_enabled and "guest:guest" not in repr(settings)
