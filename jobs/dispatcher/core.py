@@ -184,8 +184,9 @@ class Dispatcher:
                 await self._process_again(job_id, message)
                 return
             job = claimed
-            if job.next_attempt_at is not None:
-                self.metrics.queue_wait.observe(max(0.0, (datetime.now(UTC) - job.next_attempt_at).total_seconds()))
+            # A first attempt waited since it was accepted; a retry since its backoff ended.
+            due = job.created_at if job.attempts == 1 or job.next_attempt_at is None else job.next_attempt_at
+            self.metrics.queue_wait.observe(max(0.0, (datetime.now(UTC) - due).total_seconds()))
         else:
             log.info("job %s: resuming attempt %d (%s) after a redelivery", job_id, job.attempts, job.ray_job_id)
         await self._finish(job, message, await self._run_attempt(job))

@@ -341,9 +341,15 @@ class JobStore:
 
     async def oldest_queued_age_s(self) -> float:
         async def op(conn: psycopg.AsyncConnection[Any]) -> float:
+            # A new job is due when accepted (its next_attempt_at only delays the relay); a retry
+            # once its backoff has passed.
             cur = await conn.execute(
-                "SELECT coalesce(extract(epoch FROM now() - min(next_attempt_at)), 0) FROM training_jobs "
-                "WHERE state = 'queued' AND next_attempt_at <= now()"
+                """
+                SELECT coalesce(extract(epoch FROM now() - min(
+                    CASE WHEN attempts = 0 THEN created_at ELSE next_attempt_at END)), 0)
+                FROM training_jobs
+                WHERE state = 'queued' AND (attempts = 0 OR next_attempt_at <= now())
+                """
             )
             row = await cur.fetchone()
             return max(0.0, float(row[0])) if row else 0.0

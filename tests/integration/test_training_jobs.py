@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 from mlflow.tracking import MlflowClient
 
+from cluster.health import wait_until
 from tests.conftest import run_cli
 from tests.training_jobs_helpers import QUICK, dead_letters, get_job, post_job, publish_raw, wait_job
 
@@ -59,6 +60,20 @@ def test_job_runs_once_per_idempotency_key_and_registers_a_model(stack, trained)
     assert [e["state"] for e in done["events"]] == ["queued", "submitted", "running", "succeeded"]
     version = MlflowClient(stack.settings.mlflow_tracking_uri).get_model_version("adult-income", done["model_version"])
     assert version.run_id == done["mlflow_run_id"]
+
+    def metric(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    def counted() -> bool:
+        text = httpx.get(f"{stack.settings.dispatcher_url}/metrics", timeout=10).text
+        return (
+            metric(text, 'training_jobs{state="succeeded"}') >= 1
+            and metric(text, 'training_job_attempts_total{kind="train",outcome="succeeded"}') >= 1
+            and metric(text, 'training_job_duration_seconds_count{kind="train",outcome="succeeded"}') >= 1
+            and "training_queue_lag_seconds" in text
+        )
+
+    assert wait_until(counted, 30)
 
     listed = httpx.get(
         f"{stack.settings.serve_url}/v1/training-jobs", params={"state": "succeeded"}, headers=stack.auth, timeout=30
