@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from cluster.settings import REPO_ROOT
 
 TaskType = Literal["classification", "regression"]
 FeatureKind = Literal["numeric", "categorical"]
 Transform = Literal["none", "log1p"]
+# Named like the ray.tune functions they become; randint's upper bound is exclusive, as in Ray.
+Distribution = Literal["uniform", "loguniform", "randint", "choice"]
+TuneMetric = Literal["best_val_loss", "val_loss", "train_loss", "val_accuracy"]
 
 
 class _Strict(BaseModel):
@@ -74,6 +87,93 @@ class PromotionConfig(_Strict):
     enabled: bool = True
 
 
+# Trials share one fitted preprocessor and one set of datasets, and their resources are reserved
+# before any of them starts: only the model and the optimisation may vary between trials.
+TUNABLE_SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "train": TrainConfig}
+FIXED_TRAIN_FIELDS = frozenset({"num_workers", "use_gpu", "cpus_per_worker"})
+
+
+def _check_tunable_key(key: str) -> None:
+    section, _, leaf = key.partition(".")
+    model = TUNABLE_SECTIONS.get(section)
+    if model is None or not leaf or "." in leaf:
+        sections = ", ".join(f"{name}.<field>" for name in TUNABLE_SECTIONS)
+        raise ValueError(f"search space key {key!r} is not a config path of the form {sections}")
+    if leaf not in model.model_fields:
+        raise ValueError(f"search space key {key!r}: {section} has no field {leaf!r}")
+    if section == "train" and leaf in FIXED_TRAIN_FIELDS:
+        raise ValueError(f"search space key {key!r} sets trial resources; use tune.trial_workers instead")
+
+
+def _check_distribution(key: str, spec: dict[Distribution, list[Any]]) -> None:
+    if len(spec) != 1:
+        raise ValueError(f"search space key {key!r} needs exactly one distribution, got {sorted(spec) or 'none'}")
+    ((kind, args),) = spec.items()
+    if kind == "choice":
+        if not args:
+            raise ValueError(f"search space key {key!r}: choice needs at least one option")
+        return
+    if len(args) != 2 or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+        raise ValueError(f"search space key {key!r}: {kind} needs [low, high] numbers, got {args!r}")
+    low, high = args
+    if low >= high:
+        raise ValueError(f"search space key {key!r}: {kind} needs low < high, got {args!r}")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"search space key {key!r}: loguniform needs a positive lower bound, got {low!r}")
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise ValueError(f"search space key {key!r}: randint needs integer bounds, got {args!r}")
+
+
+def candidate_values(spec: dict[Distribution, list[Any]]) -> list[Any]:
+    """Values that bound what a distribution can sample, to validate them before any trial runs."""
+    ((kind, args),) = spec.items()
+    if kind == "choice":
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]  # the upper bound is exclusive
+    return list(args)
+
+
+class TuneConfig(_Strict):
+    """Hyperparameter search with Ray Tune: what to vary, how many trials, when to stop them."""
+
+    num_samples: int = Field(default=8, ge=1)  # trials in all, points_to_evaluate included
+    # Two one-worker trials keep both cores of a 2-core machine busy without oversubscribing it.
+    max_concurrent_trials: int = Field(default=2, ge=1)
+    metric: TuneMetric = "best_val_loss"  # reported by the training loop after every epoch
+    # ASHA: every trial runs `grace_period` epochs; at each rung only 1/reduction_factor go on.
+    grace_period: int = Field(default=3, ge=1)
+    reduction_factor: float = Field(default=3.0, gt=1)
+    trial_workers: int = Field(default=1, ge=1)  # Ray Train workers per trial (train.num_workers)
+    # Dotted config key -> one distribution, e.g. {"train.lr": {"loguniform": [5e-4, 1e-2]}}.
+    search_space: dict[str, dict[Distribution, list[Any]]] = Field(min_length=1)
+    # Trials to run first with fixed values (keys from search_space), e.g. the untuned defaults.
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("search_space")
+    @classmethod
+    def _valid_space(cls, space: dict[str, dict[Distribution, list[Any]]]) -> dict[str, dict[Distribution, list[Any]]]:
+        for key, spec in space.items():
+            _check_tunable_key(key)
+            _check_distribution(key, spec)
+        return space
+
+    @model_validator(mode="after")
+    def _points_in_space(self) -> TuneConfig:
+        for index, point in enumerate(self.points_to_evaluate):
+            unknown = sorted(set(point) - set(self.search_space))
+            if unknown:
+                raise ValueError(f"points_to_evaluate[{index}] sets {unknown}, which are not in search_space")
+        if len(self.points_to_evaluate) > self.num_samples:
+            raise ValueError("points_to_evaluate has more points than num_samples trials")
+        return self
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        # Derived, so that a metric and its direction cannot disagree.
+        return "max" if self.metric.endswith("accuracy") else "min"
+
+
 class JobConfig(_Strict):
     name: str
     task: TaskType = "classification"
@@ -82,11 +182,41 @@ class JobConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    tune: TuneConfig | None = None  # only `python -m jobs.tune` reads it
 
     @model_validator(mode="after")
     def _target_not_a_feature(self) -> JobConfig:
         if self.data.target in self.data.features:
             raise ValueError(f"target column {self.data.target!r} is also declared as a feature")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_tune(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Training runs log the dumped config as params and as an artifact: keep them as they were.
+        data: dict[str, Any] = handler(self)
+        if self.tune is None:
+            data.pop("tune", None)
+        return data
+
+    @model_validator(mode="after")
+    def _trial_values_valid(self) -> JobConfig:
+        """Fail at load time, not in a trial an hour later, when a sampled value breaks the config."""
+        if self.tune is None:
+            return self
+        if self.task == "regression" and self.tune.metric.endswith("accuracy"):
+            raise ValueError(f"tune.metric {self.tune.metric!r} is not reported for regression tasks")
+        # Without the tune section: validating a trial config must not recurse into this check.
+        base = self.model_dump(exclude={"tune"})
+        checks = [
+            (f"search_space[{k!r}]", {k: v}) for k, s in self.tune.search_space.items() for v in candidate_values(s)
+        ]
+        checks += [(f"points_to_evaluate[{i}]", p) for i, p in enumerate(self.tune.points_to_evaluate)]
+        for where, overrides in checks:
+            try:
+                JobConfig.model_validate(_apply_overrides(base, overrides))
+            except ValidationError as exc:
+                errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"tune.{where}: {overrides} gives an invalid config ({errors})") from None
         return self
 
     @property
@@ -97,14 +227,21 @@ class JobConfig(_Strict):
 
     def with_overrides(self, overrides: dict[str, Any]) -> JobConfig:
         """Apply dotted overrides such as {"train.epochs": 2}."""
-        data = self.model_dump()
-        for dotted, value in overrides.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        return JobConfig.model_validate(data)
+        return JobConfig.model_validate(_apply_overrides(self.model_dump(), overrides))
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            # An optional section that is unset dumps as None (`tune`): start it empty.
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return data
 
 
 def load_config(path: str | Path) -> JobConfig:

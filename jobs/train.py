@@ -13,6 +13,7 @@ import math
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,20 @@ def git_commit(settings: Settings) -> str:
     return "unknown"
 
 
-def _flat_params(config: JobConfig) -> dict[str, Any]:
+def provenance_tags(settings: Settings, splits: Splits, digest: str) -> dict[str, str]:
+    per_split = {f"data.sha256.{n}": splits.digests[uri] for n, uri in splits.sources.items() if uri in splits.digests}
+    context = ray.get_runtime_context()
+    return {
+        "git_commit": git_commit(settings),
+        "data.sha256": digest,
+        **per_split,
+        "ray.job_id": context.get_job_id(),
+        # Ray names the uploaded working dir by its content hash: provenance without .git.
+        "ray.working_dir": str(context.runtime_env.get("working_dir", "")),
+    }
+
+
+def flat_params(config: JobConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -240,7 +254,7 @@ def _flat_params(config: JobConfig) -> dict[str, Any]:
     return {k: str(v)[:500] for k, v in flat.items()}
 
 
-def _log_inputs(splits: Splits, config: JobConfig, digest: str) -> None:
+def log_inputs(splits: Splits, config: JobConfig, digest: str) -> None:
     for name, frame in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
         dataset = mlflow_dataset_from_pandas(
             frame,
@@ -251,7 +265,7 @@ def _log_inputs(splits: Splits, config: JobConfig, digest: str) -> None:
         mlflow.log_input(dataset, context=name, tags={"sha256": digest})
 
 
-def _ray_datasets(pre: Preprocessor, splits: Splits) -> dict[str, Any]:
+def ray_datasets(pre: Preprocessor, splits: Splits) -> dict[str, Any]:
     from ray.data import DataContext
     from ray.data.read_api import from_pandas
 
@@ -271,9 +285,17 @@ def architecture_for(pre: Preprocessor, config: JobConfig) -> Architecture:
 
 
 def fit(
-    config: JobConfig, settings: Settings, pre: Preprocessor, splits: Splits, run_id: str | None
+    config: JobConfig,
+    settings: Settings,
+    pre: Preprocessor,
+    datasets: dict[str, Any],
+    run_id: str | None,
+    callbacks: Sequence[Any] = (),
+    run_name: str | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """Run the Ray Train job; returns the best weights and the number of epochs run."""
+    """Run the Ray Train job on the "train" and "val" Ray Datasets; returns the best weights and
+    the number of epochs run. Tune trials pass datasets built once for all of them and the
+    callback that reports each epoch to Tune."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -302,12 +324,13 @@ def fit(
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
         ),
-        datasets=_ray_datasets(pre, splits),
+        datasets=datasets,
         run_config=RunConfig(
-            name=f"{config.name}-{run_id or int(time.time())}",
+            name=run_name or f"{config.name}-{run_id or int(time.time())}",
             storage_path=settings.resolved_storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=2),
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()
@@ -334,30 +357,16 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
         ray.init(address=settings.ray_address, log_to_driver=True)
 
     with mlflow.start_run(run_name=f"train-{config.name}") as run:
-        mlflow.set_tags(
-            {
-                "job.kind": "train",
-                "git_commit": git_commit(settings),
-                "data.sha256": digest,
-                **{
-                    f"data.sha256.{name}": splits.digests[uri]
-                    for name, uri in splits.sources.items()
-                    if uri in splits.digests
-                },
-                "ray.job_id": ray.get_runtime_context().get_job_id(),
-                # Ray names the uploaded working dir by its content hash: provenance without .git.
-                "ray.working_dir": str(ray.get_runtime_context().runtime_env.get("working_dir", "")),
-            }
-        )
-        mlflow.log_params(_flat_params(config))
+        mlflow.set_tags({"job.kind": "train", **provenance_tags(settings, splits, digest)})
+        mlflow.log_params(flat_params(config))
         mlflow.log_params(
             {"data.train_rows": len(splits.train), "data.val_rows": len(splits.val), "data.test_rows": len(splits.test)}
         )
         mlflow.log_dict(config.model_dump(mode="json"), CONFIG_ARTIFACT)
         mlflow.log_text(schema.model_dump_json(indent=2), SCHEMA_ARTIFACT)
-        _log_inputs(splits, config, digest)
+        log_inputs(splits, config, digest)
 
-        best_state, epochs_run = fit(config, settings, pre, splits, run.info.run_id)
+        best_state, epochs_run = fit(config, settings, pre, ray_datasets(pre, splits), run.info.run_id)
         predictor = TabularPredictor.from_state_dict(pre, architecture_for(pre, config), best_state)
         test_metrics = evaluate(predictor, splits.test)
         mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
