@@ -7,6 +7,7 @@ import json
 import re
 from datetime import datetime
 from enum import StrEnum
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 from uuid import UUID
@@ -39,6 +40,14 @@ class JobState(StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD_LETTERED})
+
+
+@lru_cache(maxsize=64)
+def _base_config(path: str, mtime_ns: int) -> JobConfig:
+    """Parsed once per file version: YAML parsing dominates the cost of accepting a request.
+    The mtime is part of the key so an edited config is read again."""
+    del mtime_ns
+    return load_config(path)
 
 
 class InvalidJobSpecError(ValueError):
@@ -106,7 +115,7 @@ class JobSpec(BaseModel):
         """The effective job config; raises InvalidJobSpecError naming the field at fault."""
         if not self.config_path.is_file():
             raise InvalidJobSpecError(["body", "config"], f"no config named {self.config_name!r} in jobs/configs")
-        base = load_config(self.config_path)
+        base = _base_config(str(self.config_path), self.config_path.stat().st_mtime_ns)
         try:
             resolved = base.with_overrides(self.overrides)
         except ValidationError as exc:

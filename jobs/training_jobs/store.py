@@ -165,14 +165,21 @@ class JobStore:
         fingerprint = spec.fingerprint()
 
         async def op(conn: psycopg.AsyncConnection[Any]) -> tuple[JobRecord, bool]:
-            async with self._transaction(conn) as cur:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                # One statement (atomic on its own), one round trip: the row and its first event.
                 await cur.execute(
                     """
-                    INSERT INTO training_jobs (id, kind, config, overrides, idempotency_key, fingerprint, state,
-                        max_attempts, traceparent, next_attempt_at)
-                    VALUES (%s, %s, %s, %s, %s, %s, 'queued', %s, %s, now() + make_interval(secs => %s))
-                    ON CONFLICT (idempotency_key) DO NOTHING
-                    RETURNING *
+                    WITH job AS (
+                        INSERT INTO training_jobs (id, kind, config, overrides, idempotency_key, fingerprint, state,
+                            max_attempts, traceparent, next_attempt_at)
+                        VALUES (%s, %s, %s, %s, %s, %s, 'queued', %s, %s, now() + make_interval(secs => %s))
+                        ON CONFLICT (idempotency_key) DO NOTHING
+                        RETURNING *
+                    ), event AS (
+                        INSERT INTO training_job_events (job_id, state, attempt, message)
+                        SELECT id, 'queued', 0, 'accepted' FROM job
+                    )
+                    SELECT * FROM job
                     """,
                     (
                         uuid4(),
@@ -188,7 +195,6 @@ class JobStore:
                 )
                 row = await cur.fetchone()
                 if row is not None:
-                    await _event(cur, row["id"], JobState.QUEUED, 0, "accepted")
                     return _record(row), True
                 await cur.execute("SELECT * FROM training_jobs WHERE idempotency_key = %s", (spec.idempotency_key,))
                 existing = await cur.fetchone()
