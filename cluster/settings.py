@@ -7,7 +7,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     # MLflow tracking server and the clients that talk to it.
     mlflow_host: str = "127.0.0.1"
     mlflow_port: int = 5000
-    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    # Default: the server `cluster up` starts, at mlflow_host:mlflow_port (so moving the port moves both).
+    mlflow_tracking_uri: str = ""
     mlflow_backend_store_uri: str | None = None  # default: SQLite under state_dir
     mlflow_artifacts_destination: str | None = None  # default: S3 bucket if set, else state_dir
     mlflow_experiment: str = "adult-income"
@@ -101,6 +102,12 @@ class Settings(BaseSettings):
     dispatcher_ray_unreachable_s: float = Field(default=60.0, gt=0)
     dispatcher_host: str = "127.0.0.1"
     dispatcher_metrics_port: int = 9102
+
+    @model_validator(mode="after")
+    def _local_tracking_server(self) -> Settings:
+        if not self.mlflow_tracking_uri:
+            self.mlflow_tracking_uri = self.mlflow_url
+        return self
 
     @field_validator("database_url", "amqp_url", mode="before")
     @classmethod

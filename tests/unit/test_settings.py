@@ -38,3 +38,12 @@ def test_api_keys_are_split_and_hashed(monkeypatch):
     assert settings.api_key_list() == ["k1", "k2"]
     assert settings.api_key_hashes() == [hash_api_key("k1"), hash_api_key("k2")]
     assert "k1" not in repr(settings)
+
+
+def test_tracking_uri_follows_the_mlflow_port_unless_set(monkeypatch):
+    monkeypatch.setitem(Settings.model_config, "env_file", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_PORT", "5099")
+    assert Settings().mlflow_tracking_uri == "http://127.0.0.1:5099"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert Settings().mlflow_tracking_uri == "http://mlflow.internal:5000"
