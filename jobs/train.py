@@ -341,6 +341,15 @@ def fit(
     return saved["best_model"], int(saved["epoch"]) + 1
 
 
+def promote_if_enabled(
+    config: JobConfig, settings: Settings, model_name: str, version: str, predictor: TabularPredictor, splits: Splits
+) -> Decision | None:
+    """The promotion gate, shared by training and tuning; None when the config turns it off."""
+    if not config.promotion.enabled:
+        return None
+    return gate(MlflowClient(), model_name, settings.champion_alias, version, predictor, config, splits.test)
+
+
 def run_training(config: JobConfig, settings: Settings | None = None) -> TrainingOutcome:
     settings = settings or get_settings()
     started = time.perf_counter()
@@ -373,11 +382,7 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
         mlflow.log_metric("epochs_run", epochs_run)
 
         version = log_and_register(predictor, splits.test, model_name)
-        decision = None
-        if config.promotion.enabled:
-            decision = gate(
-                MlflowClient(), model_name, settings.champion_alias, version.version, predictor, config, splits.test
-            )
+        decision = promote_if_enabled(config, settings, model_name, version.version, predictor, splits)
         return TrainingOutcome(
             run_id=run.info.run_id,
             model_name=model_name,

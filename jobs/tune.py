@@ -35,7 +35,7 @@ from jobs.data.loading import Splits, combined_digest, load_splits
 from jobs.evaluate import evaluate
 from jobs.predictor import TabularPredictor
 from jobs.preprocess import Preprocessor
-from jobs.promote import Decision, gate
+from jobs.promote import Decision
 from jobs.registry import CONFIG_ARTIFACT, SCHEMA_ARTIFACT, log_and_register
 from jobs.schema import build_schema
 from jobs.tracking import require_tracking_server
@@ -46,6 +46,7 @@ from jobs.train import (
     fit,
     flat_params,
     log_inputs,
+    promote_if_enabled,
     provenance_tags,
     ray_datasets,
 )
@@ -376,11 +377,7 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
         scores = {f"test_{k}": v for k, v in test_metrics.items()}
         mlflow.log_metrics({**scores, "epochs_run": epochs_run, "tune.trials": len(grid)})
         version = _register_from_trial(best_run_id, predictor, splits, model_name, {**scores, "epochs_run": epochs_run})
-        decision = None
-        if config.promotion.enabled:
-            decision = gate(
-                client, model_name, settings.champion_alias, version.version, predictor, best_config, splits.test
-            )
+        decision = promote_if_enabled(best_config, settings, model_name, version.version, predictor, splits)
         _record_on_parent(best_run_id, best_params, decision)
         return TuningOutcome(
             run_id=parent.info.run_id,

@@ -88,8 +88,50 @@ api = FastAPI(
     description="Predictions from the champion model, served by Ray Serve. Authenticate with "
     "`Authorization: Bearer <key>` or `X-API-Key: <key>`.",
 )
+
+
+class TrainingJobsDisabledError(Exception):
+    pass
+
+
+def _training_jobs_disabled(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(
+        request,
+        503,
+        "training_jobs_disabled",
+        "asynchronous training is not configured: set DATABASE_URL and AMQP_URL for the cluster",
+    )
+
+
+def _invalid_job_spec(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidJobSpecError)
+    details = [{"loc": exc.loc, "msg": exc.message, "type": "value_error"}]
+    return error_response(request, 422, "validation_error", exc.message, details)
+
+
+def _idempotency_conflict(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, IdempotencyConflictError)
+    return error_response(request, 409, "idempotency_conflict", str(exc), [{"existing_job_id": str(exc.existing.id)}])
+
+
+def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("job store unavailable: %s", exc)
+    return error_response(
+        request,
+        503,
+        "job_store_unavailable",
+        "the training job store (PostgreSQL) is unreachable; nothing was accepted, retry later",
+        headers={"Retry-After": "5"},
+    )
+
+
 api.add_exception_handler(StarletteHTTPException, _http_error)
 api.add_exception_handler(RequestValidationError, _validation_error)
+api.add_exception_handler(TrainingJobsDisabledError, _training_jobs_disabled)
+api.add_exception_handler(InvalidJobSpecError, _invalid_job_spec)
+api.add_exception_handler(IdempotencyConflictError, _idempotency_conflict)
+for _error in TRANSIENT_DB_ERRORS:
+    api.add_exception_handler(_error, _store_unavailable)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
@@ -102,12 +144,12 @@ class Ingress:
         self._jobs: TrainingJobs | None = None
         self._jobs_lock = asyncio.Lock()
 
-    async def _training_jobs(self) -> TrainingJobs | None:
+    async def _training_jobs(self) -> TrainingJobs:
         """Connect on first use, so the inference API starts and serves without PostgreSQL or
-        RabbitMQ; None when asynchronous training is not configured."""
+        RabbitMQ. Errors map to responses through the app's exception handlers."""
         settings = get_settings()
         if not settings.training_jobs_enabled:
-            return None
+            raise TrainingJobsDisabledError
         async with self._jobs_lock:
             if self._jobs is None:
                 jobs = TrainingJobs.from_settings(settings, name=f"inference-api {uuid.uuid4().hex[:8]}")
@@ -118,20 +160,6 @@ class Ingress:
                     raise
                 self._jobs = jobs
         return self._jobs
-
-    async def _jobs_or_error(self, request: Request) -> TrainingJobs | JSONResponse:
-        try:
-            jobs = await self._training_jobs()
-        except TRANSIENT_DB_ERRORS as exc:
-            return _store_unavailable(request, exc)
-        if jobs is None:
-            return error_response(
-                request,
-                503,
-                "training_jobs_disabled",
-                "asynchronous training is not configured: set DATABASE_URL and AMQP_URL for the cluster",
-            )
-        return jobs
 
     @api.get("/healthz", tags=["health"])
     async def healthz(self) -> dict[str, str]:
@@ -214,27 +242,10 @@ class Ingress:
     ) -> Any:
         """Queue a training (or tuning) job. Returns at once with the job's id; the job is stored
         durably before this returns. Reusing an idempotency key returns the original job."""
-        jobs = await self._jobs_or_error(request)
-        if isinstance(jobs, JSONResponse):
-            return jobs
+        jobs = await self._training_jobs()
         if idempotency_key and not spec.idempotency_key:
             spec = spec.model_copy(update={"idempotency_key": idempotency_key})
-        try:
-            job, created = await jobs.submit(spec, tracecontext.child_of(request.headers.get("traceparent")))
-        except InvalidJobSpecError as exc:
-            return error_response(
-                request,
-                422,
-                "validation_error",
-                exc.message,
-                [{"loc": exc.loc, "msg": exc.message, "type": "value_error"}],
-            )
-        except IdempotencyConflictError as exc:
-            return error_response(
-                request, 409, "idempotency_conflict", str(exc), [{"existing_job_id": str(exc.existing.id)}]
-            )
-        except TRANSIENT_DB_ERRORS as exc:
-            return _store_unavailable(request, exc)
+        job, created = await jobs.submit(spec, tracecontext.child_of(request.headers.get("traceparent")))
         response.headers["Location"] = f"/v1/training-jobs/{job.id}"
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
@@ -249,13 +260,7 @@ class Ingress:
     )
     async def get_training_job(self, job_id: UUID, request: Request) -> Any:
         """A training job's state, attempts, Ray job, MLflow run, model version and history."""
-        jobs = await self._jobs_or_error(request)
-        if isinstance(jobs, JSONResponse):
-            return jobs
-        try:
-            detail = await jobs.get(job_id)
-        except TRANSIENT_DB_ERRORS as exc:
-            return _store_unavailable(request, exc)
+        detail = await (await self._training_jobs()).get(job_id)
         if detail is None:
             return error_response(request, 404, "not_found", f"no training job {job_id}")
         return detail
@@ -275,22 +280,5 @@ class Ingress:
         before: datetime | None = None,
     ) -> Any:
         """Training jobs, newest first; page with `before`."""
-        jobs = await self._jobs_or_error(request)
-        if isinstance(jobs, JSONResponse):
-            return jobs
-        try:
-            page = await jobs.list(state, limit, before)
-        except TRANSIENT_DB_ERRORS as exc:
-            return _store_unavailable(request, exc)
+        page = await (await self._training_jobs()).list(state, limit, before)
         return JobList(jobs=page, next_before=page[-1].created_at if len(page) == limit else None)
-
-
-def _store_unavailable(request: Request, exc: BaseException) -> JSONResponse:
-    log.warning("job store unavailable: %s", exc)
-    return error_response(
-        request,
-        503,
-        "job_store_unavailable",
-        "the training job store (PostgreSQL) is unreachable; nothing was accepted, retry later",
-        headers={"Retry-After": "5"},
-    )

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,17 +54,26 @@ class Stack:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A throwaway database on this machine's PostgreSQL for MLflow's backend store."""
+@contextmanager
+def temporary_database(prefix: str) -> Iterator[str]:
+    """A throwaway database on this machine's PostgreSQL; yields its name, drops it afterwards."""
     import psycopg
 
-    name = f"mlflow_test_{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """MLflow's backend store for the test stack."""
+    with temporary_database("mlflow_test") as name:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 
 @pytest.fixture(scope="session")

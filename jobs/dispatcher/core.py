@@ -26,9 +26,10 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from cluster.jobs_api import training_result
 from cluster.settings import Settings
 from jobs.dispatcher.metrics import DispatcherMetrics
-from jobs.dispatcher.ray_jobs import RayJobs, RayRejectedError, RayUnavailableError, error_summary, result_of
+from jobs.dispatcher.ray_jobs import RayJobs, RayRejectedError, RayUnavailableError, error_summary
 from jobs.training_jobs.broker import (
     MalformedMessageError,
     Publisher,
@@ -246,7 +247,7 @@ class Dispatcher:
         except RayUnavailableError as exc:
             logs = f"(logs unavailable: {exc})"
         if status == "SUCCEEDED":
-            result = result_of(logs)
+            result = training_result(logs)
             outcome = (
                 Outcome("succeeded", result=result)
                 if result is not None

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import requests
 
-from cluster.jobs_api import RESULT_MARKER, training_result, training_runtime_env
+from cluster.jobs_api import RESULT_MARKER, training_runtime_env
 from jobs.training_jobs.models import JobSpec
 
 T = TypeVar("T")
@@ -117,13 +117,6 @@ class RayJobs:
 
     async def logs(self, submission_id: str) -> str:
         return str(await self._call(lambda client: client.get_job_logs(submission_id)))
-
-    async def stop(self, submission_id: str) -> bool:
-        return bool(await self._call(lambda client: client.stop_job(submission_id)))
-
-
-def result_of(logs: str) -> dict[str, Any] | None:
-    return training_result(logs)
 
 
 def error_summary(logs: str, message: str, max_chars: int = 2000) -> str:

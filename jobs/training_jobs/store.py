@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Connection problems that go away when the server comes back.
-TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (psycopg.OperationalError, PoolTimeout)
+TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, PoolTimeout)
 
 _IN_FLIGHT = ("submitted", "running")
 

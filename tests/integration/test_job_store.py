@@ -1,25 +1,19 @@
 """The job store on this machine's PostgreSQL: claims, retries and the outbox under concurrency."""
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
 from jobs.training_jobs.models import JobRecord, JobSpec, JobState
 from jobs.training_jobs.store import IdempotencyConflictError, JobStore
-from tests.conftest import PG_ADMIN_DSN
+from tests.conftest import temporary_database
 
 
 @pytest.fixture
 def dsn() -> Iterator[str]:
-    name = f"jobstore_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with temporary_database("jobstore_test") as name:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
 
 
 async def _store(dsn: str) -> JobStore:
