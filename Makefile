@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
 
-.PHONY: venv demo up down status test test-unit test-integration test-e2e lint format train bench clean
+OBSERVABILITY_PACKAGES := prometheus prometheus-alertmanager prometheus-postgres-exporter
+
+.PHONY: tools venv demo up down status test test-unit test-integration test-e2e lint format train bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +18,23 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP)
 
-demo: venv ## start everything, train, promote, serve, print a prediction
+tools: ## Prometheus, Alertmanager, the PostgreSQL exporter (Debian packages; needs root, else skipped)
+	@if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null \
+	    || ! command -v prometheus-postgres-exporter >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(OBSERVABILITY_PACKAGES)"; \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	        $(OBSERVABILITY_PACKAGES); } >/dev/null \
+	      || echo "could not install them; the stack runs without Prometheus and Alertmanager"; \
+	  else \
+	    echo "Prometheus/Alertmanager not installed (as root: apt-get install $(OBSERVABILITY_PACKAGES))"; \
+	  fi; \
+	fi
+	@# A local RabbitMQ's metrics endpoint (:15692), which Prometheus scrapes.
+	@if [ "$$(id -u)" = 0 ] && command -v rabbitmq-plugins >/dev/null; then \
+	  rabbitmq-plugins -q enable rabbitmq_prometheus >/dev/null 2>&1 || true; fi
+
+demo: venv tools ## start everything, train, promote, serve, print a prediction
 	$(PY) -m cluster demo
 
 up: venv

@@ -55,5 +55,14 @@ def demo_command(config: str = typer.Option("jobs/configs/adult.yaml", help="job
     raise typer.Exit(code=code)
 
 
+@app.command("render-observability")
+def render_observability_command() -> None:
+    """Regenerate compose's Prometheus and Alertmanager configs from cluster/observability.py."""
+    from cluster.observability import write_compose_files
+
+    for path in write_compose_files():
+        typer.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     app()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,13 @@ def probes(settings: Settings) -> list[Probe]:
     if settings.training_jobs_enabled:
         metrics = f"{settings.dispatcher_url}/metrics"
         found.append(Probe("dispatcher", metrics, metrics))
+    if settings.prometheus_enabled and shutil.which("prometheus"):
+        found.append(Probe("prometheus", settings.prometheus_url, f"{settings.prometheus_url}/-/ready"))
+    if settings.prometheus_enabled and shutil.which("prometheus-alertmanager"):
+        found.append(Probe("alertmanager", settings.alertmanager_url, f"{settings.alertmanager_url}/-/ready"))
+    if settings.prometheus_enabled and settings.database_url and shutil.which("prometheus-postgres-exporter"):
+        url = f"http://127.0.0.1:{settings.postgres_exporter_port}/metrics"
+        found.append(Probe("postgres-exporter", url, url))
     return found
 
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -103,19 +104,63 @@ class Settings(BaseSettings):
     dispatcher_host: str = "127.0.0.1"
     dispatcher_metrics_port: int = 9102
 
+    # Feedback and live accuracy (needs DATABASE_URL). Predictions are written to PostgreSQL in
+    # batches, at most this long after their response went out.
+    prediction_flush_interval_s: float = Field(default=0.2, gt=0)
+    prediction_buffer_rows: int = Field(default=100_000, ge=1)
+    # Feedback for a prediction older than this is refused (422).
+    feedback_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # Live accuracy: feedback of the last window, per model version, published once at least
+    # `accuracy_min_feedback` labels are in the window; the alert fires below the threshold.
+    accuracy_window_s: float = Field(default=3600.0, gt=0)
+    accuracy_min_feedback: int = Field(default=50, ge=1)
+    accuracy_threshold: float = Field(default=0.8, ge=0, le=1)
+    accuracy_refresh_s: float = Field(default=15.0, gt=0)
+    # What the accuracy alert's webhook enqueues.
+    retrain_kind: Literal["train", "tune"] = "train"
+    retrain_config: str = "adult"
+    retrain_overrides: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # Bearer token Alertmanager presents to the webhook; the webhook is off without one.
+    alert_webhook_token: SecretStr | None = None
+
+    # Telemetry. Traces go over OTLP/HTTP to this endpoint (the collector or Tempo, e.g.
+    # http://otel-collector:4318); unset, spans are neither recorded nor exported.
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_traces_sampler_ratio: float = Field(default=1.0, ge=0, le=1)
+    log_level: str = "INFO"
+    # The W3C traceparent a Ray job continues (set by the dispatcher in the job's environment).
+    traceparent: str | None = None
+    # Prometheus and Alertmanager (Debian binaries), started by `cluster up` when installed.
+    prometheus_enabled: bool = True
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int = 9090
+    prometheus_scrape_interval_s: float = Field(default=15.0, gt=0)
+    prometheus_rules_dir: Path = REPO_ROOT / "cluster" / "prometheus" / "rules"
+    alertmanager_port: int = 9093
+    # How long Alertmanager gathers alerts of a group before its first notification.
+    alertmanager_group_wait_s: float = Field(default=30.0, ge=0)
+    # Exporters scraped when they listen: RabbitMQ's prometheus plugin, prometheus-postgres-exporter
+    # (started by `cluster up` when installed and DATABASE_URL is set).
+    rabbitmq_metrics_port: int = 15692
+    postgres_exporter_port: int = 9187
+    # Grafana for the Ray dashboard's embedded charts (compose runs one; none locally).
+    grafana_url: str | None = None
+
     @model_validator(mode="after")
     def _local_tracking_server(self) -> Settings:
         if not self.mlflow_tracking_uri:
             self.mlflow_tracking_uri = self.mlflow_url
         return self
 
-    @field_validator("database_url", "amqp_url", mode="before")
+    @field_validator(
+        "database_url", "amqp_url", "alert_webhook_token", "otel_exporter_otlp_endpoint", "grafana_url", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # `DATABASE_URL=` in a .env or the environment switches the feature off explicitly.
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("state_dir", "serve_config_path")
+    @field_validator("state_dir", "serve_config_path", "prometheus_rules_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value if value.is_absolute() else (REPO_ROOT / value).resolve()
@@ -167,6 +212,26 @@ class Settings(BaseSettings):
     @property
     def dispatcher_url(self) -> str:
         return f"http://{self.dispatcher_host}:{self.dispatcher_metrics_port}"
+
+    @property
+    def feedback_enabled(self) -> bool:
+        return self.database_url is not None
+
+    @property
+    def tracing_enabled(self) -> bool:
+        return self.otel_exporter_otlp_endpoint is not None
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{self.prometheus_host}:{self.prometheus_port}"
+
+    @property
+    def alertmanager_url(self) -> str:
+        return f"http://{self.prometheus_host}:{self.alertmanager_port}"
+
+    @property
+    def resolved_ray_temp_dir(self) -> Path:
+        return self.ray_temp_dir or Path("/tmp/ray")
 
     def api_key_list(self) -> list[str]:
         if self.api_keys is None:

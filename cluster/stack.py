@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import httpx
 import yaml
 
 from cluster.health import check, probes, wait_healthy, wait_until
+from cluster.observability import WEBHOOK_PATH, alertmanager_config, dump, local_targets, prometheus_config
 from cluster.settings import Settings
 from cluster.supervisor import child_environment, log_tail, managed, read_pid, spawn, stop
 
@@ -101,6 +103,8 @@ def start_mlflow(settings: Settings, env: dict[str, str]) -> str:
         "--workers", str(settings.mlflow_workers),
         "--backend-store-uri", settings.resolved_backend_store_uri,
         "--artifacts-destination", settings.resolved_artifacts_destination,
+        # /metrics for Prometheus; the directory holds the workers' shared counters.
+        "--expose-prometheus", str(settings.state_dir / "mlflow-metrics"),
     ]  # fmt: skip
     proc = spawn(item, argv, env)
     if not wait_healthy(f"{settings.mlflow_url}/health", settings.startup_timeout_s, lambda: proc.poll() is None):
@@ -110,6 +114,19 @@ def start_mlflow(settings: Settings, env: dict[str, str]) -> str:
 
 
 # Ray ---------------------------------------------------------------------------------------
+
+
+def ray_metrics_environment(settings: Settings) -> dict[str, str]:
+    """Where the Ray dashboard finds Prometheus (and Grafana, for its embedded charts)."""
+    env = {
+        "RAY_PROMETHEUS_HOST": settings.prometheus_url,
+        "RAY_PROMETHEUS_NAME": "Prometheus",
+        # Service name of Serve's proxy spans; replicas set their own in the Serve config.
+        "OTEL_SERVICE_NAME": "ray-serve",
+    }
+    if settings.grafana_url:
+        env["RAY_GRAFANA_HOST"] = settings.grafana_url
+    return env
 
 
 def start_ray(settings: Settings, env: dict[str, str]) -> str:
@@ -131,7 +148,7 @@ def start_ray(settings: Settings, env: dict[str, str]) -> str:
     ]  # fmt: skip
     if settings.ray_temp_dir:
         argv += ["--temp-dir", str(settings.ray_temp_dir)]
-    proc = spawn(item, argv, env)
+    proc = spawn(item, argv, {**env, **ray_metrics_environment(settings)})
     alive = lambda: proc.poll() is None  # noqa: E731
     ready = wait_healthy(f"{settings.ray_dashboard_url}/api/gcs_healthz", settings.startup_timeout_s, alive)
     ready = ready and wait_healthy(f"{settings.ray_dashboard_url}/api/version", settings.startup_timeout_s, alive)
@@ -148,7 +165,7 @@ def ensure_jobs_database(settings: Settings) -> None:
     """Create the job database when the server is up but the database is not there yet."""
     import psycopg
 
-    from jobs.training_jobs.store import plain_dsn
+    from jobs.database import plain_dsn
 
     assert settings.database_url is not None
     dsn = plain_dsn(settings.database_url.get_secret_value())
@@ -213,6 +230,150 @@ def start_dispatcher(settings: Settings, env: dict[str, str]) -> str:
     return "started"
 
 
+# Prometheus, Alertmanager, exporters ----------------------------------------------------------
+
+
+def _observability_dir(settings: Settings) -> Path:
+    path = settings.state_dir / "observability"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def observability_binaries() -> dict[str, str | None]:
+    names = {
+        "prometheus": "prometheus",
+        "alertmanager": "prometheus-alertmanager",
+        "postgres-exporter": "prometheus-postgres-exporter",
+    }
+    return {name: shutil.which(binary) for name, binary in names.items()}
+
+
+def write_webhook_token(settings: Settings, directory: Path) -> Path | None:
+    if settings.alert_webhook_token is None:
+        return None
+    token_file = directory / "alert_webhook_token"
+    token_file.touch(mode=0o600, exist_ok=True)
+    token_file.chmod(0o600)
+    token_file.write_text(settings.alert_webhook_token.get_secret_value(), encoding="utf-8")
+    return token_file
+
+
+def render_alertmanager_config(settings: Settings) -> Path:
+    directory = _observability_dir(settings)
+    token_file = write_webhook_token(settings, directory)
+    config = alertmanager_config(
+        f"{settings.serve_url}{WEBHOOK_PATH}", str(token_file or directory / "alert_webhook_token"),
+        settings.alertmanager_group_wait_s,
+    )  # fmt: skip
+    if token_file is None:
+        # No token, no webhook: the alert still shows in Alertmanager, nothing is retrained.
+        config["receivers"] = [{"name": r["name"]} for r in config["receivers"]]
+    target = directory / "alertmanager.yml"
+    target.write_text(dump(config, "# Rendered by `cluster up`.\n"), encoding="utf-8")
+    return target
+
+
+def render_prometheus_config(settings: Settings) -> Path:
+    targets = local_targets(settings, settings.resolved_ray_temp_dir, settings.prometheus_rules_dir)
+    target = _observability_dir(settings) / "prometheus.yml"
+    target.write_text(dump(prometheus_config(targets), "# Rendered by `cluster up`.\n"), encoding="utf-8")
+    return target
+
+
+def _start_reloadable(
+    settings: Settings, env: dict[str, str], name: str, base_url: str, port: int, argv: list[str]
+) -> str:
+    """Prometheus and Alertmanager: started once, reloaded when `up` runs again on a new config."""
+    item = managed(settings, name)
+    ready = f"{base_url}/-/ready"
+    if read_pid(item) and check(ready)[0]:
+        httpx.post(f"{base_url}/-/reload", timeout=5)
+        return "already running (configuration reloaded)"
+    _require_free(settings.prometheus_host, port, name, f"{name.upper()}_PORT")
+    proc = spawn(item, argv, env)
+    if not wait_healthy(ready, settings.startup_timeout_s, lambda: proc.poll() is None):
+        stop(item)
+        raise StartupError(f"{name}: did not become ready; see {item.log_file}: {log_tail(item, 1)}")
+    return "started"
+
+
+def start_alertmanager(settings: Settings, env: dict[str, str], binary: str) -> str:
+    argv = [
+        binary, f"--config.file={render_alertmanager_config(settings)}",
+        f"--storage.path={_observability_dir(settings) / 'alertmanager-data'}",
+        f"--web.listen-address={settings.prometheus_host}:{settings.alertmanager_port}",
+        "--cluster.listen-address=",  # a single instance: no gossip port
+        "--log.format=json",
+    ]  # fmt: skip
+    return _start_reloadable(settings, env, "alertmanager", settings.alertmanager_url, settings.alertmanager_port, argv)
+
+
+def start_prometheus(settings: Settings, env: dict[str, str], binary: str) -> str:
+    argv = [
+        binary, f"--config.file={render_prometheus_config(settings)}",
+        f"--storage.tsdb.path={_observability_dir(settings) / 'prometheus-data'}",
+        "--storage.tsdb.retention.time=15d",
+        f"--web.listen-address={settings.prometheus_host}:{settings.prometheus_port}",
+        "--web.enable-lifecycle",  # reload after `cluster up` re-renders the config
+        "--log.format=json",
+    ]  # fmt: skip
+    return _start_reloadable(settings, env, "prometheus", settings.prometheus_url, settings.prometheus_port, argv)
+
+
+def start_postgres_exporter(settings: Settings, env: dict[str, str], binary: str) -> str:
+    assert settings.database_url is not None
+    item = managed(settings, "postgres-exporter")
+    url = f"http://127.0.0.1:{settings.postgres_exporter_port}/metrics"
+    if read_pid(item) and check(url)[0]:
+        return "already running"
+    _require_free("127.0.0.1", settings.postgres_exporter_port, "postgres-exporter", "POSTGRES_EXPORTER_PORT")
+    import psycopg
+
+    from jobs.database import plain_dsn
+
+    dsn = plain_dsn(settings.database_url.get_secret_value())
+    if "sslmode=" not in dsn:
+        # The exporter's driver (lib/pq) knows no "prefer" and defaults to "require".
+        host = str(psycopg.conninfo.conninfo_to_dict(dsn).get("host") or "localhost")
+        mode = "disable" if host in {"localhost", "127.0.0.1", "::1"} or host.startswith("/") else "require"
+        dsn += ("&" if "?" in dsn else "?") + f"sslmode={mode}"
+    argv = [binary, f"--web.listen-address=127.0.0.1:{settings.postgres_exporter_port}", "--log.format=json"]
+    proc = spawn(item, argv, {**env, "DATA_SOURCE_NAME": dsn})
+    if not wait_healthy(url, settings.startup_timeout_s, lambda: proc.poll() is None):
+        stop(item)
+        raise StartupError(f"postgres-exporter: did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
+    return "started"
+
+
+def start_observability(settings: Settings, env: dict[str, str], report: Any) -> list[str]:
+    """Exporters, Alertmanager, then Prometheus; each only where its binary is installed."""
+    started: list[str] = []
+    if not settings.prometheus_enabled:
+        report("prometheus: off (PROMETHEUS_ENABLED=false)")
+        return started
+    binaries = observability_binaries()
+    missing = [name for name, path in binaries.items() if path is None]
+    exporter = binaries["postgres-exporter"]
+    if settings.database_url is not None and exporter:
+        outcome = start_postgres_exporter(settings, env, exporter)
+        started += ["postgres-exporter"] if outcome == "started" else []
+        report(f"postgres-exporter: {outcome}")
+    for name, start in (("alertmanager", start_alertmanager), ("prometheus", start_prometheus)):
+        binary = binaries[name]
+        if binary is None:
+            continue
+        outcome = start(settings, env, binary)
+        started += [name] if outcome == "started" else []
+        url = settings.prometheus_url if name == "prometheus" else settings.alertmanager_url
+        report(f"{name}: {outcome} at {url}")
+    if missing:
+        report(
+            f"{', '.join(missing)}: not installed (apt-get install prometheus prometheus-alertmanager "
+            "prometheus-postgres-exporter)"
+        )
+    return started
+
+
 # Serve -------------------------------------------------------------------------------------
 
 
@@ -220,6 +381,14 @@ def render_serve_config(settings: Settings) -> Path:
     """The shipped Serve config with host and port taken from the settings."""
     config: dict[str, Any] = yaml.safe_load(settings.serve_config_path.read_text(encoding="utf-8"))
     config.setdefault("http_options", {}).update({"host": settings.serve_host, "port": settings.serve_port})
+    if settings.tracing_enabled:
+        # Serve's own tracing: spans for the proxy and every replica call, context carried
+        # through deployment handles, exported by our OTLP processor.
+        config["tracing_config"] = {
+            "enabled": True,
+            "exporter_import_path": "cluster.telemetry:serve_span_processors",
+            "sampling_ratio": settings.otel_traces_sampler_ratio,
+        }
     target = settings.state_dir / "serve_config.yaml"
     target.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return target
@@ -298,6 +467,7 @@ def up(settings: Settings, report: Any = print) -> None:
         else:
             report("dispatcher: off (set DATABASE_URL and AMQP_URL for asynchronous training)")
         report(f"serve: {deploy_serve(settings, env)} at {settings.serve_url}")
+        started += start_observability(settings, env, report)
     except StartupError:
         # A half-started stack helps nobody: stop what this call started, keep what was running.
         for name in reversed(started):
@@ -309,9 +479,19 @@ def down(settings: Settings, report: Any = print) -> None:
     # The GCS keeps its state in memory and holds on to SIGTERM for tens of seconds; nothing is
     # lost by killing it after a short grace. MLflow's workers finish their requests first.
     # The dispatcher goes first: requests it holds return to the queue, its Ray jobs keep running.
-    for name, grace_s in (("dispatcher", 10.0), ("ray", 5.0), ("mlflow", 20.0)):
+    components = (
+        ("prometheus", 10.0),
+        ("alertmanager", 10.0),
+        ("postgres-exporter", 5.0),
+        ("dispatcher", 10.0),
+        ("ray", 5.0),
+        ("mlflow", 20.0),
+    )
+    optional = {"prometheus", "alertmanager", "postgres-exporter"}
+    for name, grace_s in components:
         stopped = stop(managed(settings, name), grace_s=grace_s)
-        report(f"{name}: {'stopped' if stopped else 'not running'}")
+        if stopped or name not in optional:
+            report(f"{name}: {'stopped' if stopped else 'not running'}")
 
 
 def status(settings: Settings) -> list[ComponentStatus]:

@@ -25,7 +25,9 @@ import typer
 from mlflow.data.pandas_dataset import from_pandas as mlflow_dataset_from_pandas
 from mlflow.tracking import MlflowClient
 
+from cluster.logs import configure_logging
 from cluster.settings import REPO_ROOT, Settings, get_settings
+from cluster.telemetry import current_ids, init_tracing, shutdown_tracing, span_from
 from jobs.config import JobConfig, load_config, parse_override
 from jobs.data.loading import Splits, combined_digest, load_splits
 from jobs.evaluate import evaluate
@@ -230,7 +232,9 @@ def git_commit(settings: Settings) -> str:
 def provenance_tags(settings: Settings, splits: Splits, digest: str) -> dict[str, str]:
     per_split = {f"data.sha256.{n}": splits.digests[uri] for n, uri in splits.sources.items() if uri in splits.digests}
     context = ray.get_runtime_context()
+    ids = current_ids()
     return {
+        **({"trace_id": ids[0]} if ids else {}),
         "git_commit": git_commit(settings),
         "data.sha256": digest,
         **per_split,
@@ -399,9 +403,15 @@ def main(
     overrides: list[str] = typer.Option([], "--set", help="override a config value, e.g. train.epochs=2"),
 ) -> None:
     """Train a model on the Ray cluster, log it to MLflow, register it and gate its promotion."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    configure_logging("trainer", settings.log_level)
+    init_tracing("trainer", settings)
     job = load_config(config).with_overrides(dict(parse_override(o) for o in overrides))
-    outcome = run_training(job)
+    try:
+        with span_from("training.run", settings.traceparent, attributes={"training.config": job.name}):
+            outcome = run_training(job)
+    finally:
+        shutdown_tracing()
     summary = asdict(outcome)
     typer.echo("TRAINING_RESULT " + json.dumps(summary, default=str))
 

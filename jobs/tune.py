@@ -28,7 +28,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from cluster.logs import configure_logging
 from cluster.settings import REPO_ROOT, Settings, get_settings
+from cluster.telemetry import init_tracing, shutdown_tracing, span_from
 from jobs.config import Distribution, JobConfig, candidate_values, load_config, parse_override
 from jobs.config import TuneConfig as TuneSection
 from jobs.data.loading import Splits, combined_digest, load_splits
@@ -398,9 +400,15 @@ def main(
     overrides: list[str] = typer.Option([], "--set", help="override a config value, e.g. tune.num_samples=2"),
 ) -> None:
     """Search hyperparameters with Ray Tune (ASHA), register the best trial's model, gate its promotion."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    configure_logging("tuner", settings.log_level)
+    init_tracing("tuner", settings)
     job = load_config(config).with_overrides(dict(parse_override(o) for o in overrides))
-    outcome = run_tuning(job)
+    try:
+        with span_from("tuning.run", settings.traceparent, attributes={"training.config": job.name}):
+            outcome = run_tuning(job)
+    finally:
+        shutdown_tracing()
     typer.echo("TRAINING_RESULT " + json.dumps(asdict(outcome), default=str))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
-from cluster.settings import get_settings
+from cluster.settings import get_settings, hash_api_key
 from serve_apps.ingress import Ingress
 from serve_apps.model_server import ModelServer
 
@@ -45,4 +45,9 @@ def build_app(args: dict[str, object]) -> Application:
         parsed.max_batch_size or settings.serve_max_batch_size,
         parsed.batch_wait_timeout_s or settings.serve_batch_wait_timeout_s,
     )
-    return Ingress.bind(model, key_hashes, parsed.max_rows or settings.max_batch_rows)  # type: ignore[attr-defined]
+    alert_tokens = (
+        [hash_api_key(settings.alert_webhook_token.get_secret_value())] if settings.alert_webhook_token else []
+    )
+    return Ingress.bind(  # type: ignore[attr-defined]
+        model, key_hashes, parsed.max_rows or settings.max_batch_rows, alert_tokens
+    )

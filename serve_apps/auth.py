@@ -46,3 +46,20 @@ def require_api_key(
             detail="missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def require_alert_token(request: Request, bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> None:
+    """Alertmanager's webhook credentials (`http_config.authorization`), separate from user keys
+    so that a user key cannot start retraining through this route."""
+    store: KeyStore | None = request.app.state.alert_token_store
+    if store is None:
+        raise HTTPException(
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail="the alert webhook is not configured: set ALERT_WEBHOOK_TOKEN for the cluster",
+        )
+    if not store.verify(bearer.credentials if bearer is not None else None):
+        raise HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED,
+            detail="missing or invalid webhook token: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -10,20 +10,36 @@ from uuid import UUID
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster import tracecontext
+from cluster.logs import add_context_filter
 from cluster.settings import get_settings
+from jobs.database import TRANSIENT_DB_ERRORS
+from jobs.feedback.recorder import PredictionRecorder
+from jobs.feedback.store import FeedbackOutcome, FeedbackStore, PredictionRow
 from jobs.training_jobs.models import InvalidJobSpecError, JobDetail, JobList, JobRecord, JobSpec, JobState
 from jobs.training_jobs.service import TrainingJobs
-from jobs.training_jobs.store import TRANSIENT_DB_ERRORS, IdempotencyConflictError
-from serve_apps.auth import KeyStore, require_api_key
-from serve_apps.schemas import CurrentModel, ErrorResponse, PredictRequest, PredictResponse
+from jobs.training_jobs.store import IdempotencyConflictError
+from serve_apps.auth import KeyStore, require_alert_token, require_api_key
+from serve_apps.context import RequestContextMiddleware, request_id_from
+from serve_apps.metrics import IngressMetrics
+from serve_apps.schemas import (
+    AlertmanagerPayload,
+    AlertWebhookResponse,
+    CurrentModel,
+    ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    PredictRequest,
+    PredictResponse,
+    RetrainRequest,
+)
 
-log = logging.getLogger(__name__)
-REQUEST_ID_HEADER = "X-Request-ID"
+# Serve's replica logger: its JSON handler writes the replica's log file.
+log = logging.getLogger("ray.serve")
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or invalid API key"},
     422: {"model": ErrorResponse, "description": "invalid request; details name each field"},
@@ -42,9 +58,7 @@ def request_id_of(request: Request) -> str:
     existing: str | None = getattr(request.state, "request_id", None)
     if existing:
         return existing
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    # Accept a caller's id only when it is short and printable, so it is safe to log and echo.
-    rid = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+    rid = request_id_from(request.headers.get("X-Request-ID"))
     request.state.request_id = rid
     return rid
 
@@ -94,6 +108,16 @@ class TrainingJobsDisabledError(Exception):
     pass
 
 
+class FeedbackDisabledError(Exception):
+    pass
+
+
+def _feedback_disabled(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(
+        request, 503, "feedback_disabled", "feedback is not configured: set DATABASE_URL for the cluster"
+    )
+
+
 def _training_jobs_disabled(request: Request, exc: Exception) -> JSONResponse:
     return error_response(
         request,
@@ -115,12 +139,13 @@ def _idempotency_conflict(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    log.warning("job store unavailable: %s", exc)
+    log.warning("database unavailable: %s", exc)
+    store = "feedback" if request.url.path.startswith("/v1/feedback") else "training job"
     return error_response(
         request,
         503,
-        "job_store_unavailable",
-        "the training job store (PostgreSQL) is unreachable; nothing was accepted, retry later",
+        f"{store.replace(' ', '_')}_store_unavailable",
+        f"the {store} store (PostgreSQL) is unreachable; nothing was accepted, retry later",
         headers={"Retry-After": "5"},
     )
 
@@ -128,21 +153,69 @@ def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
 api.add_exception_handler(StarletteHTTPException, _http_error)
 api.add_exception_handler(RequestValidationError, _validation_error)
 api.add_exception_handler(TrainingJobsDisabledError, _training_jobs_disabled)
+api.add_exception_handler(FeedbackDisabledError, _feedback_disabled)
 api.add_exception_handler(InvalidJobSpecError, _invalid_job_spec)
 api.add_exception_handler(IdempotencyConflictError, _idempotency_conflict)
 for _error in TRANSIENT_DB_ERRORS:
     api.add_exception_handler(_error, _store_unavailable)
+api.add_middleware(RequestContextMiddleware)
+
+_FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": FeedbackResponse, "description": "a label was already given for this row; the first one stays"},
+    401: {"model": ErrorResponse, "description": "missing or invalid API key"},
+    404: {"model": ErrorResponse, "description": "no prediction with this request id and index"},
+    422: {"model": ErrorResponse, "description": "invalid body, unknown label, or the prediction is too old"},
+    503: {"model": ErrorResponse, "description": "feedback disabled, no model loaded, or the database is unreachable"},
+}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, model: DeploymentHandle[Any], key_hashes: list[str], max_rows: int) -> None:
+    def __init__(
+        self,
+        model: DeploymentHandle[Any],
+        key_hashes: list[str],
+        max_rows: int,
+        alert_token_hashes: list[str] | None = None,
+    ) -> None:
         self._model = model
         self._max_rows = max_rows
         api.state.key_store = KeyStore(key_hashes)
+        api.state.alert_token_store = KeyStore(alert_token_hashes) if alert_token_hashes else None
+        add_context_filter("ray.serve", "inference-api")
+        self._metrics = IngressMetrics()
         self._jobs: TrainingJobs | None = None
         self._jobs_lock = asyncio.Lock()
+        self._recorder: PredictionRecorder | None = None
+
+    def _prediction_recorder(self) -> PredictionRecorder | None:
+        """Created on first use in the serving loop; connects and migrates in the background so
+        that predictions never wait on PostgreSQL."""
+        settings = get_settings()
+        if settings.database_url is None:
+            return None
+        if self._recorder is None:
+            store = FeedbackStore(settings.database_url.get_secret_value())
+            self._recorder = PredictionRecorder(
+                store,
+                settings.prediction_flush_interval_s,
+                settings.prediction_buffer_rows,
+                on_dropped=lambda n: self._metrics.records_dropped.inc(n),
+            )
+            self._recorder.start()
+        return self._recorder
+
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown: buffered prediction rows reach PostgreSQL before the replica
+        goes (a scale-down or redeploy loses none), pools close."""
+        if self._recorder is not None:
+            try:
+                await asyncio.wait_for(self._recorder.close(), 10)
+            except Exception as exc:
+                log.warning("prediction rows not flushed at shutdown: %s", exc)
+        if self._jobs is not None:
+            await self._jobs.close()
 
     async def _training_jobs(self) -> TrainingJobs:
         """Connect on first use, so the inference API starts and serves without PostgreSQL or
@@ -204,12 +277,128 @@ class Ingress:
                     }
                 ],
             )
-        result = await self._model.predict.remote(body.instances)
+        self._metrics.request_rows.observe(len(body.instances), tags={"route": "/v1/predict"})
+        result = await self._model.predict.remote(body.instances, request.state.traceparent)
         status = result.get("status", 500)
         if status != 200:
             code = "validation_error" if status == 422 else "not_ready"
             return error_response(request, status, code, result.get("message", "error"), result.get("details"))
-        return {"request_id": request_id_of(request), "model": result["model"], "predictions": result["predictions"]}
+        rid = request_id_of(request)
+        recorder = self._prediction_recorder()
+        if recorder is not None:
+            model = result["model"]
+            recorder.record(
+                [
+                    PredictionRow(
+                        rid, i, model["name"], model["version"], p.get("label"), p.get("probability"), instance
+                    )
+                    for i, (instance, p) in enumerate(zip(body.instances, result["predictions"], strict=True))
+                ]
+            )
+        return {"request_id": rid, "model": result["model"], "predictions": result["predictions"]}
+
+    @api.post(
+        "/v1/feedback",
+        tags=["inference"],
+        status_code=201,
+        response_model=FeedbackResponse,
+        responses=_FEEDBACK_RESPONSES,
+        dependencies=[Depends(require_api_key)],
+    )
+    async def feedback(self, body: FeedbackRequest, request: Request, response: Response) -> Any:
+        """The true label of one predicted instance (`request_id` and `index` from /v1/predict).
+        Counts towards the live accuracy of the version that made the prediction; repeats are
+        ignored (200, the first label stays)."""
+        recorder = self._prediction_recorder()
+        if recorder is None:
+            raise FeedbackDisabledError
+        if not await recorder.wait_ready(5.0):
+            raise PoolTimeout("feedback tables not ready: PostgreSQL unreachable")
+        current = await self._model.current.remote()
+        if current is None:
+            return error_response(request, 503, "not_ready", "no model loaded yet")
+        classes: list[str] = current.get("classes") or []
+        if current.get("task") != "classification" or body.label not in classes:
+            message = f"label: one of {classes}" if classes else "feedback needs a classification model's predictions"
+            details = [{"loc": ["body", "label"], "msg": message, "type": "value_error"}]
+            return error_response(request, 422, "validation_error", message, details)
+        settings = get_settings()
+        result = await recorder.store.add_feedback(body.request_id, body.index, body.label, settings.feedback_max_age_s)
+        if result.outcome is FeedbackOutcome.UNKNOWN and recorder.pending:
+            # The prediction may still sit in this replica's write buffer.
+            await recorder.flush()
+            result = await recorder.store.add_feedback(
+                body.request_id, body.index, body.label, settings.feedback_max_age_s
+            )
+        self._metrics.feedback.inc(tags={"outcome": result.outcome.value, "model_version": result.model_version or ""})
+        if result.outcome is FeedbackOutcome.UNKNOWN:
+            return error_response(
+                request, 404, "not_found", f"no prediction {body.request_id!r} with index {body.index}"
+            )
+        if result.outcome is FeedbackOutcome.EXPIRED:
+            age = settings.feedback_max_age_s
+            details = [{"loc": ["body", "request_id"], "msg": f"prediction older than {age:.0f} s", "type": "expired"}]
+            return error_response(request, 422, "feedback_expired", "the prediction is too old for feedback", details)
+        log.info(
+            "feedback %s for %s[%d]",
+            result.outcome.value,
+            body.request_id,
+            body.index,
+            extra={"model_version": result.model_version, "correct": result.correct},
+        )
+        if result.outcome is FeedbackOutcome.DUPLICATE:
+            response.status_code = 200
+        return FeedbackResponse(
+            request_id=body.request_id,
+            index=body.index,
+            label=result.label or body.label,
+            outcome=result.outcome.value,
+            predicted=result.predicted,
+            correct=result.correct,
+            model={"name": result.model_name or "", "version": result.model_version or ""},
+        )
+
+    @api.post(
+        "/v1/alerts/alertmanager",
+        tags=["alerts"],
+        response_model=AlertWebhookResponse,
+        responses={
+            401: {"model": ErrorResponse, "description": "missing or invalid webhook token"},
+            503: {"model": ErrorResponse, "description": "webhook or asynchronous training not configured"},
+        },
+        dependencies=[Depends(require_alert_token)],
+    )
+    async def alert_webhook(self, payload: AlertmanagerPayload, request: Request) -> Any:
+        """Alertmanager's webhook: each firing alert labelled `action: retrain` enqueues one
+        training job per alert episode (its fingerprint and start time are the idempotency key,
+        so Alertmanager's repeats and retries return the same job)."""
+        settings = get_settings()
+        retrain: list[RetrainRequest] = []
+        for alert in payload.alerts:
+            if alert.status != "firing" or alert.labels.get("action") != "retrain":
+                continue
+            jobs = await self._training_jobs()
+            name = alert.labels.get("alertname", "alert")
+            spec = JobSpec(
+                kind=settings.retrain_kind,
+                config=settings.retrain_config,
+                overrides=settings.retrain_overrides,
+                idempotency_key=f"alert:{name}:{alert.fingerprint}:{alert.startsAt}"[:200],
+            )
+            job, created = await jobs.submit(spec, request.state.traceparent)
+            self._metrics.retrain_requests.inc(tags={"created": str(created).lower()})
+            log.info(
+                "alert %s (%s): retrain job %s %s",
+                name,
+                alert.fingerprint,
+                job.id,
+                "queued" if created else "already queued",
+                extra={"job_id": str(job.id), "alert": name, "model_version": alert.labels.get("model_version")},
+            )
+            retrain.append(
+                RetrainRequest(alert=name, fingerprint=alert.fingerprint, job_id=str(job.id), created=created)
+            )
+        return AlertWebhookResponse(retrain=retrain)
 
     @api.get(
         "/v1/models/current",
@@ -245,7 +434,7 @@ class Ingress:
         jobs = await self._training_jobs()
         if idempotency_key and not spec.idempotency_key:
             spec = spec.model_copy(update={"idempotency_key": idempotency_key})
-        job, created = await jobs.submit(spec, tracecontext.child_of(request.headers.get("traceparent")))
+        job, created = await jobs.submit(spec, request.state.traceparent)
         response.headers["Location"] = f"/v1/training-jobs/{job.id}"
         if not created:
             response.headers["Idempotent-Replayed"] = "true"

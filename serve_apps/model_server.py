@@ -9,12 +9,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from opentelemetry import trace
 from ray import serve
 
+from cluster import tracecontext
+from cluster.logs import add_context_filter, remember_trace
 from jobs.predictor import TabularPredictor
 from jobs.registry import champion_version, load_predictor
+from serve_apps.context import serve_request_id
+from serve_apps.metrics import ModelMetrics
 from serve_apps.validation import RowValidator
 
 log = logging.getLogger("ray.serve")
@@ -88,6 +94,8 @@ class ModelServer:
         import torch
 
         torch.set_num_threads(torch_threads)
+        add_context_filter("ray.serve", "model-server")
+        self._metrics = ModelMetrics()
         self._model_name = model_name
         self._alias = alias
         mlflow.set_tracking_uri(tracking_uri)  # model downloads resolve models:/ URIs through it
@@ -113,7 +121,15 @@ class ModelServer:
         if loaded is not None:
             # A single reference assignment: a batch in flight keeps the model it started with.
             self._model = loaded
-            log.info("serving %s version %s (was %s)", self._model_name, loaded.version, current)
+            if loaded.version.isdigit():
+                self._metrics.serving_version.set(int(loaded.version), tags={"model": self._model_name})
+            log.info(
+                "serving %s version %s (was %s)",
+                self._model_name,
+                loaded.version,
+                current,
+                extra={"model_version": loaded.version, "run_id": loaded.run_id},
+            )
         return self._model.version if self._model else None
 
     async def _follow_alias(self) -> None:
@@ -146,17 +162,32 @@ class ModelServer:
             "metrics": model.metrics,
         }
 
-    async def predict(self, rows: list[Any]) -> dict[str, Any]:
+    async def predict(self, rows: list[Any], traceparent: str | None = None) -> dict[str, Any]:
         """Validate against the served schema, then join a batch. Errors come back as data so the
         ingress can answer with the right status code."""
         model = self._model
         if model is None:
             return {"status": 503, "message": f"no {self._alias} model is loaded yet"}
+        trace.get_current_span().set_attribute("model.version", model.version)
+        parsed = tracecontext.parse(traceparent)
+        if parsed is not None:
+            # Serve's access line for this call names only the request id: tie it to the trace.
+            remember_trace(serve_request_id(), parsed[0], parsed[1])
         errors = model.validator.validate(rows)
         if errors:
             fields = ", ".join(".".join(str(p) for p in e["loc"][1:]) for e in errors[:5])
             return {"status": 422, "message": f"invalid instances: {fields}", "details": errors}
         return await self.predict_batch(rows)
+
+    def _count(self, model: LoadedModel, result: pd.DataFrame, rows: int) -> None:
+        self._metrics.batch_rows.observe(rows)
+        if "label" not in result:
+            return
+        labels, counts = np.unique(result["label"].to_numpy().astype(str), return_counts=True)
+        for label, count in zip(labels, counts, strict=True):
+            self._metrics.predictions.inc(
+                int(count), tags={"model": model.name, "model_version": model.version, "label": str(label)}
+            )
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def predict_batch(self, requests: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -165,7 +196,9 @@ class ModelServer:
         schema = model.predictor.schema
         sizes = [len(rows) for rows in requests]
         frame = pd.DataFrame.from_records([row for rows in requests for row in rows], columns=schema.feature_names)
-        predictions = _rows_to_predictions(model.predictor.predict_frame(frame), schema.task, schema.classes)
+        result = model.predictor.predict_frame(frame)
+        predictions = _rows_to_predictions(result, schema.task, schema.classes)
+        self._count(model, result, len(frame))
         results: list[dict[str, Any]] = []
         start = 0
         for size in sizes:

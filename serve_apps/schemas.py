@@ -85,3 +85,55 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"request_id": "4f1c0c1e9b3a4d6e8f00a1b2c3d4e5f6", "index": 0, "label": ">50K"}]
+        },
+    )
+    request_id: str = Field(..., min_length=1, max_length=128, description="the request_id of a /v1/predict response")
+    index: int = Field(0, ge=0, description="which instance of that request (0 for the first)")
+    label: str = Field(..., min_length=1, max_length=200, description="the true label")
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    index: int
+    label: str
+    outcome: str = Field(..., description="recorded, or duplicate when a label was already given (the first one stays)")
+    predicted: str | None
+    correct: bool | None
+    model: dict[str, str]
+
+
+class Alert(BaseModel):
+    status: str
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    startsAt: str  # noqa: N815 - Alertmanager's field names
+    endsAt: str | None = None  # noqa: N815
+    fingerprint: str = Field(..., min_length=1, max_length=64)
+
+
+class AlertmanagerPayload(BaseModel):
+    """Alertmanager's webhook body (version 4); fields this API does not use are ignored."""
+
+    version: str = "4"
+    status: str
+    receiver: str = ""
+    groupKey: str = ""  # noqa: N815
+    alerts: list[Alert] = Field(default_factory=list, max_length=1000)
+
+
+class RetrainRequest(BaseModel):
+    alert: str
+    fingerprint: str
+    job_id: str
+    created: bool
+
+
+class AlertWebhookResponse(BaseModel):
+    retrain: list[RetrainRequest]

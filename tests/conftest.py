@@ -18,10 +18,13 @@ from typing import Any
 import pytest
 import yaml
 
+from benchmarks.otlp_sink import OtlpSink
+from cluster.observability import RULES_DIR
 from cluster.settings import REPO_ROOT, Settings, get_settings
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+ALERT_WEBHOOK_TOKEN = secrets.token_urlsafe(24)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -115,8 +118,33 @@ def queue_names() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
+def otlp_sink() -> Iterator[OtlpSink]:
+    """Receives the stack's spans over OTLP/HTTP, as the collector would."""
+    sink = OtlpSink().start()
+    yield sink
+    sink.stop()
+
+
+def fast_alert_rules(target: Path, for_s: int = 3) -> Path:
+    """The shipped rules with short `for:` durations, so a test sees an alert fire in seconds."""
+    target.mkdir(parents=True, exist_ok=True)
+    for source in RULES_DIR.glob("*.yml"):
+        rules = yaml.safe_load(source.read_text())
+        for group in rules["groups"]:
+            for rule in group["rules"]:
+                if "for" in rule:
+                    rule["for"] = f"{for_s}s"
+        (target / source.name).write_text(yaml.safe_dump(rules, sort_keys=False))
+    return target
+
+
+@pytest.fixture(scope="session")
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, pg_database: str, jobs_database: str, queue_names: dict[str, str]
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_database: str,
+    jobs_database: str,
+    queue_names: dict[str, str],
+    otlp_sink: OtlpSink,
 ) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("stack")
     gcs = free_port()
@@ -145,6 +173,20 @@ def stack(
         "DISPATCHER_MAX_ATTEMPTS": "2",
         "DISPATCHER_BACKOFF_BASE_S": "1",
         "DISPATCHER_POLL_INTERVAL_S": "1",
+        # Observability: spans to the test's receiver, Prometheus and Alertmanager on free ports with
+        # second-scale intervals, and the closed loop's knobs turned down to test size.
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_sink.endpoint,
+        "PROMETHEUS_PORT": str(free_port()),
+        "ALERTMANAGER_PORT": str(free_port()),
+        "POSTGRES_EXPORTER_PORT": str(free_port()),
+        "PROMETHEUS_SCRAPE_INTERVAL_S": "1",
+        "PROMETHEUS_RULES_DIR": str(fast_alert_rules(state / "rules")),
+        "ALERTMANAGER_GROUP_WAIT_S": "1",
+        "ALERT_WEBHOOK_TOKEN": ALERT_WEBHOOK_TOKEN,
+        "ACCURACY_REFRESH_S": "1",
+        "ACCURACY_MIN_FEEDBACK": "20",
+        "ACCURACY_THRESHOLD": "0.6",
+        "RETRAIN_OVERRIDES": '{"train.epochs": 3, "train.patience": 2}',
     }
     saved = {k: os.environ.get(k) for k in overrides}
     os.environ.update(overrides)

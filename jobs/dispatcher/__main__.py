@@ -12,7 +12,9 @@ from uuid import UUID
 
 import typer
 
+from cluster.logs import configure_logging
 from cluster.settings import Settings, get_settings
+from cluster.telemetry import init_tracing, shutdown_tracing
 from jobs.dispatcher.core import Dispatcher, dispatcher_name
 from jobs.dispatcher.ray_jobs import RayJobs
 from jobs.training_jobs.broker import Publisher, Topology, connect
@@ -57,10 +59,11 @@ def main(ctx: typer.Context) -> None:
 @app.command()
 def run() -> None:
     """Run a dispatcher until SIGTERM / SIGINT. Several may run at once."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    configure_logging("dispatcher", settings.log_level)
     # The Jobs SDK logs every file of every working-dir upload at INFO.
     logging.getLogger("ray").setLevel(logging.WARNING)
-    settings = get_settings()
+    init_tracing("dispatcher", settings)
     dsn, amqp = _require_enabled(settings)
     store = JobStore(dsn)
     publisher = Publisher(amqp, Topology.from_settings(settings), f"dispatcher-relay {dispatcher_name()}")
@@ -74,7 +77,10 @@ def run() -> None:
             loop.add_signal_handler(sig, stop.set)
         await dispatcher.run(stop)
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    finally:
+        shutdown_tracing()
 
 
 @app.command("list")

@@ -24,12 +24,18 @@ from uuid import UUID
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
+from opentelemetry.trace import SpanKind
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from cluster.jobs_api import training_result
+from cluster.logs import log_context
 from cluster.settings import Settings
+from cluster.telemetry import current_traceparent, span_from
+from jobs.database import TRANSIENT_DB_ERRORS
 from jobs.dispatcher.metrics import DispatcherMetrics
 from jobs.dispatcher.ray_jobs import RayJobs, RayRejectedError, RayUnavailableError, error_summary
+from jobs.feedback.monitor import AccuracyMonitor
+from jobs.feedback.store import FeedbackStore
 from jobs.training_jobs.broker import (
     MalformedMessageError,
     Publisher,
@@ -40,7 +46,7 @@ from jobs.training_jobs.broker import (
     decode,
 )
 from jobs.training_jobs.models import JobRecord, JobState
-from jobs.training_jobs.store import TRANSIENT_DB_ERRORS, JobStore
+from jobs.training_jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,11 @@ def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
     return float(delay * random.uniform(0.8, 1.2))
 
 
+def _header(message: AbstractIncomingMessage, name: str) -> str | None:
+    value = (message.headers or {}).get(name)
+    return value.decode("latin-1") if isinstance(value, bytes) else (str(value) if value is not None else None)
+
+
 def dispatcher_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -71,6 +82,10 @@ class Dispatcher:
         self.publisher = publisher
         self.ray = ray
         self.metrics = DispatcherMetrics()
+        self.accuracy: AccuracyMonitor | None = None
+        if settings.database_url is not None:
+            feedback = FeedbackStore(settings.database_url.get_secret_value(), retry_for_s=10.0)
+            self.accuracy = AccuracyMonitor(settings, feedback, self.metrics.registry)
         self.name = dispatcher_name()
         self.topology = Topology.from_settings(settings)
         self._amqp_url = settings.amqp_url.get_secret_value()
@@ -98,6 +113,8 @@ class Dispatcher:
             self.settings.dispatcher_concurrency,
         )
         loops = [asyncio.create_task(self._relay_loop()), asyncio.create_task(self._metrics_loop(queue))]
+        if self.accuracy is not None:
+            loops.append(asyncio.create_task(self.accuracy.run()))
         try:
             await stop.wait()
         finally:
@@ -110,6 +127,8 @@ class Dispatcher:
                 await self._connection.close()
             await self.publisher.close()
             await self.store.close()
+            if self.accuracy is not None:
+                await self.accuracy.store.close()
 
     async def _connect(self) -> AbstractRobustConnection:
         """The first connection, retried for as long as it takes (the broker may start later)."""
@@ -143,6 +162,18 @@ class Dispatcher:
         except MalformedMessageError as exc:
             await self._dead_letter(message, f"malformed message: {exc}", None, "malformed")
             return
+        with (
+            log_context(job_id=str(job_id)),
+            span_from(
+                "training_job.dispatch",
+                _header(message, "traceparent"),
+                SpanKind.CONSUMER,
+                {"training_job.id": str(job_id), "messaging.destination.name": self.topology.queue},
+            ),
+        ):
+            await self._handle_job(job_id, message)
+
+    async def _handle_job(self, job_id: UUID, message: AbstractIncomingMessage) -> None:
         running = self._active.get(job_id)
         if running is not None:
             # A redelivery (the broker connection dropped) of a job this process is following.
@@ -203,7 +234,8 @@ class Dispatcher:
     async def _run_attempt(self, job: JobRecord) -> Outcome:
         assert job.ray_job_id is not None
         started = time.monotonic()
-        traceparent = await self.store.traceparent(job.id)
+        # The Ray job continues this dispatch span's trace (the request's trace, through the queue).
+        traceparent = current_traceparent() or await self.store.traceparent(job.id)
         unreachable_since: float | None = None
         submitted = False
         marked_running = job.state == JobState.RUNNING

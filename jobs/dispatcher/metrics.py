@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from jobs.training_jobs.models import JobState
 
+DEAD_LETTER_REASONS = ("attempts_exhausted", "malformed", "unknown_job")
 _DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 _WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -46,6 +47,9 @@ class DispatcherMetrics:
         )
         for state in JobState:
             self.jobs.labels(state.value)
+        # Series exist from the start, so alert rules see 0 and then an increase, not a gap.
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_lettered.labels(reason)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -9,8 +9,7 @@ twice. Rows not yet on the broker are found by the outbox relay (`due_for_publis
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
@@ -18,17 +17,13 @@ from uuid import UUID, uuid4
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from cluster.tracecontext import trace_id_of
+from jobs.database import PostgresStore
 from jobs.training_jobs.models import JobDetail, JobEvent, JobRecord, JobSpec, JobState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Connection problems that go away when the server comes back.
-TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, PoolTimeout)
 
 _IN_FLIGHT = ("submitted", "running")
 
@@ -89,71 +84,14 @@ class IdempotencyConflictError(Exception):
         self.existing = existing
 
 
-def plain_dsn(url: str) -> str:
-    """psycopg takes libpq URLs; SQLAlchemy-style `postgresql+psycopg://` is accepted too."""
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-class JobStore:
+class JobStore(PostgresStore):
     """Async access to the job table through a pool that survives server restarts."""
 
+    SCHEMA_TABLE = "training_jobs_schema"
+    MIGRATIONS = MIGRATIONS
+
     def __init__(self, dsn: str, max_size: int = 4, retry_for_s: float = 300.0, pool_timeout_s: float = 5.0) -> None:
-        self._pool = AsyncConnectionPool(
-            plain_dsn(dsn),
-            min_size=1,
-            max_size=max_size,
-            open=False,
-            timeout=pool_timeout_s,
-            kwargs={"autocommit": True, "connect_timeout": 5, "application_name": "training-jobs"},
-            # A connection the server dropped (restart, failover) is replaced before it is handed out.
-            check=AsyncConnectionPool.check_connection,
-            reconnect_timeout=0,  # keep trying to refill the pool however long the server is away
-        )
-        self._retry_for_s = retry_for_s
-
-    async def open(self) -> None:
-        await self._pool.open(wait=False)
-
-    async def close(self) -> None:
-        await self._pool.close()
-
-    async def _retrying(self, op: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
-        """Run op on a pooled connection; retry with backoff while the database is unreachable."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
-            wait=wait_exponential_jitter(initial=0.2, max=10),
-            stop=stop_after_delay(self._retry_for_s),
-            reraise=True,
-            before_sleep=lambda state: log.warning(
-                "database unavailable (%s); retrying", state.outcome.exception() if state.outcome else "?"
-            ),
-        ):
-            with attempt:
-                async with self._pool.connection() as conn:
-                    return await op(conn)
-        raise AssertionError("unreachable")  # pragma: no cover - AsyncRetrying reraises
-
-    @asynccontextmanager
-    async def _transaction(self, conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
-        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            yield cur
-
-    # Schema -----------------------------------------------------------------------------------
-
-    async def migrate(self) -> None:
-        async def op(conn: psycopg.AsyncConnection[Any]) -> None:
-            async with self._transaction(conn) as cur:
-                # One migrator at a time when several dispatchers start together.
-                await cur.execute("SELECT pg_advisory_xact_lock(hashtext('training_jobs_schema'))")
-                await cur.execute("CREATE TABLE IF NOT EXISTS training_jobs_schema (version integer NOT NULL)")
-                await cur.execute("SELECT coalesce(max(version), 0) AS v FROM training_jobs_schema")
-                row = await cur.fetchone()
-                current = int(row["v"]) if row else 0
-                for version, statement in enumerate(MIGRATIONS[current:], start=current + 1):
-                    await cur.execute(statement)
-                    await cur.execute("INSERT INTO training_jobs_schema (version) VALUES (%s)", (version,))
-
-        await self._retrying(op)
+        super().__init__(dsn, max_size, retry_for_s, pool_timeout_s, application_name="training-jobs")
 
     # Accepting ---------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from tests.conftest import free_port, run_cli
 def test_status_lists_each_component_healthy(stack, trained):
     result = run_cli("cluster", "status", env=stack.env, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("ray", "mlflow", "serve", "model"):
+    for name in ("ray", "mlflow", "serve", "model", "dispatcher", "prometheus", "alertmanager", "postgres-exporter"):
         assert any(line.startswith("up") and f" {name} " in line for line in result.stdout.splitlines()), result.stdout
 
 
@@ -50,6 +50,9 @@ def _bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
             "MLFLOW_PORT": str(free_port()),
             "SERVE_PORT": str(free_port()),
             "DISPATCHER_METRICS_PORT": str(free_port()),
+            "PROMETHEUS_PORT": str(free_port()),
+            "ALERTMANAGER_PORT": str(free_port()),
+            "POSTGRES_EXPORTER_PORT": str(free_port()),
             "DATABASE_URL": "",  # no asynchronous training unless a test asks for it
             "AMQP_URL": "",
         }

@@ -1,0 +1,153 @@
+"""What tracing costs on `POST /v1/predict`: the same stack and model measured with tracing off
+and on (spans exported over OTLP/HTTP to a local receiver), alternating, with wrk.
+
+    .venv/bin/python -m benchmarks.tracing_overhead [--connections 16] [--duration 20] [--rounds 2]
+
+Starts its own stack (own ports, state dir, databases), trains a one-epoch model, then restarts
+the stack with and without OTEL_EXPORTER_OTLP_ENDPOINT before each measurement. Prints a table
+and writes benchmarks/results/tracing_overhead.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import statistics
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import typer
+
+from benchmarks.otlp_sink import OtlpSink
+from benchmarks.training_jobs_api import ADMIN_DSN, _cleanup_queues, _cli, _environment, _parse_wrk
+from cluster.settings import REPO_ROOT, Settings
+from serve_apps.schemas import EXAMPLE_ROW
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+wrk.body = '{body}'
+"""
+
+
+def _settings(env: dict[str, str]) -> Settings:
+    """The settings the stack started with `env` reads (the environment wins over .env)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _train(env: dict[str, str]) -> str:
+    from cluster.demo import wait_for_version
+    from cluster.jobs_api import follow_job, submit_training, training_result
+
+    settings = _settings(env)
+    job = submit_training(settings, "jobs/configs/adult.yaml", ["train.epochs=1", "train.patience=1"])
+    status, logs = follow_job(settings, job)
+    result = training_result(logs)
+    if status != "SUCCEEDED" or result is None:
+        raise SystemExit(f"training failed: {logs[-2000:]}")
+    version = str(result["model_version"])
+    if not wait_for_version(settings, version, 120):
+        raise SystemExit("the model was not served")
+    return version
+
+
+def _ready(url: str, key: str) -> None:
+    from cluster.health import wait_until
+
+    def serving() -> bool:
+        try:
+            body = {"instances": [EXAMPLE_ROW]}
+            return httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_until(serving, 180):
+        raise SystemExit("the predict endpoint did not come up")
+
+
+def _measure(url: str, script: Path, connections: int, duration: int) -> dict[str, float]:
+    subprocess.run(["wrk", "-t1", "-c4", "-d3s", "-s", str(script), url], check=True, capture_output=True)
+    run = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return _parse_wrk(run.stdout)
+
+
+def main(connections: int = 16, duration: int = 20, rounds: int = 2) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    database = f"bench_trace_{suffix}"
+    key = secrets.token_urlsafe(24)
+    sink = OtlpSink().start()
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        state = Path(tmp)
+        env = {**_environment(state, database, suffix, key), "PROMETHEUS_ENABLED": "false"}
+        url = f"http://127.0.0.1:{env['SERVE_PORT']}/v1/predict"
+        script = state / "predict.lua"
+        script.write_text(LUA.format(key=key, body=json.dumps({"instances": [EXAMPLE_ROW]})))
+        try:
+            if (started := _cli({**env, "OTEL_EXPORTER_OTLP_ENDPOINT": ""}, "up")).returncode != 0:
+                raise SystemExit(f"cluster up failed: {started.stderr}")
+            version = _train(env)
+            for _ in range(rounds):
+                for tracing in (False, True):
+                    _cli(env, "down")
+                    round_env = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint if tracing else ""}
+                    if (started := _cli(round_env, "up")).returncode != 0:
+                        raise SystemExit(f"cluster up failed: {started.stderr}")
+                    _ready(url, key)
+                    spans_before = len(sink.spans)
+                    figures = _measure(url, script, connections, duration)
+                    figures.update({"tracing": tracing, "spans_received": len(sink.spans) - spans_before})
+                    runs.append(figures)
+                    typer.echo(
+                        f"tracing {'on ' if tracing else 'off'}: {figures['rps']:.0f} req/s, "
+                        f"p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
+                        f"{figures['non_2xx'] + figures['socket_errors']:.0f} errors, {figures['spans_received']} spans"
+                    )
+        finally:
+            _cli(env, "down")
+            sink.stop()
+            _cleanup_queues(suffix)
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    off = [r["rps"] for r in runs if not r["tracing"]]
+    on = [r["rps"] for r in runs if r["tracing"]]
+    summary = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "model_version": version,
+        "connections": connections,
+        "duration_s": duration,
+        "runs": runs,
+        "rps_off_median": statistics.median(off),
+        "rps_on_median": statistics.median(on),
+        "overhead_pct": 100 * (1 - statistics.median(on) / statistics.median(off)),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tracing_overhead.json").write_text(json.dumps(summary, indent=2))
+    typer.echo(
+        f"median req/s: off {summary['rps_off_median']:.0f}, on {summary['rps_on_median']:.0f} "
+        f"({summary['overhead_pct']:.1f}% lower with tracing on)"
+    )
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,139 @@
+"""Structured logs: one JSON object per line, with the trace, span and request ids of the work
+that wrote it, so a line found in Loki leads to its trace in Tempo and back.
+
+Processes we start call `configure_logging(service)`. Serve replicas keep Serve's own JSON
+handler; `TraceContextFilter` adds the same ids to its records.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import orjson
+
+from cluster import telemetry
+
+# Per-request and per-job context that every line written inside it carries.
+_context: ContextVar[dict[str, Any] | None] = ContextVar("log_context", default=None)
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is context.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+
+
+# Serve writes its access log line outside the request's own context, naming only the request
+# id; this bounded map from request id to trace lets that line carry the request's trace too.
+_TRACES: OrderedDict[str, tuple[str, str]] = OrderedDict()
+_TRACES_MAX = 10_000
+_traces_lock = threading.Lock()
+
+
+def remember_trace(request_id: str, trace_id: str, span_id: str) -> None:
+    with _traces_lock:
+        _TRACES[request_id] = (trace_id, span_id)
+        if len(_TRACES) > _TRACES_MAX:
+            _TRACES.popitem(last=False)
+
+
+def trace_of_request(request_id: str) -> tuple[str, str] | None:
+    with _traces_lock:
+        return _TRACES.get(request_id)
+
+
+@contextmanager
+def log_context(**values: Any) -> Iterator[None]:
+    """Attach values (request_id, job_id, model_version, ...) to every line logged inside."""
+    merged = {**(_context.get() or {}), **{k: v for k, v in values.items() if v is not None}}
+    token = _context.set(merged)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def context_fields() -> dict[str, Any]:
+    fields = dict(_context.get() or {})
+    ids = telemetry.current_ids()
+    if ids is not None:
+        fields.setdefault("trace_id", ids[0])
+        fields.setdefault("span_id", ids[1])
+    return fields
+
+
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": _timestamp(record.created),
+            "level": record.levelname,
+            "service": self._service,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "trace_id": None,
+            "span_id": None,
+            "request_id": None,
+        }
+        entry.update(context_fields())
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds the ids of the active span and the log context to records formatted by someone else."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.service = self._service
+        request_id = getattr(record, "request_id", None)
+        known = trace_of_request(request_id) if isinstance(request_id, str) else None
+        if known is not None:
+            record.trace_id, record.span_id = known
+        for key, value in context_fields().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    """Route the root logger to stderr as JSON lines; `cluster up` sends stderr to a log file."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Ray gives its logger a plain-text handler of its own; route it through ours instead.
+    ray_logger = logging.getLogger("ray")
+    for existing in list(ray_logger.handlers):
+        ray_logger.removeHandler(existing)
+    ray_logger.propagate = True
+    # Client libraries log every connection attempt at INFO; their warnings are what matters.
+    for noisy in ("aiormq", "aio_pika", "httpx", "urllib3", "psycopg.pool"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_context_filter(logger_name: str, service: str) -> None:
+    """Install the filter once on a logger whose handlers belong to someone else (Ray Serve)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, TraceContextFilter) for f in logger.filters):
+        logger.addFilter(TraceContextFilter(service))

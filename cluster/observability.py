@@ -1,0 +1,175 @@
+"""Prometheus and Alertmanager configuration, built from one description of the scrape targets.
+
+The local stack (`cluster up`) renders it with loopback addresses from the settings; compose gets
+the same jobs with its service names, written to cluster/prometheus/prometheus.yml and
+cluster/alertmanager/alertmanager.yml by `python -m cluster render-observability` (a test keeps
+the committed files equal to what this module produces).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.settings import REPO_ROOT, Settings
+
+RULES_DIR = REPO_ROOT / "cluster" / "prometheus" / "rules"
+COMPOSE_PROMETHEUS = REPO_ROOT / "cluster" / "prometheus" / "prometheus.yml"
+COMPOSE_ALERTMANAGER = REPO_ROOT / "cluster" / "alertmanager" / "alertmanager.yml"
+WEBHOOK_PATH = "/v1/alerts/alertmanager"
+RAY_SERVICE_DISCOVERY_FILE = "prom_metrics_service_discovery.json"
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where each component answers; None leaves its scrape job out."""
+
+    prometheus: str
+    alertmanager: str
+    ray_service_discovery: str  # the file Ray's head writes and refreshes as nodes come and go
+    dispatcher: str | None
+    mlflow: str | None
+    rabbitmq: str | None
+    postgres_exporter: str | None
+    rules_dir: str
+    scrape_interval_s: float = 15.0
+    extra_jobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def local_targets(settings: Settings, ray_temp_dir: Path, rules_dir: Path) -> Targets:
+    host = settings.prometheus_host
+    return Targets(
+        prometheus=f"{host}:{settings.prometheus_port}",
+        alertmanager=f"{host}:{settings.alertmanager_port}",
+        ray_service_discovery=str(ray_temp_dir / RAY_SERVICE_DISCOVERY_FILE),
+        dispatcher=f"{settings.dispatcher_host}:{settings.dispatcher_metrics_port}"
+        if settings.training_jobs_enabled
+        else None,
+        mlflow=f"{settings.mlflow_host}:{settings.mlflow_port}",
+        rabbitmq=f"127.0.0.1:{settings.rabbitmq_metrics_port}" if settings.amqp_url else None,
+        postgres_exporter=f"127.0.0.1:{settings.postgres_exporter_port}" if settings.database_url else None,
+        rules_dir=str(rules_dir),
+        scrape_interval_s=settings.prometheus_scrape_interval_s,
+    )
+
+
+def compose_targets() -> Targets:
+    return Targets(
+        prometheus="prometheus:9090",
+        alertmanager="alertmanager:9093",
+        ray_service_discovery=f"/tmp/ray/{RAY_SERVICE_DISCOVERY_FILE}",
+        dispatcher="dispatcher:9102",
+        mlflow="mlflow:5000",
+        rabbitmq="rabbitmq:15692",
+        postgres_exporter="postgres-exporter:9187",
+        rules_dir="/etc/prometheus/rules",
+        extra_jobs=[
+            {"job_name": "otel-collector", "static_configs": [{"targets": ["otel-collector:8888"]}]},
+            {"job_name": "tempo", "static_configs": [{"targets": ["tempo:3200"]}]},
+            {"job_name": "loki", "static_configs": [{"targets": ["loki:3100"]}]},
+        ],
+    )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def _static(job: str, target: str) -> dict[str, Any]:
+    return {"job_name": job, "static_configs": [{"targets": [target]}]}
+
+
+def prometheus_config(targets: Targets) -> dict[str, Any]:
+    jobs: list[dict[str, Any]] = [
+        _static("prometheus", targets.prometheus),
+        _static("alertmanager", targets.alertmanager),
+        # Ray's head lists every node's metrics agent (Serve's and our replicas' metrics included)
+        # in this file; Prometheus re-reads it, so new worker nodes are scraped without a reload.
+        {"job_name": "ray", "file_sd_configs": [{"files": [targets.ray_service_discovery]}]},
+    ]
+    if targets.dispatcher:
+        jobs.append(_static("dispatcher", targets.dispatcher))
+    if targets.mlflow:
+        jobs.append(_static("mlflow", targets.mlflow))
+    if targets.rabbitmq:
+        jobs.append(_static("rabbitmq", targets.rabbitmq))
+    if targets.postgres_exporter:
+        jobs.append(_static("postgres", targets.postgres_exporter))
+    jobs.extend(targets.extra_jobs)
+    interval = _duration(targets.scrape_interval_s)
+    return {
+        "global": {
+            "scrape_interval": interval,
+            "evaluation_interval": interval,
+            "external_labels": {"platform": "ray-cluster"},
+        },
+        "rule_files": [f"{targets.rules_dir}/*.yml"],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [targets.alertmanager]}]}]},
+        "scrape_configs": jobs,
+    }
+
+
+def alertmanager_config(webhook_url: str, credentials_file: str, group_wait_s: float) -> dict[str, Any]:
+    """The accuracy alert (label action=retrain) goes to the API's webhook; everything else stays
+    in Alertmanager and Grafana until a team adds its own receivers."""
+    return {
+        "route": {
+            "receiver": "platform",
+            "group_by": ["alertname", "model", "model_version"],
+            "group_wait": _duration(group_wait_s),
+            "group_interval": "5m",
+            "repeat_interval": "4h",
+            "routes": [{"receiver": "retrain", "matchers": ['action="retrain"'], "continue": False}],
+        },
+        "receivers": [
+            {"name": "platform"},
+            {
+                "name": "retrain",
+                "webhook_configs": [
+                    {
+                        "url": webhook_url,
+                        "send_resolved": False,
+                        "max_alerts": 0,
+                        "http_config": {"authorization": {"type": "Bearer", "credentials_file": credentials_file}},
+                    }
+                ],
+            },
+        ],
+        # A firing accuracy alert must not be silenced by the component-down alert of the same model.
+        "inhibit_rules": [
+            {
+                "source_matchers": ['severity="critical"', 'alertname="ComponentDown"'],
+                "target_matchers": ['severity="warning"', 'alertname!="ModelAccuracyLow"'],
+                "equal": ["job"],
+            }
+        ],
+    }
+
+
+def dump(config: dict[str, Any], header: str) -> str:
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+COMPOSE_HEADER = "# Generated by `python -m cluster render-observability` from cluster/observability.py; do not edit.\n"
+
+
+def compose_files() -> dict[Path, str]:
+    return {
+        COMPOSE_PROMETHEUS: dump(prometheus_config(compose_targets()), COMPOSE_HEADER),
+        COMPOSE_ALERTMANAGER: dump(
+            alertmanager_config(f"http://ray-head:8000{WEBHOOK_PATH}", "/run/secrets/alert_webhook_token", 30.0),
+            COMPOSE_HEADER,
+        ),
+    }
+
+
+def write_compose_files() -> list[Path]:
+    written = []
+    for path, text in compose_files().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written

@@ -1,0 +1,1 @@
+"""Predictions and their true labels, stored in PostgreSQL: the source of live accuracy."""

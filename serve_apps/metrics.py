@@ -1,0 +1,39 @@
+"""Application metrics of the Serve replicas, exported by Ray's metrics agent (names get Ray's
+`ray_` prefix; Serve's own request counts and latency histograms come with Serve)."""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+ROW_BUCKETS: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.request_rows = Histogram(
+            "model_request_rows", "Rows per prediction request.", boundaries=ROW_BUCKETS, tag_keys=("route",)
+        )
+        self.feedback = Counter(
+            "feedback_received", "True labels received, by outcome.", tag_keys=("outcome", "model_version")
+        )
+        self.records_dropped = Counter(
+            "prediction_records_dropped", "Prediction rows dropped because PostgreSQL stayed unreachable."
+        )
+        self.retrain_requests = Counter(
+            "retrain_requests", "Training jobs requested by alerts, by whether the job is new.", tag_keys=("created",)
+        )
+
+
+class ModelMetrics:
+    def __init__(self) -> None:
+        self.predictions = Counter(
+            "model_predictions",
+            "Predicted rows by model version and class.",
+            tag_keys=("model", "model_version", "label"),
+        )
+        self.serving_version = Gauge(
+            "model_serving_version", "The registry version this replica serves.", tag_keys=("model",)
+        )
+        self.batch_rows = Histogram(
+            "model_batch_rows", "Rows per model call (requests joined by @serve.batch).", boundaries=ROW_BUCKETS
+        )

@@ -1,0 +1,216 @@
+"""The closed loop on the running stack: wrong feedback -> live accuracy -> Prometheus alert ->
+Alertmanager -> the API's webhook -> a retraining job on Ray -> a new registered version,
+promoted and served if it is better; and one trace id across every component it crossed."""
+
+from __future__ import annotations
+
+import glob
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.job_submission import JobSubmissionClient
+
+from cluster.demo import wait_for_version
+from serve_apps.schemas import EXAMPLE_ROW
+from tests.conftest import ALERT_WEBHOOK_TOKEN, Stack
+from tests.integration.test_prometheus import wait_for
+from tests.observability import dashboard_exprs, promql_metric_names, rule_exprs
+from tests.training_jobs_helpers import wait_job
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARDS = sorted((REPO / "cluster" / "grafana" / "dashboards").glob("*.json"))
+RULES = sorted((REPO / "cluster" / "prometheus" / "rules").glob("*.yml"))
+
+
+def _until(what: str, probe: Any, timeout_s: float = 120) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := probe():
+            return found
+        time.sleep(1)
+    raise AssertionError(f"{what}: not seen within {timeout_s}s")
+
+
+def _firing_alerts(stack: Stack, version: str) -> list[dict[str, Any]]:
+    alerts = httpx.get(f"{stack.settings.prometheus_url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    return [
+        a for a in alerts
+        if a["labels"]["alertname"] == "ModelAccuracyLow" and a["labels"].get("model_version") == version
+        and a["state"] == "firing"
+    ]  # fmt: skip
+
+
+def _alertmanager_alerts(stack: Stack, version: str) -> list[dict[str, Any]]:
+    response = httpx.get(
+        f"{stack.settings.alertmanager_url}/api/v2/alerts",
+        params={"filter": ['alertname="ModelAccuracyLow"', f'model_version="{version}"']},
+        timeout=10,
+    )
+    return list(response.json())
+
+
+def _alert_jobs(stack: Stack) -> list[dict[str, Any]]:
+    response = httpx.get(f"{stack.settings.serve_url}/v1/training-jobs", params={"limit": 200}, headers=stack.auth)
+    assert response.status_code == 200, response.text
+    return [j for j in response.json()["jobs"] if (j["idempotency_key"] or "").startswith("alert:ModelAccuracyLow:")]
+
+
+def _current(stack: Stack) -> dict[str, Any]:
+    response = httpx.get(f"{stack.settings.serve_url}/v1/models/current", headers=stack.auth, timeout=10)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _serve_log_lines(stack: Stack, deployment: str, trace_id: str) -> list[dict[str, Any]]:
+    temp = stack.settings.resolved_ray_temp_dir
+    lines = []
+    for path in glob.glob(f"{temp}/session_latest/logs/serve/replica_inference_{deployment}_*.log"):
+        lines += [json.loads(line) for line in Path(path).read_text().splitlines() if trace_id in line]
+    return lines
+
+
+@pytest.fixture(scope="module")
+def champion(stack, trained):
+    """Whichever version earlier tests left as champion, once it serves."""
+    ready = _until("a served model", lambda: httpx.get(f"{stack.settings.serve_url}/readyz").status_code == 200, 60)
+    assert ready
+    return _current(stack)
+
+
+def test_one_predictions_trace_is_in_the_header_the_logs_and_the_spans(stack, champion, otlp_sink):
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    response = httpx.post(
+        f"{stack.settings.serve_url}/v1/predict",
+        json={"instances": [EXAMPLE_ROW]},
+        headers={**stack.auth, "traceparent": traceparent},
+    )
+    assert response.status_code == 200
+    trace_id = response.headers["x-trace-id"]
+    assert trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert response.headers["traceparent"].split("-")[1] == trace_id
+    request_id = response.json()["request_id"]
+    for deployment in ("Ingress", "ModelServer"):
+        lines = _until(f"{deployment} log lines", lambda d=deployment: _serve_log_lines(stack, d, trace_id), 30)
+        assert all(line["trace_id"] == trace_id and line["span_id"] for line in lines)
+        assert any(line.get("request_id") == request_id for line in lines)
+    spans = _until(
+        "spans of both deployments",
+        lambda: (
+            (s := otlp_sink.spans_of(trace_id)) and {"inference-api", "model-server"} <= {x.service for x in s} and s
+        ),
+        30,
+    )
+    # The ingress's server span is a child of the caller's span.
+    assert any(s.parent_span_id == "00f067aa0ba902b7" for s in spans)
+
+
+def test_wrong_feedback_retrains_and_the_better_model_serves(stack, champion, otlp_sink):
+    version = champion["version"]
+    assert not _alert_jobs(stack)
+    predicted = httpx.post(
+        f"{stack.settings.serve_url}/v1/predict", json={"instances": [EXAMPLE_ROW] * 30}, headers=stack.auth
+    ).json()
+    for index, prediction in enumerate(predicted["predictions"]):
+        wrong = ">50K" if prediction["label"] == "<=50K" else "<=50K"
+        body = {"request_id": predicted["request_id"], "index": index, "label": wrong}
+        response = httpx.post(f"{stack.settings.serve_url}/v1/feedback", json=body, headers=stack.auth)
+        assert response.status_code == 201, response.text
+
+    # 1. Live accuracy, computed from the stored feedback, drops below the threshold in Prometheus.
+    accuracy = wait_for(stack, f'model_live_accuracy{{model_version="{version}"}}', 60)
+    assert float(accuracy[0]["value"][1]) < stack.settings.accuracy_threshold
+    # 2. The rule fires, 3. Alertmanager holds it, 4. the webhook queued exactly one retraining job.
+    fired = _until("ModelAccuracyLow firing in Prometheus", lambda: _firing_alerts(stack, version), 60)
+    assert fired[0]["labels"]["action"] == "retrain"
+    held = _until("the alert in Alertmanager", lambda: _alertmanager_alerts(stack, version), 60)
+    jobs = _until("a retraining job", lambda: _alert_jobs(stack), 60)
+    assert len(jobs) == 1
+    job = wait_job(stack, jobs[0]["id"], {"succeeded"}, 600)
+    assert job["kind"] == "train" and job["overrides"] == {"train.epochs": 3, "train.patience": 2}
+
+    # 5. A new version is registered by the job's run, which carries the trace id of the webhook call.
+    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    new = client.get_model_version(stack.settings.model_name, job["model_version"])
+    assert int(new.version) > int(version)
+    run = client.get_run(str(new.run_id))
+    assert run.data.tags["trace_id"] == job["trace_id"]
+    # 6. Promoted and served if better, else the champion keeps serving; the decision is recorded either way.
+    assert new.tags["promotion.decision"] == ("promoted" if job["promoted"] else "rejected")
+    if job["promoted"]:
+        assert wait_for_version(stack.settings, new.version, 60)
+        assert _current(stack)["version"] == new.version
+    else:
+        assert _current(stack)["version"] == version
+
+    # One alert episode, one job: Alertmanager's repeats of this episode replay the same job.
+    alert = held[0]
+    repeat = {
+        "status": "firing",
+        "alerts": [{"status": "firing", "labels": alert["labels"], "startsAt": alert["startsAt"],
+                    "fingerprint": alert["fingerprint"]}],
+    }  # fmt: skip
+    replay = httpx.post(
+        f"{stack.settings.serve_url}/v1/alerts/alertmanager",
+        json=repeat,
+        headers={"Authorization": f"Bearer {ALERT_WEBHOOK_TOKEN}"},
+    )
+    assert replay.status_code == 200
+    assert replay.json()["retrain"] == [
+        {"alert": "ModelAccuracyLow", "fingerprint": alert["fingerprint"], "job_id": job["id"], "created": False}
+    ]
+    assert len(_alert_jobs(stack)) == 1
+
+    # The job's trace crossed the webhook's ingress, the dispatcher (through RabbitMQ) and the
+    # training job (through the Ray job's environment): spans and JSON logs of each carry it.
+    trace_id = job["trace_id"]
+    # The dispatch span ends after the job's row is final, and spans leave in batches: wait for all.
+    crossed = {"inference-api", "dispatcher", "trainer"}
+    _until(f"spans from {crossed}", lambda: crossed <= {s.service for s in otlp_sink.spans_of(trace_id)}, 30)
+    dispatcher_log = (stack.settings.logs_dir / "dispatcher.log").read_text().splitlines()
+    assert any(trace_id in line and json.loads(line)["service"] == "dispatcher" for line in dispatcher_log)
+    job_logs = JobSubmissionClient(stack.settings.ray_dashboard_url).get_job_logs(job["ray_job_id"])
+    trainer_lines = [json.loads(line) for line in job_logs.splitlines() if line.startswith("{") and trace_id in line]
+    assert any(line["service"] == "trainer" for line in trainer_lines)
+    assert _serve_log_lines(stack, "Ingress", trace_id)
+
+
+def test_dashboards_and_rules_use_only_metrics_prometheus_scraped(stack):
+    # Run after the loop, so feedback and retrain series exist.
+    names = set(httpx.get(f"{stack.settings.prometheus_url}/api/v1/label/__name__/values", timeout=10).json()["data"])
+    used: dict[str, set[str]] = {}
+    for dashboard in DASHBOARDS:
+        for expr in dashboard_exprs(dashboard):
+            for name in promql_metric_names(expr):
+                used.setdefault(name, set()).add(dashboard.name)
+    for rules in RULES:
+        for alert, expr in rule_exprs(rules):
+            for name in promql_metric_names(expr):
+                used.setdefault(name, set()).add(alert)
+    missing = {name: where for name, where in used.items() if name not in names}
+    assert not missing, f"metrics used but never scraped: {missing}"
+
+
+def test_rays_generated_dashboards_resolve_to_the_provisioned_prometheus(stack):
+    generated = sorted(
+        Path(stack.settings.resolved_ray_temp_dir).glob("session_latest/metrics/grafana/dashboards/*.json")
+    )
+    assert generated, "Ray wrote no Grafana dashboards"
+    for path in generated:
+        dashboard = json.loads(path.read_text())
+        variables = {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
+        assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+        refs = set()
+        for panel in dashboard.get("panels", []):
+            for item in [panel, *panel.get("targets", [])]:
+                ref = item.get("datasource")
+                refs.add(json.dumps(ref, sort_keys=True) if isinstance(ref, dict) else str(ref))
+        assert refs <= {"None", "${datasource}", '{"type": "prometheus", "uid": "${datasource}"}', "-- Grafana --"}, (
+            path.name,
+            refs,
+        )

@@ -1,0 +1,175 @@
+"""Prometheus rules and configs, Alertmanager routing: checked by Prometheus's own tools."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+
+from cluster.observability import (
+    RULES_DIR,
+    alertmanager_config,
+    compose_files,
+    dump,
+    local_targets,
+    prometheus_config,
+)
+from cluster.settings import Settings
+from jobs.feedback.monitor import AccuracyGauges
+from jobs.feedback.store import VersionAccuracy
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is missing: apt-get install prometheus prometheus-alertmanager (the CI script does)"
+    return path
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_committed_compose_configs_are_what_the_generator_writes():
+    for path, text in compose_files().items():
+        assert path.read_text() == text, f"{path} is stale: run `python -m cluster render-observability`"
+
+
+def test_rules_pass_promtool_and_each_alert_says_what_and_how_bad():
+    result = _run(_tool("promtool"), "check", "rules", *map(str, RULES_DIR.glob("*.yml")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in RULES_DIR.glob("*.yml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                assert "for" in rule and rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+                assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+
+
+RULE_TESTS = {
+    "evaluation_interval": "15s",
+    "tests": [
+        {
+            # Accuracy of version 3 falls to 0.5 against a 0.6 threshold; version 2 stays fine.
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": 'model_live_accuracy{model="adult",model_version="3",job="dispatcher"}',
+                    "values": "0.9 0.5x10",
+                },
+                {"series": 'model_live_accuracy{model="adult",model_version="2",job="dispatcher"}', "values": "0.9x10"},
+                {"series": 'model_live_accuracy_threshold{job="dispatcher"}', "values": "0.6x10"},
+                {"series": 'up{job="dispatcher",instance="d:9102"}', "values": "1 1 0 0 0 0"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "3m", "alertname": "ModelAccuracyLow", "exp_alerts": []},
+                {
+                    "eval_time": "7m",
+                    "alertname": "ModelAccuracyLow",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "warning",
+                                "action": "retrain",
+                                "model": "adult",
+                                "model_version": "3",
+                            },
+                            "exp_annotations": {
+                                "summary": "Live accuracy of adult version 3 below threshold",
+                                "description": "Live accuracy 50% over the feedback window is below the configured "
+                                "threshold; a retraining job is requested.",
+                            },
+                        }
+                    ],
+                },
+                {
+                    "eval_time": "5m",
+                    "alertname": "ComponentDown",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "critical", "job": "dispatcher", "instance": "d:9102"},
+                            "exp_annotations": {
+                                "summary": "dispatcher target d:9102 is down",
+                                "description": "Prometheus could not scrape dispatcher at d:9102 for 2 minutes.",
+                            },
+                        }
+                    ],
+                },
+            ],
+        }
+    ],
+}
+
+
+def test_accuracy_and_down_alerts_fire_when_they_should(tmp_path: Path):
+    tests = {**RULE_TESTS, "rule_files": [str(p) for p in RULES_DIR.glob("*.yml")]}
+    test_file = tmp_path / "rules.test.yml"
+    test_file.write_text(yaml.safe_dump(tests))
+    result = _run(_tool("promtool"), "test", "rules", str(test_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(
+        _env_file=None,
+        state_dir=tmp_path,
+        database_url="postgresql://u@db/x",
+        amqp_url="amqp://g:g@mq/%2F",
+        alert_webhook_token="t",
+    )
+
+
+def test_local_prometheus_config_passes_promtool_and_scrapes_every_component(tmp_path: Path):
+    config = prometheus_config(local_targets(_settings(tmp_path), Path("/tmp/ray"), RULES_DIR))
+    path = tmp_path / "prometheus.yml"
+    path.write_text(dump(config, ""))
+    result = _run(_tool("promtool"), "check", "config", "--syntax-only", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    assert jobs == {"prometheus", "alertmanager", "ray", "dispatcher", "mlflow", "rabbitmq", "postgres"}
+    ray = next(job for job in config["scrape_configs"] if job["job_name"] == "ray")
+    assert ray["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+
+
+@pytest.mark.parametrize(
+    "labels, receiver",
+    [
+        ("alertname=ModelAccuracyLow action=retrain", "retrain"),
+        ("alertname=ComponentDown severity=critical", "platform"),
+    ],
+)
+def test_alertmanager_sends_only_the_retrain_alert_to_the_webhook(tmp_path: Path, labels: str, receiver: str):
+    path = tmp_path / "alertmanager.yml"
+    path.write_text(dump(alertmanager_config("http://api/v1/alerts/alertmanager", str(tmp_path / "token"), 1.0), ""))
+    (tmp_path / "token").write_text("t")
+    amtool = _tool("amtool")
+    checked = _run(amtool, "check-config", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    routed = _run(amtool, "config", "routes", "test", f"--config.file={path}", *labels.split())
+    assert routed.stdout.strip() == receiver, routed.stdout + routed.stderr
+
+
+def test_committed_alertmanager_config_passes_amtool(tmp_path: Path):
+    # The compose file names the token at /run/secrets; amtool only needs the file to exist.
+    text = compose_files()[Path(RULES_DIR.parent.parent / "alertmanager" / "alertmanager.yml")]
+    token = tmp_path / "token"
+    token.write_text("t")
+    path = tmp_path / "alertmanager.yml"
+    path.write_text(text.replace("/run/secrets/alert_webhook_token", str(token)))
+    result = _run(_tool("amtool"), "check-config", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_accuracy_is_published_only_with_enough_feedback_and_old_versions_disappear():
+    registry = CollectorRegistry()
+    gauges = AccuracyGauges(registry)
+    gauges.publish([VersionAccuracy("m", "1", 30, 12), VersionAccuracy("m", "2", 3, 0)], min_feedback=20)
+    text = generate_latest(registry).decode()
+    assert 'model_live_accuracy{model="m",model_version="1"} 0.4' in text
+    assert 'model_live_accuracy{model="m",model_version="2"}' not in text
+    assert 'model_live_feedback{model="m",model_version="2"} 3.0' in text
+    gauges.publish([VersionAccuracy("m", "2", 25, 25)], min_feedback=20)
+    text = generate_latest(registry).decode()
+    assert 'model_version="1"' not in text and 'model_live_accuracy{model="m",model_version="2"} 1.0' in text
