@@ -122,7 +122,10 @@ def configure_logging(service: str, level: str = "INFO") -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # Ray gives its logger a plain-text handler of its own; route it through ours instead.
+    # Ray gives its logger a plain-text handler when first imported; import it now so that the
+    # handler exists to be removed, and Ray's lines go through ours instead.
+    import ray  # noqa: F401
+
     ray_logger = logging.getLogger("ray")
     for existing in list(ray_logger.handlers):
         ray_logger.removeHandler(existing)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 import shutil
 import socket
 import subprocess
@@ -89,6 +91,23 @@ def _check_artifacts(settings: Settings) -> None:
         ) from exc
 
 
+def mlflow_log_config(settings: Settings) -> Path:
+    """A logging dictConfig for MLflow's uvicorn workers, formatting with cluster.logs."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    quiet = {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "cluster.logs.JsonFormatter", "service": "mlflow"}},
+        "handlers": {"stderr": handler},
+        "root": {"handlers": ["stderr"], "level": "INFO"},
+        "loggers": {name: quiet for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "mlflow")},
+    }
+    path = settings.state_dir / "mlflow-logging.json"
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return path
+
+
 def start_mlflow(settings: Settings, env: dict[str, str]) -> str:
     item = managed(settings, "mlflow")
     if read_pid(item) and check(f"{settings.mlflow_url}/health")[0]:
@@ -105,6 +124,8 @@ def start_mlflow(settings: Settings, env: dict[str, str]) -> str:
         "--artifacts-destination", settings.resolved_artifacts_destination,
         # /metrics for Prometheus; the directory holds the workers' shared counters.
         "--expose-prometheus", str(settings.state_dir / "mlflow-metrics"),
+        # Its uvicorn workers log JSON lines like every other component.
+        "--uvicorn-opts", f"--log-config {shlex.quote(str(mlflow_log_config(settings)))}",
     ]  # fmt: skip
     proc = spawn(item, argv, env)
     if not wait_healthy(f"{settings.mlflow_url}/health", settings.startup_timeout_s, lambda: proc.poll() is None):
