@@ -324,8 +324,9 @@ class Ingress:
             return error_response(request, 422, "validation_error", message, details)
         settings = get_settings()
         result = await recorder.store.add_feedback(body.request_id, body.index, body.label, settings.feedback_max_age_s)
-        if result.outcome is FeedbackOutcome.UNKNOWN and recorder.pending:
-            # The prediction may still sit in this replica's write buffer.
+        if result.outcome is FeedbackOutcome.UNKNOWN:
+            # The prediction may still sit in this replica's write buffer, or in a flush under way:
+            # flush() waits for that one and writes what is left.
             await recorder.flush()
             result = await recorder.store.add_feedback(
                 body.request_id, body.index, body.label, settings.feedback_max_age_s
@@ -383,7 +384,7 @@ class Ingress:
                 kind=settings.retrain_kind,
                 config=settings.retrain_config,
                 overrides=settings.retrain_overrides,
-                idempotency_key=f"alert:{name}:{alert.fingerprint}:{alert.startsAt}"[:200],
+                idempotency_key=f"alert:{name}:{alert.fingerprint}:{alert.episode}"[:200],
             )
             job, created = await jobs.submit(spec, request.state.traceparent)
             self._metrics.retrain_requests.inc(tags={"created": str(created).lower()})

@@ -113,9 +113,16 @@ class Alert(BaseModel):
     status: str
     labels: dict[str, str] = {}
     annotations: dict[str, str] = {}
-    startsAt: str  # noqa: N815 - Alertmanager's field names
+    # RFC 3339; Alertmanager writes the fraction with varying precision (its API and its webhook
+    # differ), so an episode is named by its start to the second.
+    startsAt: str = Field(..., pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")  # noqa: N815 - Alertmanager's names
     endsAt: str | None = None  # noqa: N815
     fingerprint: str = Field(..., min_length=1, max_length=64)
+
+    @property
+    def episode(self) -> str:
+        """One firing episode of this alert: it keeps its start time until it resolves."""
+        return self.startsAt[:19]
 
 
 class AlertmanagerPayload(BaseModel):

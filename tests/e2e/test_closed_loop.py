@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobSubmissionClient
@@ -110,7 +111,18 @@ def test_one_predictions_trace_is_in_the_header_the_logs_and_the_spans(stack, ch
     assert any(s.parent_span_id == "00f067aa0ba902b7" for s in spans)
 
 
-def test_wrong_feedback_retrains_and_the_better_model_serves(stack, champion, otlp_sink):
+@pytest.fixture
+def wrong_feedback_removed_afterwards(stack):
+    """The wrong labels would keep the accuracy alert up for the window; the tests after this one
+    must not see alerts or retraining they did not cause."""
+    yield
+    with psycopg.connect(stack.settings.database_url.get_secret_value()) as conn:
+        conn.execute("DELETE FROM feedback")
+
+
+def test_wrong_feedback_retrains_and_the_better_model_serves(
+    stack, champion, otlp_sink, wrong_feedback_removed_afterwards
+):
     version = champion["version"]
     assert not _alert_jobs(stack)
     predicted = httpx.post(

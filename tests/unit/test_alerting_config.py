@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -103,10 +104,49 @@ RULE_TESTS = {
 }
 
 
-def test_accuracy_and_down_alerts_fire_when_they_should(tmp_path: Path):
-    tests = {**RULE_TESTS, "rule_files": [str(p) for p in RULES_DIR.glob("*.yml")]}
+KEEP_FIRING = {
+    "evaluation_interval": "15s",
+    "tests": [
+        {
+            # Version 5's series vanishes for 3 minutes (the dispatcher restarting): still one episode.
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": 'model_live_accuracy{model="adult",model_version="5"}',
+                    "values": "0.5x7 stale stale stale 0.5x3",
+                },
+                {"series": "model_live_accuracy_threshold", "values": "0.6x14"},
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "9m",
+                    "alertname": "ModelAccuracyLow",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "warning",
+                                "action": "retrain",
+                                "model": "adult",
+                                "model_version": "5",
+                            },
+                            "exp_annotations": {
+                                "summary": "Live accuracy of adult version 5 below threshold",
+                                "description": "Live accuracy 50% over the feedback window is below the configured "
+                                "threshold; a retraining job is requested.",
+                            },
+                        }
+                    ],
+                }
+            ],
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize("tests", [RULE_TESTS, KEEP_FIRING], ids=["fire", "keep-firing-through-a-gap"])
+def test_accuracy_and_down_alerts_fire_when_they_should(tmp_path: Path, tests: dict[str, Any]):
     test_file = tmp_path / "rules.test.yml"
-    test_file.write_text(yaml.safe_dump(tests))
+    test_file.write_text(yaml.safe_dump({**tests, "rule_files": [str(p) for p in RULES_DIR.glob("*.yml")]}))
     result = _run(_tool("promtool"), "test", "rules", str(test_file))
     assert result.returncode == 0, result.stdout + result.stderr
 
