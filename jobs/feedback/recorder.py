@@ -42,6 +42,9 @@ class PredictionRecorder:
 
     def record(self, rows: list[PredictionRow]) -> None:
         self._buffer.extend(rows)
+        self._trim()
+
+    def _trim(self) -> None:
         overflow = len(self._buffer) - self._max_rows
         if overflow > 0:
             for _ in range(overflow):
@@ -63,7 +66,7 @@ class PredictionRecorder:
             except Exception:
                 # Back to the front, in order, for the next flush; the buffer bound still applies.
                 self._buffer.extendleft(reversed(batch))
-                self.record([])
+                self._trim()
                 raise
 
     async def wait_ready(self, timeout_s: float) -> bool:

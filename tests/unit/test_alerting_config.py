@@ -49,6 +49,18 @@ def test_rules_pass_promtool_and_each_alert_says_what_and_how_bad():
                 assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
 
 
+def _accuracy_alert(version: str) -> dict[str, Any]:
+    """ModelAccuracyLow as promtool expects it for a version at 50 % accuracy."""
+    return {
+        "exp_labels": {"severity": "warning", "action": "retrain", "model": "adult", "model_version": version},
+        "exp_annotations": {
+            "summary": f"Live accuracy of adult version {version} below threshold",
+            "description": "Live accuracy 50% over the feedback window is below the configured "
+            "threshold; a retraining job is requested.",
+        },
+    }
+
+
 RULE_TESTS = {
     "evaluation_interval": "15s",
     "tests": [
@@ -69,21 +81,7 @@ RULE_TESTS = {
                 {
                     "eval_time": "7m",
                     "alertname": "ModelAccuracyLow",
-                    "exp_alerts": [
-                        {
-                            "exp_labels": {
-                                "severity": "warning",
-                                "action": "retrain",
-                                "model": "adult",
-                                "model_version": "3",
-                            },
-                            "exp_annotations": {
-                                "summary": "Live accuracy of adult version 3 below threshold",
-                                "description": "Live accuracy 50% over the feedback window is below the configured "
-                                "threshold; a retraining job is requested.",
-                            },
-                        }
-                    ],
+                    "exp_alerts": [_accuracy_alert("3")],
                 },
                 {
                     "eval_time": "5m",
@@ -121,21 +119,7 @@ KEEP_FIRING = {
                 {
                     "eval_time": "9m",
                     "alertname": "ModelAccuracyLow",
-                    "exp_alerts": [
-                        {
-                            "exp_labels": {
-                                "severity": "warning",
-                                "action": "retrain",
-                                "model": "adult",
-                                "model_version": "5",
-                            },
-                            "exp_annotations": {
-                                "summary": "Live accuracy of adult version 5 below threshold",
-                                "description": "Live accuracy 50% over the feedback window is below the configured "
-                                "threshold; a retraining job is requested.",
-                            },
-                        }
-                    ],
+                    "exp_alerts": [_accuracy_alert("5")],
                 }
             ],
         }
