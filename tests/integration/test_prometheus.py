@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,13 +20,19 @@ def query(stack, promql: str) -> list[dict[str, Any]]:
     return result
 
 
-def wait_for(stack, promql: str, timeout_s: float = 90) -> list[dict[str, Any]]:
+def wait_for(
+    stack, promql: str, timeout_s: float = 90, until: Callable[[list[dict[str, Any]]], bool] = bool
+) -> list[dict[str, Any]]:
+    """Poll until the query's result satisfies `until` (by default: not empty). Series appear one
+    report interval of Ray's metrics agent after the event, not all at once."""
     deadline = time.monotonic() + timeout_s
+    result: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        if result := query(stack, promql):
+        result = query(stack, promql)
+        if until(result):
             return result
         time.sleep(1)
-    raise AssertionError(f"no result for {promql} within {timeout_s}s")
+    raise AssertionError(f"{promql}: no satisfying result within {timeout_s}s; last: {result}")
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +67,25 @@ def test_every_component_is_a_healthy_target(stack, served):
 
 def test_queries_return_the_application_metrics(stack, served):
     version = str(served["model_version"])
-    requests = wait_for(stack, 'sum by (status_code) (ray_serve_num_http_requests_total{route="/v1/predict"})')
-    assert {r["metric"]["status_code"] for r in requests} >= {"200", "422"}
-    latency = wait_for(stack, 'sum(ray_serve_http_request_latency_ms_count{route="/v1/predict"})')
+    codes = lambda result: {r["metric"]["status_code"] for r in result}  # noqa: E731
+    requests = wait_for(
+        stack,
+        'sum by (status_code) (ray_serve_num_http_requests_total{route="/v1/predict"})',
+        until=lambda result: codes(result) >= {"200", "422"},
+    )
+    assert codes(requests) >= {"200", "422"}
+    latency = wait_for(stack, 'sum(ray_serve_http_request_latency_ms_count{route="/v1/predict"}) >= 5')
     assert float(latency[0]["value"][1]) >= 5
-    rows = wait_for(stack, "sum(ray_model_request_rows_sum)")
+    rows = wait_for(stack, "sum(ray_model_request_rows_sum) >= 15")
     assert float(rows[0]["value"][1]) >= 15
-    classes = wait_for(stack, f'sum by (label) (ray_model_predictions_total{{model_version="{version}"}})')
+    classes = wait_for(
+        stack,
+        f'sum by (label) (ray_model_predictions_total{{model_version="{version}"}})',
+        until=lambda result: sum(float(r["value"][1]) for r in result) >= 15,
+    )
     assert {r["metric"]["label"] for r in classes} <= {"<=50K", ">50K"}
     assert sum(float(r["value"][1]) for r in classes) >= 15
-    serving = wait_for(stack, "max(ray_model_serving_version)")
+    serving = wait_for(stack, f"max(ray_model_serving_version) >= {version}")
     assert float(serving[0]["value"][1]) >= float(version)
     assert wait_for(stack, 'training_jobs{state="succeeded"}')
     assert float(wait_for(stack, "model_live_accuracy_threshold")[0]["value"][1]) == stack.settings.accuracy_threshold
