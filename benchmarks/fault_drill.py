@@ -22,9 +22,9 @@ from typing import Any
 
 import httpx
 import typer
-from ray.job_submission import JobSubmissionClient
 
 from cluster.health import wait_until
+from cluster.jobs_api import jobs_client
 from cluster.settings import REPO_ROOT, Settings, get_settings
 
 TERMINAL = {"succeeded", "failed", "dead_lettered"}
@@ -111,9 +111,7 @@ def main(jobs: int = 6, timeout_s: float = 3600) -> None:
     typer.echo(f"waiting for {len(drill.accepted)} accepted jobs")
     started = time.monotonic()
     results = drill.wait_all(timeout_s)
-    ray_jobs = Counter(
-        (j.metadata or {}).get("training_job_id") for j in JobSubmissionClient(settings.ray_dashboard_url).list_jobs()
-    )
+    ray_jobs = Counter((j.metadata or {}).get("training_job_id") for j in jobs_client(settings).list_jobs())
     states = Counter(r["state"] for r in results)
     extra_ray_jobs = sum(max(0, ray_jobs[r["id"]] - r["attempts"]) for r in results)
     versions = {r["model_version"] for r in results if r["model_version"]}

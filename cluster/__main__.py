@@ -64,5 +64,37 @@ def render_observability_command() -> None:
         typer.echo(f"wrote {path}")
 
 
+@app.command("render-edge")
+def render_edge_command() -> None:
+    """Regenerate compose's Nginx config from cluster/nginx/nginx.conf.j2 (cluster/edge.py)."""
+    from cluster.edge import write_compose_file
+
+    typer.echo(f"wrote {write_compose_file()}")
+
+
+@app.command("render-kuberay")
+def render_kuberay_command() -> None:
+    """Regenerate cluster/kuberay's RayService and RayJob from serve_apps/config.yaml (cluster/scale_out.py)."""
+    from cluster.scale_out import write_kuberay_files
+
+    for path in write_kuberay_files():
+        typer.echo(f"wrote {path}")
+
+
+@app.command("deploy-serve")
+def deploy_serve_command() -> None:
+    """Deploy the Serve app from serve_apps/config.yaml to a running Ray cluster, as `up` does; wait until it runs."""
+    from cluster.stack import deploy_serve
+    from cluster.supervisor import child_environment
+
+    settings = get_settings()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)  # the rendered config is written there
+    try:
+        typer.echo(f"serve: {deploy_serve(settings, child_environment(settings))} at {settings.serve_url}")
+    except StartupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+
+
 if __name__ == "__main__":
     app()

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from dotenv import dotenv_values
 
+from cluster.edge import local_ca_file
 from cluster.health import probes, wait_until
 from cluster.jobs_api import follow_job, submit_training, training_result
 from cluster.settings import REPO_ROOT, Settings, get_settings
@@ -41,12 +42,20 @@ def ensure_api_key(env_file: Path = REPO_ROOT / ".env") -> str:
     return key
 
 
-def ensure_webhook_token(env_file: Path = REPO_ROOT / ".env") -> None:
-    """Alertmanager's credentials for the retraining webhook, generated like the API key."""
-    if get_settings().alert_webhook_token is not None:
-        return
-    token = secrets.token_urlsafe(32)
-    _append_env(env_file, ": Alertmanager's token for the retraining webhook", {"ALERT_WEBHOOK_TOKEN": token})
+# Secrets the demo generates when they are not configured: what each protects.
+GENERATED_SECRETS = {
+    "alert_webhook_token": "Alertmanager's token for the retraining webhook",
+    "ray_auth_token": "Ray's token authentication (dashboard, Jobs API, GCS)",
+    "mlflow_basic_auth_password": "MLflow through Nginx (user MLFLOW_BASIC_AUTH_USER)",
+}
+
+
+def ensure_secrets(env_file: Path = REPO_ROOT / ".env") -> None:
+    """Generate each missing secret into .env, like the API key; configured ones are kept."""
+    settings = get_settings()
+    for field, purpose in GENERATED_SECRETS.items():
+        if getattr(settings, field) is None:
+            _append_env(env_file, f": {purpose}", {field.upper(): secrets.token_urlsafe(32)})
 
 
 LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/ray_cluster"
@@ -87,28 +96,75 @@ def wait_for_version(settings: Settings, version: str, timeout_s: float) -> bool
     return wait_until(serving, timeout_s)
 
 
+def edge_running(settings: Settings) -> bool:
+    return any(probe.name == "nginx" for probe in probes(settings)) and _listening(
+        settings.nginx_host, settings.nginx_https_port
+    )
+
+
+def api_base(settings: Settings) -> tuple[str, bool | str, str]:
+    """Where users call the API: Nginx over https when it runs (with the CA to trust), else Serve."""
+    if edge_running(settings):
+        ca = local_ca_file(settings)
+        return settings.edge_url, str(ca), f" --cacert {shlex.quote(str(ca))}"
+    return settings.serve_url, True, ""
+
+
 def predict(settings: Settings, key: str, rows: list[dict[str, Any]]) -> httpx.Response:
+    base, verify, _ = api_base(settings)
     return httpx.post(
-        f"{settings.serve_url}/v1/predict",
+        f"{base}/v1/predict",
         json={"instances": rows},
         headers={"Authorization": f"Bearer {key}"},
         timeout=30,
+        verify=verify,
     )
 
 
 def curl_example(settings: Settings, key: str) -> str:
+    base, _, cacert = api_base(settings)
     body = json.dumps({"instances": [EXAMPLE_ROW]})
     return (
-        f"curl -s {settings.serve_url}/v1/predict -H 'Authorization: Bearer {key}' "
+        f"curl -s{cacert} {base}/v1/predict -H 'Authorization: Bearer {key}' "
         f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
     )
 
 
 def training_job_example(settings: Settings, key: str) -> str:
+    base, _, cacert = api_base(settings)
     body = json.dumps({"kind": "train", "overrides": {"train.epochs": 5}})
     return (
-        f"curl -si {settings.serve_url}/v1/training-jobs -H 'Authorization: Bearer {key}' "
+        f"curl -si{cacert} {base}/v1/training-jobs -H 'Authorization: Bearer {key}' "
         f"-H 'Content-Type: application/json' -H 'Idempotency-Key: demo-1' -d {shlex.quote(body)}"
+    )
+
+
+def ray_submit_example(settings: Settings) -> str:
+    """`ray job submit` as a user outside the machine runs it: through Nginx, with the token."""
+    if not (settings.ray_auth_enabled and edge_running(settings)):
+        return f"ray job submit --address {settings.ray_dashboard_url} --working-dir . -- python -m jobs.train"
+    ca = shlex.quote(str(local_ca_file(settings)))
+    return (
+        "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(grep ^RAY_AUTH_TOKEN= .env | cut -d= -f2-) "
+        f"ray job submit --address {settings.edge_url}/ray --verify {ca} --working-dir . -- "
+        "python -m jobs.train --config jobs/configs/adult.yaml"
+    )
+
+
+def edge_urls(settings: Settings) -> str:
+    if not edge_running(settings):
+        return (
+            f"Ray dashboard : {settings.ray_dashboard_url}\nMLflow UI     : {settings.mlflow_url}\n"
+            f"API docs      : {settings.serve_url}/docs\n"
+        )
+    base = settings.edge_url
+    return (
+        f"Everything through Nginx (TLS; trust {local_ca_file(settings)}):\n"
+        f"UI            : {base}/ui/\n"
+        f"API docs      : {base}/docs\n"
+        f"MLflow UI     : {base}/mlflow/   (user {settings.mlflow_basic_auth_user}, "
+        "password MLFLOW_BASIC_AUTH_PASSWORD in .env)\n"
+        f"Ray dashboard : {base}/ray/   (token RAY_AUTH_TOKEN in .env)\n"
     )
 
 
@@ -125,7 +181,7 @@ def observability_urls(settings: Settings) -> str:
 def run_demo(config: str = "jobs/configs/adult.yaml") -> int:
     started = time.monotonic()
     key = ensure_api_key()
-    ensure_webhook_token()
+    ensure_secrets()
     async_training = ensure_async_training()
     settings = get_settings()
     print(f"== asynchronous training: {async_training}")
@@ -156,12 +212,12 @@ def run_demo(config: str = "jobs/configs/adult.yaml") -> int:
     print(
         f"""
 == the stack is up (stop it with `make down`); demo took {time.monotonic() - started:.0f} s
-Ray dashboard : {settings.ray_dashboard_url}
-MLflow UI     : {settings.mlflow_url}
-API docs      : {settings.serve_url}/docs
-API key       : {key}   (in .env as API_KEYS)
+{edge_urls(settings)}API key       : {key}   (in .env as API_KEYS)
 {observability_urls(settings)}Try it:
 {curl_example(settings, key)}
+
+Submit a training job as a user would:
+{ray_submit_example(settings)}
 """
     )
     if settings.training_jobs_enabled:

@@ -17,6 +17,7 @@ class Probe:
     name: str
     url: str
     health_url: str
+    verify: bool | str = True  # the CA for a locally issued certificate
 
 
 def probes(settings: Settings) -> list[Probe]:
@@ -25,10 +26,20 @@ def probes(settings: Settings) -> list[Probe]:
         Probe("mlflow", settings.mlflow_url, f"{settings.mlflow_url}/health"),
         Probe("serve", settings.serve_url, f"{settings.serve_url}/healthz"),
         Probe("model", f"{settings.serve_url}/docs", f"{settings.serve_url}/readyz"),
+        # Gradio's page answers 200 with or without its login; a 200 means the UI serves.
+        Probe("ui", settings.ui_url, f"{settings.ui_url}/"),
     ]
     if settings.training_jobs_enabled:
         metrics = f"{settings.dispatcher_url}/metrics"
         found.append(Probe("dispatcher", metrics, metrics))
+    if settings.nginx_enabled and (shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")):
+        from cluster.edge import local_ca_file
+
+        edge = f"https://{settings.nginx_host}:{settings.nginx_https_port}"
+        found.append(Probe("nginx", settings.edge_url, f"{edge}/healthz", str(local_ca_file(settings))))
+    if settings.prometheus_enabled and shutil.which("prometheus-nginx-exporter") and settings.nginx_enabled:
+        url = f"http://127.0.0.1:{settings.nginx_exporter_port}/metrics"
+        found.append(Probe("nginx-exporter", url, url))
     if settings.prometheus_enabled and shutil.which("prometheus"):
         found.append(Probe("prometheus", settings.prometheus_url, f"{settings.prometheus_url}/-/ready"))
     if settings.prometheus_enabled and shutil.which("prometheus-alertmanager"):
@@ -39,9 +50,11 @@ def probes(settings: Settings) -> list[Probe]:
     return found
 
 
-def check(url: str, timeout_s: float = 3.0) -> tuple[bool, str]:
+def check(
+    url: str, timeout_s: float = 3.0, headers: dict[str, str] | None = None, verify: bool | str = True
+) -> tuple[bool, str]:
     try:
-        response = httpx.get(url, timeout=timeout_s)
+        response = httpx.get(url, timeout=timeout_s, headers=headers, verify=verify)
     except httpx.HTTPError as exc:
         return False, f"unreachable ({type(exc).__name__})"
     if response.status_code == 200:
@@ -66,6 +79,16 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, max_wait_s: floa
         return False
 
 
-def wait_healthy(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+def wait_healthy(
+    url: str,
+    timeout_s: float,
+    alive: Callable[[], bool] = lambda: True,
+    headers: dict[str, str] | None = None,
+    verify: bool | str = True,
+) -> bool:
     """Wait for an HTTP 200 at `url`; give up early once `alive` says the process died."""
-    return wait_until(lambda: (not alive()) or check(url)[0], timeout_s) and check(url)[0]
+
+    def ok() -> bool:
+        return check(url, headers=headers, verify=verify)[0]
+
+    return wait_until(lambda: (not alive()) or ok(), timeout_s) and ok()

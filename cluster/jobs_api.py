@@ -6,9 +6,12 @@ import asyncio
 import json
 import subprocess
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.settings import REPO_ROOT, Settings
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 RESULT_MARKER = "TRAINING_RESULT "
 # Never ship local state, environments or caches to the cluster with the working dir.
@@ -42,6 +45,13 @@ def training_runtime_env(extra_env: dict[str, str] | None = None) -> dict[str, A
     return {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env_vars}
 
 
+def jobs_client(settings: Settings) -> JobSubmissionClient:
+    """A Jobs API client that presents the cluster's token when token authentication is on."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(settings.ray_dashboard_url, headers=settings.ray_auth_headers())
+
+
 def submit_training(
     settings: Settings,
     config: str = "jobs/configs/adult.yaml",
@@ -49,9 +59,7 @@ def submit_training(
     submission_id: str | None = None,
     module: str = "jobs.train",
 ) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(settings.ray_dashboard_url)
+    client = jobs_client(settings)
     args = " ".join(f"--set {o}" for o in overrides or [])
     entrypoint = f"python -m {module} --config {config} {args}".strip()
     return str(
@@ -61,9 +69,7 @@ def submit_training(
 
 def follow_job(settings: Settings, job_id: str, echo: Callable[[str], None] | None = None) -> tuple[str, str]:
     """Stream the job's logs until it ends; returns (final status, full logs)."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(settings.ray_dashboard_url)
+    client = jobs_client(settings)
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):

@@ -8,6 +8,7 @@ the committed files equal to what this module produces).
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class Targets:
     postgres_exporter: str | None
     rules_dir: str
     scrape_interval_s: float = 15.0
+    nginx_exporter: str | None = None
     extra_jobs: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -53,7 +55,15 @@ def local_targets(settings: Settings, ray_temp_dir: Path, rules_dir: Path) -> Ta
         postgres_exporter=f"127.0.0.1:{settings.postgres_exporter_port}" if settings.database_url else None,
         rules_dir=str(rules_dir),
         scrape_interval_s=settings.prometheus_scrape_interval_s,
+        nginx_exporter=f"127.0.0.1:{settings.nginx_exporter_port}" if nginx_exporter_enabled(settings) else None,
     )
+
+
+def nginx_exporter_enabled(settings: Settings) -> bool:
+    """The local stack runs the exporter when it runs Nginx and the exporter is installed."""
+    from cluster.stack import nginx_binary
+
+    return nginx_binary(settings) is not None and shutil.which("prometheus-nginx-exporter") is not None
 
 
 def compose_targets() -> Targets:
@@ -65,6 +75,7 @@ def compose_targets() -> Targets:
         mlflow="mlflow:5000",
         rabbitmq="rabbitmq:15692",
         postgres_exporter="postgres-exporter:9187",
+        nginx_exporter="nginx-exporter:9113",
         rules_dir="/etc/prometheus/rules",
         extra_jobs=[
             {"job_name": "otel-collector", "static_configs": [{"targets": ["otel-collector:8888"]}]},
@@ -88,7 +99,14 @@ def prometheus_config(targets: Targets) -> dict[str, Any]:
         _static("alertmanager", targets.alertmanager),
         # Ray's head lists every node's metrics agent (Serve's and our replicas' metrics included)
         # in this file; Prometheus re-reads it, so new worker nodes are scraped without a reload.
-        {"job_name": "ray", "file_sd_configs": [{"files": [targets.ray_service_discovery]}]},
+        # That file is a symlink into the current session's directory, where Ray rewrites it: a file
+        # watch on this path never fires, so Prometheus re-reads it every scrape interval instead.
+        {
+            "job_name": "ray",
+            "file_sd_configs": [
+                {"files": [targets.ray_service_discovery], "refresh_interval": _duration(targets.scrape_interval_s)}
+            ],
+        },
     ]
     if targets.dispatcher:
         jobs.append(_static("dispatcher", targets.dispatcher))
@@ -98,6 +116,8 @@ def prometheus_config(targets: Targets) -> dict[str, Any]:
         jobs.append(_static("rabbitmq", targets.rabbitmq))
     if targets.postgres_exporter:
         jobs.append(_static("postgres", targets.postgres_exporter))
+    if targets.nginx_exporter:
+        jobs.append(_static("nginx", targets.nginx_exporter))
     jobs.extend(targets.extra_jobs)
     interval = _duration(targets.scrape_interval_s)
     return {
@@ -166,10 +186,13 @@ def compose_files() -> dict[Path, str]:
     }
 
 
-def write_compose_files() -> list[Path]:
-    written = []
-    for path, text in compose_files().items():
+def write_files(files: dict[Path, str]) -> list[Path]:
+    """Write generated files (the committed renderings a test compares against)."""
+    for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-        written.append(path)
-    return written
+    return list(files)
+
+
+def write_compose_files() -> list[Path]:
+    return write_files(compose_files())

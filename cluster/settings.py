@@ -146,6 +146,50 @@ class Settings(BaseSettings):
     # Grafana for the Ray dashboard's embedded charts (compose runs one; none locally).
     grafana_url: str | None = None
 
+    # Nginx: the one entry point (TLS termination, auth for the operator UIs, rate limits).
+    # `cluster up` runs it when the Debian package is installed; the tests go through it.
+    nginx_enabled: bool = True
+    nginx_host: str = "127.0.0.1"
+    nginx_https_port: int = 8443
+    nginx_http_port: int = 8080  # redirects to https
+    # Public name in certificates and redirects; a certificate for it is generated under
+    # state_dir/tls unless both files below are given.
+    nginx_server_name: str = "localhost"
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Serve ingress endpoints Nginx balances across (host:port); default the local Serve proxy.
+    nginx_serve_upstreams: list[str] = Field(default_factory=list)
+    # Nginx's connection counters (stub_status) on loopback, read by prometheus-nginx-exporter.
+    nginx_status_port: int = 8081
+    nginx_exporter_port: int = 9113
+    # Requests per second per API key (and per client address without one) on the inference API,
+    # with this much burst; beyond it, 429.
+    api_rate_limit_rps: int = Field(default=500, ge=1)
+    api_rate_limit_burst: int = Field(default=1000, ge=0)
+    # Largest request body the inference API accepts (nginx size syntax); 1,000 rows are ~400 KB.
+    api_max_body_size: str = "2m"
+    # MLflow's UI and API behind Nginx need these (basic auth); without a password the route is closed.
+    mlflow_basic_auth_user: str = "mlflow"
+    mlflow_basic_auth_password: SecretStr | None = None
+    # Ray token authentication (RAY_AUTH_MODE=token, Ray >= 2.52) for the whole cluster: GCS,
+    # dashboard, Jobs API. Without a token the dashboard is not routed through Nginx at all.
+    ray_auth_token: SecretStr | None = None
+
+    # Gradio UI (`python -m ui`). It reaches the inference API over HTTP only, with its own key;
+    # `cluster up` hands it the first of API_KEYS when UI_API_KEY is unset.
+    ui_host: str = "127.0.0.1"
+    ui_port: int = 7860
+    # Public path prefix, for a proxy that sends no X-Forwarded-Prefix. Nginx sends one: leave
+    # this empty there, and the same process still answers correctly when reached directly.
+    ui_root_path: str = ""
+    ui_api_url: str | None = None  # default: serve_url
+    ui_api_key: SecretStr | None = None
+    ui_username: str = "admin"
+    ui_password: SecretStr | None = None  # the UI's login is on whenever this is set
+    ui_request_timeout_s: float = Field(default=30.0, gt=0)
+    # Anywhere but "development" the UI refuses to start without UI_PASSWORD (compose sets it too).
+    deployment_environment: str = "development"
+
     @model_validator(mode="after")
     def _local_tracking_server(self) -> Settings:
         if not self.mlflow_tracking_uri:
@@ -153,7 +197,19 @@ class Settings(BaseSettings):
         return self
 
     @field_validator(
-        "database_url", "amqp_url", "alert_webhook_token", "otel_exporter_otlp_endpoint", "grafana_url", mode="before"
+        "database_url",
+        "amqp_url",
+        "alert_webhook_token",
+        "otel_exporter_otlp_endpoint",
+        "grafana_url",
+        "mlflow_basic_auth_password",
+        "ray_auth_token",
+        "tls_cert_file",
+        "tls_key_file",
+        "ui_api_url",
+        "ui_api_key",
+        "ui_password",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
@@ -228,6 +284,36 @@ class Settings(BaseSettings):
     @property
     def alertmanager_url(self) -> str:
         return f"http://{self.prometheus_host}:{self.alertmanager_port}"
+
+    @property
+    def edge_url(self) -> str:
+        """What users reach: Nginx over https (the port is left out when it is 443)."""
+        port = "" if self.nginx_https_port == 443 else f":{self.nginx_https_port}"
+        return f"https://{self.nginx_server_name}{port}"
+
+    @property
+    def ray_auth_enabled(self) -> bool:
+        return self.ray_auth_token is not None
+
+    def ray_auth_headers(self) -> dict[str, str]:
+        """What a client of the dashboard and Jobs API sends when token authentication is on."""
+        if self.ray_auth_token is None:
+            return {}
+        return {"Authorization": f"Bearer {self.ray_auth_token.get_secret_value()}"}
+
+    @property
+    def ui_url(self) -> str:
+        # A wildcard bind is reached over loopback from this machine.
+        host = "127.0.0.1" if self.ui_host in {"0.0.0.0", "::", ""} else self.ui_host
+        return f"http://{host}:{self.ui_port}"
+
+    @property
+    def resolved_ui_api_url(self) -> str:
+        return (self.ui_api_url or self.serve_url).rstrip("/")
+
+    @property
+    def ui_login_required(self) -> bool:
+        return self.deployment_environment.strip().lower() != "development"
 
     @property
     def resolved_ray_temp_dir(self) -> Path:

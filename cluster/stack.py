@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +18,14 @@ import httpx
 import yaml
 
 from cluster.health import check, probes, wait_healthy, wait_until
-from cluster.observability import WEBHOOK_PATH, alertmanager_config, dump, local_targets, prometheus_config
+from cluster.observability import (
+    WEBHOOK_PATH,
+    alertmanager_config,
+    dump,
+    local_targets,
+    nginx_exporter_enabled,
+    prometheus_config,
+)
 from cluster.settings import Settings
 from cluster.supervisor import child_environment, log_tail, managed, read_pid, spawn, stop
 
@@ -48,6 +57,30 @@ def _port_taken(host: str, port: int) -> bool:
 def _require_free(host: str, port: int, what: str, setting: str) -> None:
     if _port_taken(host, port):
         raise StartupError(f"{what}: port {port} on {host} is already in use; stop what holds it or set {setting}")
+
+
+@dataclass(frozen=True)
+class Listener:
+    """Where a started process answers, and the setting that moves it."""
+
+    host: str
+    port: int
+    setting: str
+
+
+def start_process(
+    settings: Settings, name: str, argv: list[str], env: dict[str, str], health: str, listener: Listener
+) -> str:
+    """Start one long-running process unless it already answers, then wait until it is healthy."""
+    item = managed(settings, name)
+    if read_pid(item) and check(health)[0]:
+        return "already running"
+    _require_free(listener.host, listener.port, name, listener.setting)
+    proc = spawn(item, argv, env)
+    if not wait_healthy(health, settings.startup_timeout_s, lambda: proc.poll() is None):
+        stop(item)
+        raise StartupError(f"{name}: did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
+    return "started"
 
 
 # MLflow ------------------------------------------------------------------------------------
@@ -172,7 +205,8 @@ def start_ray(settings: Settings, env: dict[str, str]) -> str:
     proc = spawn(item, argv, {**env, **ray_metrics_environment(settings)})
     alive = lambda: proc.poll() is None  # noqa: E731
     ready = wait_healthy(f"{settings.ray_dashboard_url}/api/gcs_healthz", settings.startup_timeout_s, alive)
-    ready = ready and wait_healthy(f"{settings.ray_dashboard_url}/api/version", settings.startup_timeout_s, alive)
+    version_url = f"{settings.ray_dashboard_url}/api/version"
+    ready = ready and wait_healthy(version_url, settings.startup_timeout_s, alive, settings.ray_auth_headers())
     if not ready:
         stop(item)
         raise StartupError(f"ray: head node did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
@@ -239,16 +273,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def start_dispatcher(settings: Settings, env: dict[str, str]) -> str:
-    item = managed(settings, "dispatcher")
-    metrics = f"{settings.dispatcher_url}/metrics"
-    if read_pid(item) and check(metrics)[0]:
-        return "already running"
-    _require_free(settings.dispatcher_host, settings.dispatcher_metrics_port, "dispatcher", "DISPATCHER_METRICS_PORT")
-    proc = spawn(item, [sys.executable, "-m", "jobs.dispatcher", "run"], env)
-    if not wait_healthy(metrics, settings.startup_timeout_s, lambda: proc.poll() is None):
-        stop(item)
-        raise StartupError(f"dispatcher: did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
-    return "started"
+    listener = Listener(settings.dispatcher_host, settings.dispatcher_metrics_port, "DISPATCHER_METRICS_PORT")
+    argv = [sys.executable, "-m", "jobs.dispatcher", "run"]
+    return start_process(settings, "dispatcher", argv, env, f"{settings.dispatcher_url}/metrics", listener)
 
 
 # Prometheus, Alertmanager, exporters ----------------------------------------------------------
@@ -343,11 +370,6 @@ def start_prometheus(settings: Settings, env: dict[str, str], binary: str) -> st
 
 def start_postgres_exporter(settings: Settings, env: dict[str, str], binary: str) -> str:
     assert settings.database_url is not None
-    item = managed(settings, "postgres-exporter")
-    url = f"http://127.0.0.1:{settings.postgres_exporter_port}/metrics"
-    if read_pid(item) and check(url)[0]:
-        return "already running"
-    _require_free("127.0.0.1", settings.postgres_exporter_port, "postgres-exporter", "POSTGRES_EXPORTER_PORT")
     import psycopg
 
     from jobs.database import plain_dsn
@@ -359,11 +381,19 @@ def start_postgres_exporter(settings: Settings, env: dict[str, str], binary: str
         mode = "disable" if host in {"localhost", "127.0.0.1", "::1"} or host.startswith("/") else "require"
         dsn += ("&" if "?" in dsn else "?") + f"sslmode={mode}"
     argv = [binary, f"--web.listen-address=127.0.0.1:{settings.postgres_exporter_port}", "--log.format=json"]
-    proc = spawn(item, argv, {**env, "DATA_SOURCE_NAME": dsn})
-    if not wait_healthy(url, settings.startup_timeout_s, lambda: proc.poll() is None):
-        stop(item)
-        raise StartupError(f"postgres-exporter: did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
-    return "started"
+    url = f"http://127.0.0.1:{settings.postgres_exporter_port}/metrics"
+    listener = Listener("127.0.0.1", settings.postgres_exporter_port, "POSTGRES_EXPORTER_PORT")
+    return start_process(settings, "postgres-exporter", argv, {**env, "DATA_SOURCE_NAME": dsn}, url, listener)
+
+
+def start_nginx_exporter(settings: Settings, env: dict[str, str], binary: str) -> str:
+    argv = [
+        binary, f"-nginx.scrape-uri=http://127.0.0.1:{settings.nginx_status_port}/stub_status",
+        f"-web.listen-address=127.0.0.1:{settings.nginx_exporter_port}",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{settings.nginx_exporter_port}/metrics"
+    listener = Listener("127.0.0.1", settings.nginx_exporter_port, "NGINX_EXPORTER_PORT")
+    return start_process(settings, "nginx-exporter", argv, env, url, listener)
 
 
 def start_observability(settings: Settings, env: dict[str, str], report: Any) -> list[str]:
@@ -379,6 +409,11 @@ def start_observability(settings: Settings, env: dict[str, str], report: Any) ->
         outcome = start_postgres_exporter(settings, env, exporter)
         started += ["postgres-exporter"] if outcome == "started" else []
         report(f"postgres-exporter: {outcome}")
+    nginx_exporter = shutil.which("prometheus-nginx-exporter")
+    if nginx_exporter and nginx_exporter_enabled(settings):
+        outcome = start_nginx_exporter(settings, env, nginx_exporter)
+        started += ["nginx-exporter"] if outcome == "started" else []
+        report(f"nginx-exporter: {outcome}")
     for name, start in (("alertmanager", start_alertmanager), ("prometheus", start_prometheus)):
         binary = binaries[name]
         if binary is None:
@@ -393,6 +428,77 @@ def start_observability(settings: Settings, env: dict[str, str], report: Any) ->
             "prometheus-postgres-exporter)"
         )
     return started
+
+
+# Gradio UI ---------------------------------------------------------------------------------------
+
+
+def ui_environment(settings: Settings, env: dict[str, str]) -> dict[str, str]:
+    """The UI calls the API like any client, with a key. Without UI_API_KEY it gets the first of
+    API_KEYS, so `cluster up` always yields a working UI; give it a key of its own (also listed
+    in API_KEYS) where keys are rotated or revoked per client."""
+    if settings.ui_api_key is not None or not settings.api_key_list():
+        return env
+    return {**env, "UI_API_KEY": settings.api_key_list()[0]}
+
+
+def start_ui(settings: Settings, env: dict[str, str]) -> str:
+    argv = [sys.executable, "-m", "ui"]
+    listener = Listener(settings.ui_host, settings.ui_port, "UI_PORT")
+    return start_process(settings, "ui", argv, ui_environment(settings, env), f"{settings.ui_url}/", listener)
+
+
+# Nginx (the edge) ----------------------------------------------------------------------------------
+
+
+def nginx_binary(settings: Settings) -> str | None:
+    if not settings.nginx_enabled:
+        return None
+    # Debian puts it in /usr/sbin, which a non-root PATH often lacks.
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+
+
+def edge_health_url(settings: Settings) -> str:
+    return f"https://{settings.nginx_host}:{settings.nginx_https_port}/healthz"
+
+
+def start_nginx(settings: Settings, env: dict[str, str], binary: str, ui: str | None) -> str:
+    """TLS termination and the routes to every UI; reloaded in place when `up` runs again."""
+    from cluster.edge import edge_dir, local_ca_file, write_local_config
+
+    item = managed(settings, "nginx")
+    config = write_local_config(settings, ui)
+    argv = [binary, "-p", str(edge_dir(settings)), "-c", str(config), "-e", "stderr"]
+    checked = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True, check=False)
+    if checked.returncode != 0:
+        raise StartupError(f"nginx: configuration {config} rejected: {checked.stderr.strip().splitlines()[-1:]}")
+    verify = str(local_ca_file(settings))
+    pid = read_pid(item)
+    if pid is not None:
+        os.kill(pid, signal.SIGHUP)  # graceful reload: old workers finish their requests
+        return "already running (configuration reloaded)"
+    _require_free(settings.nginx_host, settings.nginx_https_port, "nginx", "NGINX_HTTPS_PORT")
+    _require_free(settings.nginx_host, settings.nginx_http_port, "nginx", "NGINX_HTTP_PORT")
+    proc = spawn(item, [*argv, "-g", "daemon off;"], env)
+    if not wait_healthy(
+        edge_health_url(settings), settings.startup_timeout_s, lambda: proc.poll() is None, verify=verify
+    ):
+        stop(item)
+        raise StartupError(f"nginx: did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
+    return "started"
+
+
+def start_edge(settings: Settings, env: dict[str, str], report: Any, ui: str | None) -> list[str]:
+    binary = nginx_binary(settings)
+    if not settings.nginx_enabled:
+        report("nginx: off (NGINX_ENABLED=false)")
+        return []
+    if binary is None:
+        report("nginx: not installed (apt-get install nginx); the API is reachable only without TLS")
+        return []
+    outcome = start_nginx(settings, env, binary, ui)
+    report(f"nginx: {outcome} at {settings.edge_url}")
+    return ["nginx"] if outcome == "started" else []
 
 
 # Serve -------------------------------------------------------------------------------------
@@ -417,7 +523,8 @@ def render_serve_config(settings: Settings) -> Path:
 
 def serve_app_status(settings: Settings) -> tuple[str, str]:
     try:
-        response = httpx.get(f"{settings.ray_dashboard_url}/api/serve/applications/", timeout=5)
+        url = f"{settings.ray_dashboard_url}/api/serve/applications/"
+        response = httpx.get(url, timeout=5, headers=settings.ray_auth_headers())
         app = response.json().get("applications", {}).get(SERVE_APP, {})
     except (httpx.HTTPError, ValueError):
         return "UNKNOWN", "dashboard not reachable"
@@ -488,6 +595,10 @@ def up(settings: Settings, report: Any = print) -> None:
         else:
             report("dispatcher: off (set DATABASE_URL and AMQP_URL for asynchronous training)")
         report(f"serve: {deploy_serve(settings, env)} at {settings.serve_url}")
+        outcome = start_ui(settings, env)
+        started += ["ui"] if outcome == "started" else []
+        report(f"ui: {outcome} at {settings.ui_url}")
+        started += start_edge(settings, env, report, ui=f"{settings.ui_host}:{settings.ui_port}")
         started += start_observability(settings, env, report)
     except StartupError:
         # A half-started stack helps nobody: stop what this call started, keep what was running.
@@ -501,14 +612,17 @@ def down(settings: Settings, report: Any = print) -> None:
     # lost by killing it after a short grace. MLflow's workers finish their requests first.
     # The dispatcher goes first: requests it holds return to the queue, its Ray jobs keep running.
     components = (
+        ("nginx", 5.0),
         ("prometheus", 10.0),
         ("alertmanager", 10.0),
         ("postgres-exporter", 5.0),
+        ("nginx-exporter", 5.0),
+        ("ui", 5.0),
         ("dispatcher", 10.0),
         ("ray", 5.0),
         ("mlflow", 20.0),
     )
-    optional = {"prometheus", "alertmanager", "postgres-exporter"}
+    optional = {"nginx", "prometheus", "alertmanager", "postgres-exporter", "nginx-exporter"}
     for name, grace_s in components:
         stopped = stop(managed(settings, name), grace_s=grace_s)
         if stopped or name not in optional:
@@ -518,6 +632,6 @@ def down(settings: Settings, report: Any = print) -> None:
 def status(settings: Settings) -> list[ComponentStatus]:
     rows = []
     for probe in probes(settings):
-        healthy, detail = check(probe.health_url)
+        healthy, detail = check(probe.health_url, verify=probe.verify)
         rows.append(ComponentStatus(probe.name, probe.url, healthy, detail))
     return rows

@@ -44,6 +44,11 @@ def child_environment(settings: Settings) -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.update(settings.s3_environment())
+    if settings.ray_auth_token is not None:
+        # Every Ray process and client of the stack (head, workers, job drivers, `serve deploy`,
+        # the dispatcher) presents the cluster's token; Ray refuses anyone without it.
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN"] = settings.ray_auth_token.get_secret_value()
     return env
 
 

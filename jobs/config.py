@@ -26,6 +26,8 @@ Transform = Literal["none", "log1p"]
 # Named like the ray.tune functions they become; randint's upper bound is exclusive, as in Ray.
 Distribution = Literal["uniform", "loguniform", "randint", "choice"]
 TuneMetric = Literal["best_val_loss", "val_loss", "train_loss", "val_accuracy"]
+# Ray placement group strategies (ray.train.ScalingConfig.placement_strategy).
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 class _Strict(BaseModel):
@@ -79,6 +81,9 @@ class TrainConfig(_Strict):
     lr_patience: int = Field(default=1, ge=0)
     seed: int = 42
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    # How the workers' resource bundles are placed on the cluster's nodes: PACK fills one node
+    # first (less network traffic for DDP), SPREAD puts them on different nodes where possible.
+    placement_strategy: PlacementStrategy = "PACK"
 
 
 class PromotionConfig(_Strict):

@@ -116,13 +116,14 @@ class ModelServer:
         except Exception as exc:  # keep serving the loaded version whatever the registry does
             self._last_error = f"{type(exc).__name__}: {exc}"
             log.warning("model refresh failed: %s", self._last_error)
+            self._report_serving()
             return current
         self._last_error = None
         if loaded is not None:
             # A single reference assignment: a batch in flight keeps the model it started with.
             self._model = loaded
-            if loaded.version.isdigit():
-                self._metrics.serving_version.set(int(loaded.version), tags={"model": self._model_name})
+        self._report_serving()
+        if loaded is not None:
             log.info(
                 "serving %s version %s (was %s)",
                 self._model_name,
@@ -131,6 +132,12 @@ class ModelServer:
                 extra={"model_version": loaded.version, "run_id": loaded.run_id},
             )
         return self._model.version if self._model else None
+
+    def _report_serving(self) -> None:
+        """Set on every poll, not only on a swap: Ray's metrics agent drops a gauge that has not been
+        reported for two export intervals."""
+        if self._model is not None and self._model.version.isdigit():
+            self._metrics.serving_version.set(int(self._model.version), tags={"model": self._model_name})
 
     async def _follow_alias(self) -> None:
         while True:

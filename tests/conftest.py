@@ -4,6 +4,7 @@ for the integration and end-to-end tests, started and stopped through `python -m
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -12,19 +13,33 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from benchmarks.otlp_sink import OtlpSink
+from cluster.edge import local_ca_file
 from cluster.observability import RULES_DIR
 from cluster.settings import REPO_ROOT, Settings, get_settings
+from cluster.stack import nginx_binary
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 ALERT_WEBHOOK_TOKEN = secrets.token_urlsafe(24)
+RAY_AUTH_TOKEN = secrets.token_urlsafe(24)
+MLFLOW_PASSWORD = secrets.token_urlsafe(16)
+UI_PASSWORD = secrets.token_urlsafe(16)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Token authentication on for every Ray cluster of the session. Ray reads RAY_AUTH_MODE once,
+    when this process first imports it (collection does), so it is set before anything else."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = RAY_AUTH_TOKEN
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,10 +49,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(getattr(pytest.mark, kind))
 
 
+# Ports the tests hand out come from below the kernel's ephemeral range (32768-60999), where Ray
+# picks its own random ports and every outgoing connection takes one, and above Ray's worker port
+# range (10002-19999): a port found free here is not taken by someone else before it is used.
+TEST_PORTS = range(20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    for _ in range(200):
+        port = random.choice(TEST_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {TEST_PORTS}")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -55,6 +86,27 @@ class Stack:
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
+
+    @property
+    def edge(self) -> bool:
+        """Nginx runs in front (the Debian package is installed): users, and these tests, go through it."""
+        return nginx_binary(self.settings) is not None
+
+    @property
+    def api_url(self) -> str:
+        if self.edge:
+            return f"https://{self.settings.nginx_host}:{self.settings.nginx_https_port}"
+        return self.settings.serve_url
+
+    @property
+    def verify(self) -> bool | str:
+        """The local CA `cluster up` issued the edge's certificate from."""
+        return str(local_ca_file(self.settings)) if self.edge else True
+
+    @cached_property
+    def http(self) -> httpx.Client:
+        """The inference API as a user reaches it: over TLS through Nginx."""
+        return httpx.Client(base_url=self.api_url, verify=self.verify, timeout=30)
 
 
 @contextmanager
@@ -187,6 +239,17 @@ def stack(
         "ACCURACY_MIN_FEEDBACK": "20",
         "ACCURACY_THRESHOLD": "0.6",
         "RETRAIN_OVERRIDES": '{"train.epochs": 3, "train.patience": 2}',
+        # The edge and the protected operator routes: Nginx on free ports, Ray's token auth on.
+        "NGINX_HTTPS_PORT": str(free_port()),
+        "NGINX_HTTP_PORT": str(free_port()),
+        "NGINX_STATUS_PORT": str(free_port()),
+        "NGINX_EXPORTER_PORT": str(free_port()),
+        "MLFLOW_BASIC_AUTH_PASSWORD": MLFLOW_PASSWORD,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": RAY_AUTH_TOKEN,
+        # The Gradio UI with its login on, as outside development.
+        "UI_PORT": str(free_port()),
+        "UI_PASSWORD": UI_PASSWORD,
     }
     saved = {k: os.environ.get(k) for k in overrides}
     os.environ.update(overrides)
@@ -195,7 +258,9 @@ def stack(
     started = run_cli("cluster", "up", env=env)
     try:
         assert started.returncode == 0, f"cluster up failed:\n{started.stdout}\n{started.stderr}"
-        yield Stack(settings=get_settings(), env=env, api_key=api_key)
+        running = Stack(settings=get_settings(), env=env, api_key=api_key)
+        yield running
+        running.http.close()
     finally:
         run_cli("cluster", "down", env=env, timeout=120)
         for key, value in saved.items():

@@ -16,8 +16,8 @@ QUICK = {"train.epochs": 1, "train.patience": 1}
 
 
 def post_job(stack: Stack, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(
-        f"{stack.settings.serve_url}/v1/training-jobs",
+    return stack.http.post(
+        "/v1/training-jobs",
         json=body,
         headers={**stack.auth, **(headers or {})},
         timeout=30,
@@ -25,7 +25,7 @@ def post_job(stack: Stack, body: dict[str, Any], headers: dict[str, str] | None 
 
 
 def get_job(stack: Stack, job_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{stack.settings.serve_url}/v1/training-jobs/{job_id}", headers=stack.auth, timeout=30)
+    response = stack.http.get(f"/v1/training-jobs/{job_id}", headers=stack.auth, timeout=30)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body

@@ -67,7 +67,8 @@ def run() -> None:
     dsn, amqp = _require_enabled(settings)
     store = JobStore(dsn)
     publisher = Publisher(amqp, Topology.from_settings(settings), f"dispatcher-relay {dispatcher_name()}")
-    dispatcher = Dispatcher(settings, store, publisher, RayJobs(settings.ray_dashboard_url))
+    ray_jobs = RayJobs(settings.ray_dashboard_url, settings.ray_auth_headers())
+    dispatcher = Dispatcher(settings, store, publisher, ray_jobs)
     dispatcher.metrics.serve(settings.dispatcher_host, settings.dispatcher_metrics_port)
 
     async def serve() -> None:

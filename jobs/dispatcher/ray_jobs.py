@@ -48,15 +48,16 @@ def entrypoint(spec: JobSpec) -> str:
 
 
 class RayJobs:
-    def __init__(self, dashboard_url: str) -> None:
+    def __init__(self, dashboard_url: str, headers: dict[str, str] | None = None) -> None:
         self._url = dashboard_url
+        self._headers = headers or {}
 
     async def _call(self, fn: Callable[[Any], T]) -> T:
         def run() -> T:
             from ray.job_submission import JobSubmissionClient
 
             try:
-                client = JobSubmissionClient(self._url)
+                client = JobSubmissionClient(self._url, headers=self._headers)
                 return fn(client)
             except (ConnectionError, requests.exceptions.RequestException) as exc:
                 raise RayUnavailableError(f"Ray Jobs API at {self._url} unreachable: {exc}") from exc

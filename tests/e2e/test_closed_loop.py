@@ -14,9 +14,9 @@ import httpx
 import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
-from ray.job_submission import JobSubmissionClient
 
 from cluster.demo import wait_for_version
+from cluster.jobs_api import jobs_client
 from serve_apps.schemas import EXAMPLE_ROW
 from tests.conftest import ALERT_WEBHOOK_TOKEN, Stack
 from tests.integration.test_prometheus import wait_for
@@ -56,13 +56,13 @@ def _alertmanager_alerts(stack: Stack, version: str) -> list[dict[str, Any]]:
 
 
 def _alert_jobs(stack: Stack) -> list[dict[str, Any]]:
-    response = httpx.get(f"{stack.settings.serve_url}/v1/training-jobs", params={"limit": 200}, headers=stack.auth)
+    response = stack.http.get("/v1/training-jobs", params={"limit": 200}, headers=stack.auth)
     assert response.status_code == 200, response.text
     return [j for j in response.json()["jobs"] if (j["idempotency_key"] or "").startswith("alert:ModelAccuracyLow:")]
 
 
 def _current(stack: Stack) -> dict[str, Any]:
-    response = httpx.get(f"{stack.settings.serve_url}/v1/models/current", headers=stack.auth, timeout=10)
+    response = stack.http.get("/v1/models/current", headers=stack.auth, timeout=10)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -79,15 +79,15 @@ def _serve_log_lines(stack: Stack, deployment: str, trace_id: str) -> list[dict[
 @pytest.fixture(scope="module")
 def champion(stack, trained):
     """Whichever version earlier tests left as champion, once it serves."""
-    ready = _until("a served model", lambda: httpx.get(f"{stack.settings.serve_url}/readyz").status_code == 200, 60)
+    ready = _until("a served model", lambda: stack.http.get("/readyz").status_code == 200, 60)
     assert ready
     return _current(stack)
 
 
 def test_one_predictions_trace_is_in_the_header_the_logs_and_the_spans(stack, champion, otlp_sink):
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    response = httpx.post(
-        f"{stack.settings.serve_url}/v1/predict",
+    response = stack.http.post(
+        "/v1/predict",
         json={"instances": [EXAMPLE_ROW]},
         headers={**stack.auth, "traceparent": traceparent},
     )
@@ -125,13 +125,11 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
 ):
     version = champion["version"]
     assert not _alert_jobs(stack)
-    predicted = httpx.post(
-        f"{stack.settings.serve_url}/v1/predict", json={"instances": [EXAMPLE_ROW] * 30}, headers=stack.auth
-    ).json()
+    predicted = stack.http.post("/v1/predict", json={"instances": [EXAMPLE_ROW] * 30}, headers=stack.auth).json()
     for index, prediction in enumerate(predicted["predictions"]):
         wrong = ">50K" if prediction["label"] == "<=50K" else "<=50K"
         body = {"request_id": predicted["request_id"], "index": index, "label": wrong}
-        response = httpx.post(f"{stack.settings.serve_url}/v1/feedback", json=body, headers=stack.auth)
+        response = stack.http.post("/v1/feedback", json=body, headers=stack.auth)
         assert response.status_code == 201, response.text
 
     # 1. Live accuracy, computed from the stored feedback, drops below the threshold in Prometheus.
@@ -167,8 +165,8 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
         "alerts": [{"status": "firing", "labels": alert["labels"], "startsAt": alert["startsAt"],
                     "fingerprint": alert["fingerprint"]}],
     }  # fmt: skip
-    replay = httpx.post(
-        f"{stack.settings.serve_url}/v1/alerts/alertmanager",
+    replay = stack.http.post(
+        "/v1/alerts/alertmanager",
         json=repeat,
         headers={"Authorization": f"Bearer {ALERT_WEBHOOK_TOKEN}"},
     )
@@ -186,7 +184,7 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
     _until(f"spans from {crossed}", lambda: crossed <= {s.service for s in otlp_sink.spans_of(trace_id)}, 30)
     dispatcher_log = (stack.settings.logs_dir / "dispatcher.log").read_text().splitlines()
     assert any(trace_id in line and json.loads(line)["service"] == "dispatcher" for line in dispatcher_log)
-    job_logs = JobSubmissionClient(stack.settings.ray_dashboard_url).get_job_logs(job["ray_job_id"])
+    job_logs = jobs_client(stack.settings).get_job_logs(job["ray_job_id"])
     trainer_lines = [json.loads(line) for line in job_logs.splitlines() if line.startswith("{") and trace_id in line]
     assert any(line["service"] == "trainer" for line in trainer_lines)
     assert _serve_log_lines(stack, "Ingress", trace_id)

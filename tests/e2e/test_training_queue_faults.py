@@ -9,9 +9,9 @@ from typing import Any
 
 import psutil
 from mlflow.tracking import MlflowClient
-from ray.job_submission import JobSubmissionClient
 
 from cluster.health import wait_until
+from cluster.jobs_api import jobs_client
 from tests.conftest import Stack, run_cli
 from tests.training_jobs_helpers import QUICK, post_job, wait_job
 
@@ -24,7 +24,7 @@ def _versions(stack: Stack) -> set[str]:
 
 
 def _ray_jobs_for(stack: Stack, job_id: str) -> list[str]:
-    client = JobSubmissionClient(stack.settings.ray_dashboard_url)
+    client = jobs_client(stack.settings)
     return [str(j.submission_id) for j in client.list_jobs() if (j.metadata or {}).get("training_job_id") == job_id]
 
 

@@ -19,7 +19,7 @@ from tests.conftest import ALERT_WEBHOOK_TOKEN, temporary_database
 @pytest.fixture(scope="module")
 def api(stack, trained):
     assert wait_for_version(stack.settings, str(trained["model_version"]), 60)
-    with httpx.Client(base_url=stack.settings.serve_url, timeout=30) as client:
+    with httpx.Client(base_url=stack.api_url, verify=stack.verify, timeout=30) as client:
         yield client
 
 

@@ -39,19 +39,14 @@ def wait_for(
 def served(stack, trained):
     assert wait_for_version(stack.settings, str(trained["model_version"]), 60)
     for _ in range(5):
-        response = httpx.post(
-            f"{stack.settings.serve_url}/v1/predict", json={"instances": [EXAMPLE_ROW] * 3}, headers=stack.auth
-        )
+        response = stack.http.post("/v1/predict", json={"instances": [EXAMPLE_ROW] * 3}, headers=stack.auth)
         assert response.status_code == 200
-    assert (
-        httpx.post(f"{stack.settings.serve_url}/v1/predict", json={"instances": []}, headers=stack.auth).status_code
-        == 422
-    )
+    assert stack.http.post("/v1/predict", json={"instances": []}, headers=stack.auth).status_code == 422
     return trained
 
 
 def test_every_component_is_a_healthy_target(stack, served):
-    expected = {"prometheus", "alertmanager", "ray", "dispatcher", "mlflow", "rabbitmq", "postgres"}
+    expected = {"prometheus", "alertmanager", "ray", "dispatcher", "mlflow", "rabbitmq", "postgres", "nginx"}
     deadline = time.monotonic() + 60
     health: dict[str, set[str]] = {}
     while time.monotonic() < deadline:
@@ -62,7 +57,8 @@ def test_every_component_is_a_healthy_target(stack, served):
         if set(health) >= expected and all(states == {"up"} for states in health.values()):
             return
         time.sleep(1)
-    raise AssertionError(f"targets not all up: {health}")
+    down = [(t["scrapeUrl"], t["lastError"]) for t in targets["activeTargets"] if t["health"] != "up"]
+    raise AssertionError(f"targets not all up: {health}; down: {down}")
 
 
 def test_queries_return_the_application_metrics(stack, served):
@@ -91,3 +87,5 @@ def test_queries_return_the_application_metrics(stack, served):
     assert float(wait_for(stack, "model_live_accuracy_threshold")[0]["value"][1]) == stack.settings.accuracy_threshold
     assert wait_for(stack, "pg_up")[0]["value"][1] == "1"
     assert wait_for(stack, "rabbitmq_queue_messages_ready")
+    # Nginx in front: its connection counters grow with the predictions that went through it.
+    assert float(wait_for(stack, "nginx_http_requests_total >= 6")[0]["value"][1]) >= 6

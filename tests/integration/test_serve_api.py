@@ -11,7 +11,7 @@ from serve_apps.schemas import EXAMPLE_ROW
 def api(stack, trained):
     version = str(trained["model_version"])
     assert wait_for_version(stack.settings, version, 60), "the champion was not picked up"
-    with httpx.Client(base_url=stack.settings.serve_url, timeout=30) as client:
+    with httpx.Client(base_url=stack.api_url, verify=stack.verify, timeout=30) as client:
         yield client
 
 

@@ -28,13 +28,13 @@ def test_invalid_specs_get_a_422_naming_the_field(stack):
         error = response.json()["error"]
         assert error["code"] == "validation_error"
         assert any(field in ".".join(map(str, d["loc"])) for d in error["details"]), (body, error)
-    assert httpx.post(f"{stack.settings.serve_url}/v1/training-jobs", json={}, timeout=30).status_code == 401
+    assert stack.http.post("/v1/training-jobs", json={}, timeout=30).status_code == 401
 
 
 def test_unknown_or_malformed_job_ids(stack):
-    missing = httpx.get(f"{stack.settings.serve_url}/v1/training-jobs/{uuid.uuid4()}", headers=stack.auth, timeout=30)
+    missing = stack.http.get(f"/v1/training-jobs/{uuid.uuid4()}", headers=stack.auth, timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
-    malformed = httpx.get(f"{stack.settings.serve_url}/v1/training-jobs/not-a-uuid", headers=stack.auth, timeout=30)
+    malformed = stack.http.get("/v1/training-jobs/not-a-uuid", headers=stack.auth, timeout=30)
     assert malformed.status_code == 422
 
 
@@ -75,9 +75,9 @@ def test_job_runs_once_per_idempotency_key_and_registers_a_model(stack, trained)
 
     assert wait_until(counted, 30)
 
-    listed = httpx.get(
-        f"{stack.settings.serve_url}/v1/training-jobs", params={"state": "succeeded"}, headers=stack.auth, timeout=30
-    ).json()["jobs"]
+    listed = stack.http.get("/v1/training-jobs", params={"state": "succeeded"}, headers=stack.auth, timeout=30).json()[
+        "jobs"
+    ]
     assert job["id"] in [j["id"] for j in listed]
 
 

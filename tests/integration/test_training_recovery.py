@@ -5,10 +5,9 @@ import signal
 
 import psutil
 from mlflow.tracking import MlflowClient
-from ray.job_submission import JobSubmissionClient
 
 from cluster.health import wait_until
-from cluster.jobs_api import follow_job, submit_training, training_result
+from cluster.jobs_api import follow_job, jobs_client, submit_training, training_result
 from cluster.supervisor import managed, read_pid, session_members
 
 EPOCHS = 6
@@ -30,7 +29,7 @@ def _train_workers(stack) -> list[int]:
 def test_killed_worker_resumes_from_checkpoint(stack, trained):
     overrides = [f"train.epochs={EPOCHS}", f"train.patience={EPOCHS}", "promotion.enabled=false"]
     job_id = submit_training(stack.settings, "jobs/configs/adult.yaml", overrides)
-    jobs = JobSubmissionClient(stack.settings.ray_dashboard_url)
+    jobs = jobs_client(stack.settings)
     assert wait_until(lambda: "Reporting training result 2:" in jobs.get_job_logs(job_id), 300, max_wait_s=1)
     workers = _train_workers(stack)
     assert workers, "no Ray Train worker process found"

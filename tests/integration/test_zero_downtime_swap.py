@@ -23,7 +23,7 @@ def test_promoting_a_version_swaps_it_in_without_failed_requests(stack, trained)
     stop = threading.Event()
 
     def load() -> None:
-        with httpx.Client(base_url=stack.settings.serve_url, headers=stack.auth, timeout=30) as http:
+        with httpx.Client(base_url=stack.api_url, verify=stack.verify, headers=stack.auth, timeout=30) as http:
             while not stop.is_set():
                 try:
                     response = http.post("/v1/predict", json={"instances": [EXAMPLE_ROW]})

@@ -17,6 +17,7 @@ from cluster.observability import (
     compose_files,
     dump,
     local_targets,
+    nginx_exporter_enabled,
     prometheus_config,
 )
 from cluster.settings import Settings
@@ -152,7 +153,12 @@ def test_local_prometheus_config_passes_promtool_and_scrapes_every_component(tmp
     result = _run(_tool("promtool"), "check", "config", "--syntax-only", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = {job["job_name"] for job in config["scrape_configs"]}
-    assert jobs == {"prometheus", "alertmanager", "ray", "dispatcher", "mlflow", "rabbitmq", "postgres"}
+    # Nginx's exporter joins when the stack runs Nginx and the exporter is installed.
+    edge = {"nginx"} if nginx_exporter_enabled(_settings(tmp_path)) else set()
+    assert jobs == {"prometheus", "alertmanager", "ray", "dispatcher", "mlflow", "rabbitmq", "postgres"} | edge
+    without = prometheus_config(local_targets(_settings(tmp_path).model_copy(update={"nginx_enabled": False}),
+                                              Path("/tmp/ray"), RULES_DIR))  # fmt: skip
+    assert "nginx" not in {job["job_name"] for job in without["scrape_configs"]}
     ray = next(job for job in config["scrape_configs"] if job["job_name"] == "ray")
     assert ray["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
 

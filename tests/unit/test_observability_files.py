@@ -1,12 +1,9 @@
 """Static checks of the compose-only observability parts: Grafana provisioning and dashboards,
-Loki, Tempo, the OpenTelemetry collector, and compose.yaml."""
+Loki, Tempo and the OpenTelemetry collector. compose.yaml itself: tests/unit/test_compose.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +18,6 @@ COMPOSE_FILE = REPO_ROOT / "compose.yaml"
 DATASOURCES_FILE = REPO_ROOT / "cluster/grafana/provisioning/datasources/datasources.yaml"
 DASHBOARDS = sorted((REPO_ROOT / "cluster/grafana/dashboards").glob("*.json"))
 COLLECTOR_FILE = REPO_ROOT / "cluster/otel-collector/config.yaml"
-# The label a service carries when its image cannot run any health check; the value says why.
-NO_HEALTHCHECK_LABEL = "platform.healthcheck"
-# What `${VAR:?}` demands; values only need to be well-formed.
-COMPOSE_ENV = {
-    "GRAFANA_ADMIN_PASSWORD": "not-a-secret",
-    "MINIO_ROOT_USER": "minio",
-    "MINIO_ROOT_PASSWORD": "not-a-secret",
-    "POSTGRES_EXPORTER_DSN": "postgresql://exporter:not-a-secret@postgres:5432/postgres?sslmode=disable",
-}
 
 
 def yaml_files() -> list[Path]:
@@ -261,122 +249,3 @@ def test_loki_and_tempo_keep_data_in_minio_with_credentials_from_env() -> None:
         assert "-config.expand-env=true" in services[name]["command"], name
     buckets = " ".join(services["minio-init"]["command"])
     assert "loki" in buckets and "tempo" in buckets
-
-
-# --- compose.yaml ------------------------------------------------------------------------------
-
-
-def test_compose_config_is_valid(tmp_path: Path) -> None:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.fail("docker-compose is not installed; CI installs it (Debian package `docker-compose`)")
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **COMPOSE_ENV}
-    # An empty env file, so a developer's own .env neither fills a gap nor breaks the check.
-    empty_env = tmp_path / "empty.env"
-    empty_env.write_text("")
-    result = subprocess.run(
-        [binary, "--env-file", str(empty_env), "-f", str(COMPOSE_FILE), "config", "-q"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-
-
-def test_no_service_publishes_ports() -> None:
-    published = [name for name, service in compose()["services"].items() if "ports" in service]
-    assert not published, f"only the Nginx edge may publish ports: {published}"
-
-
-def has_healthcheck(service: dict[str, Any]) -> bool:
-    check = service.get("healthcheck") or {}
-    return not check.get("disable") and check.get("test") not in (None, ["NONE"], "NONE")
-
-
-def documented_without_healthcheck(service: dict[str, Any]) -> bool:
-    labels = service.get("labels") or {}
-    if isinstance(labels, list):
-        labels = dict(label.split("=", 1) for label in labels)
-    return str(labels.get(NO_HEALTHCHECK_LABEL, "")).startswith("none:")
-
-
-def one_shot(service: dict[str, Any]) -> bool:
-    return str(service.get("restart", "no")) == "no"
-
-
-def depends_on(service: dict[str, Any]) -> dict[str, str]:
-    """dependency -> condition; the short list form means service_started."""
-    deps = service.get("depends_on") or {}
-    if isinstance(deps, list):
-        return dict.fromkeys(deps, "service_started")
-    return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
-
-
-def test_long_running_services_have_healthchecks() -> None:
-    for name, service in compose()["services"].items():
-        if one_shot(service):
-            continue
-        assert has_healthcheck(service) or documented_without_healthcheck(service), (
-            f"{name}: no healthcheck; add one, or the label {NO_HEALTHCHECK_LABEL}: 'none: <why>'"
-        )
-        assert not (has_healthcheck(service) and documented_without_healthcheck(service)), name
-
-
-def test_dependencies_wait_for_health_or_completion() -> None:
-    services = compose()["services"]
-    for name, service in services.items():
-        for dependency, condition in depends_on(service).items():
-            assert dependency in services, f"{name} depends on unknown {dependency}"
-            target = services[dependency]
-            if condition == "service_healthy":
-                assert has_healthcheck(target), f"{name} waits for {dependency} to be healthy, which has no check"
-            elif condition == "service_completed_successfully":
-                assert one_shot(target), f"{name} waits for {dependency} to finish, but it restarts"
-            elif condition == "service_started":
-                assert documented_without_healthcheck(target), (
-                    f"{name} waits only for {dependency} to start; use service_healthy"
-                )
-            else:
-                pytest.fail(f"{name}: unknown depends_on condition {condition!r}")
-
-
-def test_services_with_dependents_have_healthchecks() -> None:
-    services = compose()["services"]
-    needed = {dependency for service in services.values() for dependency in depends_on(service)}
-    for dependency in needed:
-        target = services[dependency]
-        assert has_healthcheck(target) or one_shot(target) or documented_without_healthcheck(target), dependency
-
-
-def bind_sources(service: dict[str, Any]) -> list[str]:
-    sources = []
-    for volume in service.get("volumes", []):
-        source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
-        if source.startswith(("./", "../")):
-            sources.append(source)
-    return sources
-
-
-def test_bind_mounted_paths_exist() -> None:
-    missing = [
-        f"{name}: {source}"
-        for name, service in compose()["services"].items()
-        for source in bind_sources(service)
-        if not (REPO_ROOT / source).exists()
-    ]
-    assert not missing, missing
-
-
-def test_every_image_is_pinned() -> None:
-    for name, service in compose()["services"].items():
-        image = service["image"]
-        tag = image.rsplit(":", 1)[1] if ":" in image.split("/")[-1] else ""
-        assert tag and tag != "latest", f"{name}: {image} is not pinned"
-
-
-def test_required_variables_are_documented() -> None:
-    example = (REPO_ROOT / ".env.example").read_text()
-    for variable in [*COMPOSE_ENV, "ALERT_WEBHOOK_TOKEN", "OTEL_EXPORTER_OTLP_ENDPOINT"]:
-        assert f"{variable}=" in example, variable

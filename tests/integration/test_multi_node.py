@@ -1,0 +1,251 @@
+"""Scale-out on one machine: a second Ray node joins the test stack's head, and Ray Train workers and
+Serve replicas are placed on both nodes. Placement is read from the Ray State API (the node each
+actor ran on), not inferred from answers that would come back from one node just as well.
+
+The node joins the session's stack rather than a head of its own: the training job then takes the
+path a user's does (Jobs API, MLflow on PostgreSQL, the stack's environment and token). It leaves
+no trace for later tests: it registers under a model name of its own without promotion, deletes
+its Serve app, and the node is stopped (its whole process session) and seen dead by the GCS and
+gone from Prometheus' target list before the module ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from cluster.health import wait_until
+from cluster.observability import RAY_SERVICE_DISCOVERY_FILE
+from cluster.stack import serve_app_status
+from cluster.supervisor import child_environment, log_tail, managed, read_pid, session_members, spawn, stop
+from tests.conftest import Stack, free_port, train_job
+
+# Its own loopback address: drivers on this machine (127.0.0.1) keep connecting to the head's
+# raylet, and the node shows up in the State API as a different host, as on a real cluster.
+NODE_IP = "127.0.0.2"
+NODE_RESOURCE = "node2"
+NODE_CPUS = 2
+APP = "spread-test"
+ROUTE = "/spread"
+MODEL_NAME = "multi-node-test"
+
+
+@dataclass(frozen=True)
+class SecondNode:
+    node_id: str
+    head_node_id: str
+    metrics_address: str
+    serve_port: int  # its Serve proxy's port (the head's is taken on this one machine)
+
+
+def state(stack: Stack, resource: str, filters: list[tuple[str, str, str]] | None = None) -> list[Any]:
+    """The State API with the stack's token given explicitly: Ray reads RAY_AUTH_MODE once per process,
+    at import, and this process may have imported Ray before the stack fixture set it."""
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    client = StateApiClient(address=stack.settings.ray_dashboard_url, headers=stack.settings.ray_auth_headers())
+    options = ListApiOptions(filters=list(filters or []), detail=True)
+    return list(client.list(StateResource(resource), options=options, raise_on_missing_output=True))
+
+
+def alive_nodes(stack: Stack) -> list[Any]:
+    return state(stack, "nodes", [("state", "=", "ALIVE")])
+
+
+def node_state(stack: Stack, node_id: str) -> str | None:
+    # Filtered on node_id, the State API mistakes the nodes it leaves out for truncated output.
+    return {n.node_id: n.state for n in state(stack, "nodes")}.get(node_id)
+
+
+def worker_port_range() -> tuple[int, int]:
+    """A block of worker ports apart from the head's (10002-19999), varied between sessions."""
+    low = 24000 + (free_port() % 40) * 50
+    return low, low + 49
+
+
+def running(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def discovered_targets(stack: Stack) -> list[str]:
+    path = stack.settings.resolved_ray_temp_dir / RAY_SERVICE_DISCOVERY_FILE
+    try:
+        groups = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [target for group in groups for target in group["targets"]]
+
+
+@pytest.fixture(scope="module")
+def second_node(stack: Stack) -> Iterator[SecondNode]:
+    settings = stack.settings
+    item = managed(settings, "ray-node2")
+    temp_dir = Path(f"/tmp/rn{settings.ray_gcs_port}")  # short: Ray's socket paths are limited
+    metrics_port, serve_port = free_port(), free_port()
+    low, high = worker_port_range()
+    argv = [
+        str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
+        "--address", settings.ray_gcs_address,
+        "--node-ip-address", NODE_IP,
+        "--num-cpus", str(NODE_CPUS),
+        "--resources", json.dumps({NODE_RESOURCE: 1}),
+        "--node-manager-port", str(free_port()),
+        "--object-manager-port", str(free_port()),
+        "--metrics-export-port", str(metrics_port),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--min-worker-port", str(low), "--max-worker-port", str(high),
+        # A node may keep its own temp dir; this one's sessions and logs stay apart from the head's.
+        "--temp-dir", str(temp_dir),
+    ]  # fmt: skip
+    # The head's environment (code path, MLflow, S3, Ray token when the stack has one) plus the
+    # Serve proxy's port on this node: both nodes' proxies share one machine.
+    env = {**child_environment(settings), "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(serve_port)}
+    proc = spawn(item, argv, env)
+    processes: list[psutil.Process] = []
+    found: list[Any] = []
+    try:
+
+        def joined() -> bool:
+            found[:] = [n for n in alive_nodes(stack) if n.resources_total.get(NODE_RESOURCE)]
+            return bool(found) or proc.poll() is not None
+
+        assert wait_until(joined, 90) and found, f"second node did not join: {log_tail(item, 20)}"
+        (head,) = [n for n in alive_nodes(stack) if n.is_head_node]
+        yield SecondNode(found[0].node_id, head.node_id, f"{NODE_IP}:{metrics_port}", serve_port)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        stop(item, grace_s=15)
+        proc.wait(10)  # our child: reaped here, not left a zombie
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        # Zombies count as gone (as in `cluster down`): orphans wait for whoever adopted them to reap them.
+        assert read_pid(item) is None
+        assert not [p for p in [*processes, *session_members(proc.pid)] if running(p)]
+        if found:
+            assert wait_until(lambda: node_state(stack, found[0].node_id) == "DEAD", 60)
+            # Prometheus reads Ray's target list: a stopped node must not stay a dead target.
+            assert wait_until(lambda: f"{NODE_IP}:{metrics_port}" not in discovered_targets(stack), 60)
+
+
+def test_second_node_joins_with_its_own_ports_and_resources(stack, second_node):
+    nodes = {n.node_id: n for n in alive_nodes(stack)}
+    node = nodes[second_node.node_id]
+    assert node.node_ip == NODE_IP and not node.is_head_node
+    assert node.resources_total["CPU"] == NODE_CPUS and node.resources_total[NODE_RESOURCE] == 1
+    assert second_node.head_node_id in nodes and second_node.head_node_id != second_node.node_id
+    # Its metrics agent joins the head's service discovery file, which Prometheus scrapes.
+    assert wait_until(lambda: second_node.metrics_address in discovered_targets(stack), 60)
+
+
+def test_training_workers_run_on_both_nodes(stack, second_node):
+    from ray.job_submission import JobSubmissionClient
+
+    overrides = [
+        "train.epochs=1",
+        "train.num_workers=2",
+        "train.placement_strategy=SPREAD",
+        # A model of its own and no promotion: the session's champion stays what other tests made it.
+        f"model_name={MODEL_NAME}",
+        "promotion.enabled=false",
+    ]
+    result = train_job(stack, "jobs/configs/adult.yaml", overrides)
+    assert result["model_name"] == MODEL_NAME and result["promotion"] is None
+    jobs = JobSubmissionClient(stack.settings.ray_dashboard_url, headers=stack.settings.ray_auth_headers())
+    ray_job_id = jobs.get_job_info(result["job_id"]).job_id
+    assert ray_job_id is not None
+    workers = state(stack, "actors", [("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job_id)])
+    assert len(workers) == 2, [(w.actor_id, w.state, w.node_id) for w in workers]  # no worker restarted
+    assert {w.node_id for w in workers} == {second_node.head_node_id, second_node.node_id}
+
+
+# A driver process of its own, with the stack's environment (token included), for the same reason
+# as state(); and a class defined in __main__ travels to the replicas by value.
+SERVE_DRIVER = """
+import sys
+
+import ray
+from ray import serve
+
+action, address, app, route = sys.argv[1:]
+ray.init(address=address, log_to_driver=False)
+if action == "delete":
+    serve.delete(app)
+else:
+    class NodeProbe:
+        def __call__(self, request):
+            return ray.get_runtime_context().get_node_id()
+
+    # Two replicas, at most one a node: one on each node.
+    probe = serve.deployment(
+        name="NodeProbe", num_replicas=2, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.1}
+    )
+    serve.run(probe(NodeProbe).bind(), name=app, route_prefix=route)
+"""
+
+
+def serve_driver(stack: Stack, action: str) -> None:
+    argv = [sys.executable, "-c", SERVE_DRIVER, action, stack.settings.ray_gcs_address, APP, ROUTE]
+    env = child_environment(stack.settings)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def serve_applications(stack: Stack) -> dict[str, Any]:
+    url = f"{stack.settings.ray_dashboard_url}/api/serve/applications/"
+    response = httpx.get(url, headers=stack.settings.ray_auth_headers(), timeout=10)
+    response.raise_for_status()
+    applications: dict[str, Any] = response.json()["applications"]
+    return applications
+
+
+@pytest.fixture
+def spread_app(stack, second_node) -> Iterator[str]:
+    serve_driver(stack, "deploy")
+    try:
+        yield APP
+    finally:
+        serve_driver(stack, "delete")
+        assert APP not in serve_applications(stack)
+        # The platform's own app was not disturbed by the second node or the test app.
+        assert serve_app_status(stack.settings)[0] == "RUNNING"
+
+
+def test_serve_replicas_run_on_both_nodes(stack, second_node, spread_app):
+    app = serve_applications(stack)[spread_app]
+    assert app["status"] == "RUNNING"
+    replicas = state(stack, "actors", [("class_name", "=", f"ServeReplica:{APP}:NodeProbe"), ("state", "=", "ALIVE")])
+    assert sorted(str(r.node_id) for r in replicas) == sorted([second_node.head_node_id, second_node.node_id])
+    # Serve's own view agrees with the State API.
+    listed = app["deployments"]["NodeProbe"]["replicas"]
+    assert sorted(r["node_id"] for r in listed if r["state"] == "RUNNING") == sorted(str(r.node_id) for r in replicas)
+    # Each node's proxy serves the app (proxy_location EveryNode in serve_apps/config.yaml) and
+    # prefers the replica on its own node.
+    answers: dict[int, str] = {}
+
+    def answered(port: int) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            response = httpx.get(f"http://127.0.0.1:{port}{ROUTE}", timeout=5)
+            if response.status_code == 200:
+                answers[port] = response.text
+        return port in answers
+
+    assert wait_until(lambda: answered(stack.settings.serve_port), 30)
+    assert wait_until(lambda: answered(second_node.serve_port), 60)
+    assert answers[stack.settings.serve_port] in {second_node.head_node_id, second_node.node_id}
+    assert answers[second_node.serve_port] == second_node.node_id

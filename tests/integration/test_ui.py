@@ -1,0 +1,249 @@
+"""The Gradio UI that `cluster up` starts, driven over HTTP with gradio_client as a user's
+script would, and once in headless Chromium as a person would."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gradio_client import Client
+from PIL import Image
+from websockets.sync.client import ClientConnection, connect
+
+from cluster.demo import wait_for_version
+from cluster.health import check, wait_until
+from cluster.settings import REPO_ROOT
+from serve_apps.schemas import EXAMPLE_ROW
+from tests.conftest import UI_PASSWORD, Stack, free_port
+from tests.training_jobs_helpers import QUICK
+
+ARTIFACTS = REPO_ROOT / ".state" / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def served(stack: Stack, trained: dict[str, Any]) -> dict[str, Any]:
+    """The champion the API serves once the first model is trained: what the UI must show."""
+    assert wait_for_version(stack.settings, str(trained["model_version"]), 60)
+    response = stack.http.get("/v1/models/current", headers=stack.auth)
+    assert response.status_code == 200, response.text
+    current: dict[str, Any] = response.json()
+    return current
+
+
+def ui_client(stack: Stack, password: str) -> Client:
+    """gradio_client as a script would use it; it takes a verify value for every call it makes, so
+    the edge's local CA goes in as an SSL context (the parameter is typed bool)."""
+    verify: bool | ssl.SSLContext = True
+    if isinstance(stack.verify, str):
+        verify = ssl.create_default_context(cafile=stack.verify)
+    auth = (stack.settings.ui_username, password)
+    return Client(ui_url(stack), auth=auth, verbose=False, ssl_verify=verify)
+
+
+def ui_url(stack: Stack) -> str:
+    """Where people reach the UI: under /ui/ through Nginx (https) when the edge runs."""
+    return f"{stack.api_url}/ui" if stack.edge else stack.settings.ui_url
+
+
+@pytest.fixture(scope="module")
+def ui(stack: Stack, served: dict[str, Any]) -> Client:
+    assert check(f"{stack.settings.ui_url}/")[0], "cluster up did not start the UI"
+    return ui_client(stack, UI_PASSWORD)
+
+
+def test_ui_refuses_a_wrong_login(stack: Stack):
+    url = ui_url(stack)
+    with pytest.raises(ValueError, match="Could not login"):
+        ui_client(stack, "not-the-password")
+    # Nothing but the login page without it.
+    assert httpx.get(f"{url}/config", timeout=10, verify=stack.verify).status_code == 401
+    login = httpx.post(f"{url}/login", data={"username": "admin", "password": "nope"}, timeout=10, verify=stack.verify)
+    assert login.status_code == 400
+
+
+def test_form_follows_the_served_schema(ui: Client, served: dict[str, Any]):
+    schema = ui.predict(api_name="/form_schema")
+    assert schema["model"] == f"{served['name']} v{served['version']}"
+    fields = {f["name"]: f for f in schema["fields"]}
+    assert list(fields) == [f["name"] for f in served["features"]]
+    for feature in served["features"]:
+        field = fields[feature["name"]]
+        if feature["kind"] == "numeric":
+            assert field["kind"] == "numeric"
+        else:
+            assert field["kind"] == "categorical" and field["choices"] == feature["categories"]
+    # Starting values are the example of the API's OpenAPI description.
+    assert fields["workclass"]["default"] == EXAMPLE_ROW["workclass"] and fields["age"]["default"] == 39
+    assert schema["classes"] == served["classes"]
+
+
+def test_prediction_matches_the_api(ui: Client, stack: Stack, served: dict[str, Any]):
+    through_ui = ui.predict(EXAMPLE_ROW, api_name="/predict")
+    assert "error" not in through_ui, through_ui
+    direct = stack.http.post("/v1/predict", json={"instances": [EXAMPLE_ROW]}, headers=stack.auth).json()
+    expected = direct["predictions"][0]
+    assert through_ui["label"] == expected["label"] and through_ui["label"] in served["classes"]
+    assert through_ui["probability"] == pytest.approx(expected["probability"])
+    assert through_ui["model_version"] == direct["model"]["version"] == served["version"]
+    assert through_ui["run_id"] == served["run_id"]
+    assert through_ui["request_id"] and through_ui["request_id"] != direct["request_id"]
+
+
+def test_invalid_input_comes_back_readable(ui: Client):
+    refused = ui.predict({**EXAMPLE_ROW, "age": "forty"}, api_name="/predict")
+    assert refused["error"].startswith("The API rejected the input (422)") and "age" in refused["error"]
+
+
+def test_feedback_is_recorded(ui: Client, stack: Stack):
+    prediction = ui.predict(EXAMPLE_ROW, api_name="/predict")
+    other = next(c for c in ("<=50K", ">50K") if c != prediction["label"])
+    recorded = ui.predict(prediction["request_id"], other, api_name="/feedback")
+    assert recorded["outcome"] == "recorded" and recorded["index"] == 0, recorded
+    assert recorded["predicted"] == prediction["label"] and recorded["correct"] is False
+    # The API has it: a second label for the same row is a duplicate, and the first one stays.
+    again = stack.http.post(
+        "/v1/feedback",
+        json={"request_id": prediction["request_id"], "index": 0, "label": prediction["label"]},
+        headers=stack.auth,
+        timeout=30,
+    )
+    assert again.status_code == 200 and again.json()["outcome"] == "duplicate" and again.json()["label"] == other
+
+
+def test_model_card_shows_the_served_model(ui: Client, served: dict[str, Any], trained: dict[str, Any]):
+    text, losses, _scores, promotions, card = ui.predict(api_name="/model_card")
+    assert card["version"] == served["version"] and card["run_id"] == served["run_id"], card.get("notes")
+    assert card["metrics"] == served["metrics"] and f"v{served['version']}" in text
+    # Per-epoch curves from MLflow's metric history of the run (2 epochs were trained).
+    assert len(card["curves"]["val_loss"]) >= 1 and {"train_loss", "val_loss"} <= set(card["curves"])
+    assert {row[2] for row in losses["data"]} >= {"train_loss", "val_loss"}
+    champion = next(p for p in card["promotions"] if p["version"] == served["version"])
+    assert champion["decision"] == "promoted" and "champion" in champion["aliases"]
+    assert int(promotions["data"][0][0]) == max(int(p["version"]) for p in card["promotions"])  # newest first
+    assert card["notes"] == []
+
+
+def test_training_job_started_and_followed_from_the_ui(ui: Client, stack: Stack):
+    # Promotion off: this job must not replace the champion other tests rely on.
+    overrides = json.dumps({**QUICK, "promotion.enabled": False})
+    job_id, text, job = ui.predict("train", "adult", overrides, api_name="/start_job")
+    assert job_id and job["state"] == "queued" and "**queued**" in text, job
+    state: dict[str, Any] = {}
+
+    def finished() -> bool:
+        _, state["job"] = ui.predict(job_id, api_name="/job_status")
+        return state["job"].get("state") in {"succeeded", "failed", "dead_lettered"}
+
+    assert wait_until(finished, 600, max_wait_s=3), state
+    assert state["job"]["state"] == "succeeded" and state["job"]["model_version"], state["job"]
+    assert not state["job"]["promoted"]  # no gate ran: the champion stays
+    table, _ = ui.predict(api_name="/recent_jobs")
+    assert next(row for row in table["data"] if row[0] == job_id)[3] == "succeeded"
+
+
+# Headless Chromium ---------------------------------------------------------------------------
+
+
+class Browser:
+    """Chromium's DevTools protocol, just enough to sign in, read the page and take a picture."""
+
+    def __init__(self, socket: ClientConnection) -> None:
+        self._socket = socket
+        self._ids = itertools.count(1)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        call_id = next(self._ids)
+        self._socket.send(json.dumps({"id": call_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self._socket.recv(timeout=60))
+            if message.get("id") == call_id:
+                assert "error" not in message, message
+                result: dict[str, Any] = message["result"]
+                return result
+
+    def evaluate(self, expression: str) -> Any:
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def text(self) -> str:
+        return str(self.evaluate("document.body ? document.body.innerText : ''") or "")
+
+
+def _pinned_certificate(stack: Stack) -> list[str]:
+    """Chromium trusts exactly the edge's certificate (its public key), not every certificate."""
+    if not stack.edge:
+        return []
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    server = stack.settings.state_dir / "tls" / "server.pem"
+    leaf = x509.load_pem_x509_certificates(server.read_bytes())[0]
+    spki = leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return [f"--ignore-certificate-errors-spki-list={base64.b64encode(digest.finalize()).decode()}"]
+
+
+@pytest.fixture
+def browser(tmp_path: Path, stack: Stack) -> Iterator[Browser]:
+    port = free_port()
+    argv = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}", f"--remote-debugging-port={port}", "--window-size=1280,1600",
+        *_pinned_certificate(stack), "about:blank",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: check(f"http://127.0.0.1:{port}/json/version")[0], 60), "chromium did not start"
+        pages = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+        page = next(p for p in pages if p["type"] == "page")
+        with connect(page["webSocketDebuggerUrl"], max_size=64 * 2**20) as socket:
+            yield Browser(socket)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _sign_in(browser: Browser, stack: Stack) -> None:
+    """Gradio's login sets its session cookies; the browser gets the same ones."""
+    url = ui_url(stack)
+    credentials = {"username": stack.settings.ui_username, "password": UI_PASSWORD}
+    login = httpx.post(f"{url}/login", data=credentials, verify=stack.verify)
+    assert login.status_code == 200, login.text
+    for name, value in login.cookies.items():
+        browser.call("Network.setCookie", name=name, value=value, url=url)
+
+
+def _assert_real_picture(path: Path) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width == 1280 and image.height >= 800
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20) or []
+    assert len(colours) > 50, f"{path} is nearly blank ({len(colours)} colours)"
+    background = max(colours)[0] / sum(count for count, _ in colours)
+    assert background < 0.97, f"{path} is {background:.0%} one colour"
+
+
+def test_page_renders_the_form_and_predicts(browser: Browser, stack: Stack, served: dict[str, Any]):
+    _sign_in(browser, stack)
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=f"{ui_url(stack)}/")
+    names = [f["name"] for f in served["features"]]
+    assert wait_until(lambda: all(name in browser.text() for name in names), 60), browser.text()[:2000]
+    assert f"{served['name']} v{served['version']}" in browser.text()
+    # The form works as a person uses it: press Predict, read the answer.
+    assert browser.evaluate("(() => { const b = document.getElementById('predict-button'); b?.click(); return !!b })()")
+    assert wait_until(lambda: "Prediction:" in browser.text(), 60), browser.text()[:2000]
+    assert f"v{served['version']}" in browser.text().split("Prediction:", 1)[1]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "ui-prediction.png"
+    shot.write_bytes(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))
+    _assert_real_picture(shot)

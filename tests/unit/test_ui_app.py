@@ -1,0 +1,177 @@
+"""The Gradio app wired to a fake API (httpx mock transport), served in-process and driven
+with gradio_client exactly as the integration test drives the real one."""
+
+import json
+import re
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from cluster.settings import Settings
+from ui.actions import UiActions
+from ui.app import build_app
+from ui.http import InferenceApi, MlflowRest
+from ui.launch import launch_options, login_credentials
+
+KEY = "ui-key"
+CURRENT = {
+    "name": "adult-income", "version": "3", "run_id": "run3", "alias": "champion", "loaded_at": 0,
+    "task": "classification", "target": "income", "classes": ["<=50K", ">50K"], "metrics": {"test_accuracy": 0.85},
+    "features": [
+        {"name": "age", "kind": "numeric", "categories": [], "nullable": False},
+        {"name": "sex", "kind": "categorical", "categories": ["Female", "Male"], "nullable": False},
+    ],
+}  # fmt: skip
+JOB = {"id": "0b7f", "kind": "train", "config": "adult", "overrides": {}, "state": "queued", "attempts": 0,
+       "max_attempts": 3, "created_at": "2026-01-01T00:00:00Z"}  # fmt: skip
+
+
+def fake_api(request: httpx.Request) -> httpx.Response:
+    path = request.url.path
+    if path == "/openapi.json":
+        examples = [{"instances": [{"age": 39, "sex": "Male"}]}]
+        return httpx.Response(200, json={"components": {"schemas": {"PredictRequest": {"examples": examples}}}})
+    if request.headers.get("Authorization") != f"Bearer {KEY}":
+        return httpx.Response(401, json={"error": {"code": "unauthorized", "message": "invalid API key"}})
+    if path == "/v1/models/current":
+        return httpx.Response(200, json=CURRENT)
+    if path == "/v1/predict":
+        row = json.loads(request.content)["instances"][0]
+        if not isinstance(row.get("age"), int):
+            details = [{"loc": ["body", "instances", 0, "age"], "msg": "Input should be a valid number"}]
+            return httpx.Response(422, json={"error": {"message": "invalid request", "details": details}})
+        prediction = {"label": ">50K", "probability": 0.7, "probabilities": {"<=50K": 0.3, ">50K": 0.7}}
+        model = {"name": "adult-income", "version": "3", "run_id": "run3"}
+        return httpx.Response(200, json={"request_id": "rid1", "model": model, "predictions": [prediction]})
+    if path == "/v1/feedback":
+        body = json.loads(request.content)
+        return httpx.Response(201, json={**body, "outcome": "recorded", "predicted": ">50K", "correct": False})
+    if path == "/v1/training-jobs" and request.method == "POST":
+        return httpx.Response(202, json={**JOB, **json.loads(request.content), "config": "adult"})
+    if path == "/v1/training-jobs":
+        return httpx.Response(200, json={"jobs": [JOB]})
+    if path == f"/v1/training-jobs/{JOB['id']}":
+        return httpx.Response(200, json={**JOB, "state": "running", "events": []})
+    return httpx.Response(404, json={"error": {"message": f"no route {path}"}})
+
+
+def fake_mlflow(request: httpx.Request) -> httpx.Response:
+    path, params = request.url.path, request.url.params
+    if path.endswith("/runs/get"):
+        return httpx.Response(200, json={"run": {"data": {"metrics": [{"key": "val_loss"}, {"key": "test_loss"}]}}})
+    if path.endswith("/metrics/get-history"):
+        points = [{"step": s, "value": 0.5 - s / 10, "timestamp": s} for s in range(3)]
+        return httpx.Response(200, json={"metrics": [{**p, "key": params["metric_key"]} for p in points]})
+    if path.endswith("/model-versions/search"):
+        tags = [{"key": "promotion.decision", "value": "promoted"}]
+        return httpx.Response(200, json={"model_versions": [{"version": "3", "tags": tags}]})
+    if path.endswith("/registered-models/get"):
+        return httpx.Response(200, json={"registered_model": {"aliases": [{"alias": "champion", "version": "3"}]}})
+    return httpx.Response(404, json={"error_code": "NOT_FOUND"})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve(key: str | None) -> Iterator[str]:
+    api = InferenceApi("http://api", key, transport=httpx.MockTransport(fake_api))
+    mlflow = MlflowRest("http://mlflow", transport=httpx.MockTransport(fake_mlflow))
+    demo = build_app(UiActions(api, mlflow, "adult-income"))
+    settings = Settings(_env_file=None, ui_port=_free_port(), ui_username="u", ui_password="p")
+    demo.launch(**launch_options(settings, login_credentials(settings)), prevent_thread_lock=True)
+    try:
+        yield settings.ui_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def ui_url() -> Iterator[str]:
+    yield from _serve(KEY)
+
+
+@pytest.fixture(scope="module")
+def client(ui_url) -> Client:
+    return Client(ui_url, auth=("u", "p"), verbose=False)
+
+
+def test_named_endpoints(client):
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/predict", "/feedback", "/form_schema", "/model_card", "/start_job", "/job_status", "/recent_jobs"} <= (
+        endpoints
+    )
+
+
+def test_form_schema_and_prediction(client):
+    schema = client.predict(api_name="/form_schema")
+    assert [(f["name"], f["kind"], f["choices"], f["default"]) for f in schema["fields"]] == [
+        ("age", "numeric", [], 39.0),
+        ("sex", "categorical", ["Female", "Male"], "Male"),
+    ]
+    view = client.predict({"age": 39, "sex": "Male"}, api_name="/predict")
+    assert (view["label"], view["probability"], view["model_version"], view["request_id"]) == (">50K", 0.7, "3", "rid1")
+    refused = client.predict({"age": "old", "sex": "Male"}, api_name="/predict")
+    assert refused == {
+        "error": "The API rejected the input (422): invalid request - age: Input should be a valid number"
+    }
+
+
+def test_feedback(client):
+    result = client.predict("rid1", "<=50K", api_name="/feedback")
+    assert (result["request_id"], result["index"], result["label"], result["outcome"]) == (
+        "rid1",
+        0,
+        "<=50K",
+        "recorded",
+    )
+    assert client.predict(" ", ">50K", api_name="/feedback") == {
+        "error": "No prediction to give feedback on yet: predict first"
+    }
+
+
+def test_model_card(client):
+    text, losses, scores, promotions, data = client.predict(api_name="/model_card")
+    assert text.startswith("### adult-income v3")
+    assert data["version"] == "3" and data["curves"] == {"val_loss": [[0.0, 0.5], [1.0, 0.4], [2.0, 0.3]]}
+    # The plots: losses on one (x epoch, y value, a line per metric), the other metrics on another.
+    assert losses["data"] == [[0, 0.5, "val_loss"], [1, 0.4, "val_loss"], [2, 0.3, "val_loss"]]
+    assert scores["data"] == []
+    assert data["promotions"][0]["decision"] == "promoted" and data["promotions"][0]["aliases"] == "champion"
+    assert promotions["data"][0][:3] == ["3", "champion", "promoted"]
+
+
+def test_training_jobs(client):
+    job_id, text, job = client.predict("train", "", '{"train.epochs": 2}', api_name="/start_job")
+    assert job_id == JOB["id"] and job["overrides"] == {"train.epochs": 2} and "**queued**" in text
+    text, job = client.predict(job_id, api_name="/job_status")
+    assert job["state"] == "running" and "**running**" in text
+    table, status = client.predict(api_name="/recent_jobs")
+    assert table["data"][0][0] == JOB["id"] and status.startswith("1 most recent")
+    _, text, job = client.predict("train", "", "{oops", api_name="/start_job")
+    assert job == {
+        "error": "overrides: not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"
+    }
+
+
+def test_root_url_follows_the_proxy_s_prefix(ui_url):
+    def root(headers: dict[str, str]) -> str:
+        match = re.search(r'"root":\s*"([^"]*)"', httpx.get(f"{ui_url}/", headers=headers).text)
+        assert match is not None
+        return match.group(1)
+
+    assert root({}) == ui_url  # reached directly
+    # Through Nginx, which strips /ui/ and names it in X-Forwarded-Prefix.
+    proxied = {"X-Forwarded-Host": "edge.example:8443", "X-Forwarded-Proto": "https", "X-Forwarded-Prefix": "/ui"}
+    assert root(proxied) == "https://edge.example:8443/ui"
+
+
+def test_a_ui_without_a_key_says_so():
+    for url in _serve(None):
+        client = Client(url, auth=("u", "p"), verbose=False)
+        assert "no API key" in client.predict({"age": 1}, api_name="/predict")["error"]

@@ -1,0 +1,104 @@
+"""The UI's settings, its login policy, its key from `cluster up`, and serving under a prefix."""
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from cluster.settings import REPO_ROOT, Settings
+from cluster.stack import ui_environment
+from ui.launch import UiConfigError, login_credentials
+from ui.proxy import ForwardedPrefixMiddleware, forwarded_prefix
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch):
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_defaults():
+    settings = Settings(_env_file=None)
+    assert settings.ui_url == "http://127.0.0.1:7860"
+    assert settings.resolved_ui_api_url == settings.serve_url
+    assert settings.ui_root_path == "" and settings.ui_api_key is None and settings.ui_username == "admin"
+    assert not settings.ui_login_required
+
+
+def test_blank_secrets_are_unset_and_wildcard_binds_are_reached_over_loopback(monkeypatch):
+    monkeypatch.setenv("UI_PASSWORD", "")
+    monkeypatch.setenv("UI_API_KEY", " ")
+    monkeypatch.setenv("UI_HOST", "0.0.0.0")
+    monkeypatch.setenv("UI_API_URL", "https://edge:8443/")
+    settings = Settings(_env_file=None)
+    assert settings.ui_password is None and settings.ui_api_key is None
+    assert settings.ui_url == "http://127.0.0.1:7860" and settings.resolved_ui_api_url == "https://edge:8443"
+
+
+def test_no_login_in_local_development():
+    assert login_credentials(Settings(_env_file=None)) is None
+
+
+def test_login_whenever_a_password_is_set():
+    settings = Settings(_env_file=None, ui_password="pw", ui_username="ops")
+    assert login_credentials(settings) == [("ops", "pw")]
+    assert "pw" not in repr(settings)
+
+
+def test_outside_development_a_password_is_required():
+    settings = Settings(_env_file=None, deployment_environment="production")
+    assert settings.ui_login_required
+    with pytest.raises(UiConfigError, match="DEPLOYMENT_ENVIRONMENT=production needs a login; set UI_PASSWORD"):
+        login_credentials(settings)
+    assert login_credentials(Settings(_env_file=None, deployment_environment="production", ui_password="x"))
+
+
+def test_the_ui_refuses_to_start_without_a_login_in_production(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "DEPLOYMENT_ENVIRONMENT": "production", "STATE_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "ui"], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ui: DEPLOYMENT_ENVIRONMENT=production needs a login; set UI_PASSWORD (and UI_USERNAME, default admin), "
+        "or DEPLOYMENT_ENVIRONMENT=development on a private machine"
+    ]
+
+
+def test_cluster_up_gives_the_ui_the_first_api_key_unless_it_has_its_own():
+    env = {"X": "1"}
+    assert ui_environment(Settings(_env_file=None, api_keys="k1,k2"), env) == {"X": "1", "UI_API_KEY": "k1"}
+    assert ui_environment(Settings(_env_file=None, api_keys="k1", ui_api_key="own"), env) == env
+
+
+@pytest.mark.parametrize(
+    ("value", "prefix"),
+    [(b"/ui", "/ui"), (b"/ui/", "/ui"), (b"/a/b, /c", "/a/b"), (b"//evil.example", None), (b"https://x/ui", None)],
+)
+def test_forwarded_prefix(value, prefix):
+    assert forwarded_prefix([(b"X-Forwarded-Prefix", value)]) == prefix
+    assert forwarded_prefix([(b"host", b"x")]) is None
+
+
+def test_middleware_sets_the_root_path_only_from_the_header():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope.get("root_path"))
+
+    async def receive():
+        return {}
+
+    async def send(message):
+        return None
+
+    middleware = ForwardedPrefixMiddleware(app)
+    for scope in (
+        {"type": "http", "headers": [(b"x-forwarded-prefix", b"/ui")]},
+        {"type": "http", "headers": []},
+        {"type": "http", "root_path": "/mnt", "headers": [(b"x-forwarded-prefix", b"/ui")]},  # set by a mount
+    ):
+        asyncio.run(middleware(scope, receive, send))
+    assert seen == ["/ui", None, "/mnt"]

@@ -1,0 +1,175 @@
+"""HTTP clients of the UI: the inference API (with the UI's key) and MLflow's REST API.
+
+Every call carries a W3C traceparent, so the API's logs and spans join the UI's trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import httpx
+from opentelemetry.trace import SpanKind
+
+from cluster import telemetry, tracecontext
+from cluster.settings import Settings
+from ui.errors import ApiError, describe_response, describe_transport_error
+
+log = logging.getLogger("ui.http")
+
+NO_KEY_MESSAGE = (
+    "The UI has no API key: set UI_API_KEY to one of the API's keys "
+    "(`cluster up` hands it the first of API_KEYS when UI_API_KEY is unset)"
+)
+
+
+class _JsonHttp:
+    """One service over HTTP: JSON in and out, failures as `ApiError` worded for people."""
+
+    def __init__(self, service: str, base_url: str, timeout_s: float, transport: httpx.BaseTransport | None) -> None:
+        self.service = service
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _headers(self) -> dict[str, str]:
+        return {}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        with telemetry.tracer("ui").start_as_current_span(f"{method} {path}", kind=SpanKind.CLIENT):
+            headers = {**self._headers(), "traceparent": _traceparent()}
+            started = time.perf_counter()
+            try:
+                response = self._client.request(method, path, headers=headers, **kwargs)
+            except httpx.TransportError as exc:
+                message = describe_transport_error(exc, self.service, self.base_url)
+                log.warning("%s %s: %s", method, path, message)
+                raise ApiError(message) from exc
+            elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+            extra = {"status": response.status_code, "duration_ms": elapsed_ms, "upstream": self.service}
+            if response.is_success:
+                log.info("%s %s -> %d", method, path, response.status_code, extra=extra)
+                return _json(response, self.service)
+            message = describe_response(response)
+            log.warning("%s %s -> %d: %s", method, path, response.status_code, message, extra=extra)
+            raise ApiError(message, response.status_code)
+
+
+def _traceparent() -> str:
+    # Without an exporter the active span is not sampled yet still has ids; outside any span
+    # (tracing never initialised) a fresh trace id keeps the request findable in the API's logs.
+    return telemetry.current_traceparent() or tracecontext.child_of(None)
+
+
+def _json(response: httpx.Response, service: str) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise ApiError(f"{service} answered {response.status_code} with a body that is not JSON") from exc
+
+
+class InferenceApi(_JsonHttp):
+    """The routes of the inference API the UI uses."""
+
+    def __init__(
+        self, base_url: str, api_key: str | None, timeout_s: float = 30.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        super().__init__("inference API", base_url, timeout_s, transport)
+        self._api_key = api_key
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InferenceApi:
+        key = settings.ui_api_key.get_secret_value() if settings.ui_api_key is not None else None
+        return cls(settings.resolved_ui_api_url, key, settings.ui_request_timeout_s)
+
+    @property
+    def has_key(self) -> bool:
+        return bool(self._api_key)
+
+    def _headers(self) -> dict[str, str]:
+        if not self._api_key:
+            raise ApiError(NO_KEY_MESSAGE)
+        return {"Authorization": f"Bearer {self._api_key}"}
+
+    def openapi(self) -> dict[str, Any]:
+        """The API's own description (public: no key). Only a nicety for the form's defaults, so
+        a failure yields nothing rather than an error."""
+        try:
+            response = self._client.get("/openapi.json")
+            return dict(response.json()) if response.is_success else {}
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    def current_model(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/v1/models/current"))
+
+    def predict(self, row: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("POST", "/v1/predict", json={"instances": [row]}))
+
+    def feedback(self, request_id: str, label: str, index: int = 0) -> dict[str, Any]:
+        body = {"request_id": request_id, "index": index, "label": label}
+        return dict(self.request("POST", "/v1/feedback", json=body))
+
+    def submit_job(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("POST", "/v1/training-jobs", json=spec))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/training-jobs/{job_id}"))
+
+    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/v1/training-jobs", params={"limit": limit}).get("jobs", []))
+
+
+class MlflowRest(_JsonHttp):
+    """The few read-only routes of MLflow's REST API behind the model card."""
+
+    def __init__(
+        self, tracking_uri: str, timeout_s: float = 30.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        super().__init__("MLflow", tracking_uri, timeout_s, transport)
+        self._usable = tracking_uri.startswith(("http://", "https://"))
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        if not self._usable:
+            raise ApiError(f"MLflow's tracking URI {self.base_url!r} is not an HTTP server; the model card needs one")
+        return super().request(method, path, **kwargs)
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", "/api/2.0/mlflow/runs/get", params={"run_id": run_id}).get("run", {}))
+
+    def metric_history(self, run_id: str, key: str) -> list[dict[str, Any]]:
+        points: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            params = {"run_id": run_id, "metric_key": key, "max_results": 25000}
+            body = self.request("GET", "/api/2.0/mlflow/metrics/get-history", params=params | _page(token))
+            points += body.get("metrics", [])
+            token = body.get("next_page_token")
+            if not token:
+                return points
+
+    def model_versions(self, model_name: str) -> list[dict[str, Any]]:
+        versions: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            params = {"filter": f"name='{model_name}'", "max_results": 200}
+            body = self.request("GET", "/api/2.0/mlflow/model-versions/search", params=params | _page(token))
+            versions += body.get("model_versions", [])
+            token = body.get("next_page_token")
+            if not token:
+                return versions
+
+    def aliases(self, model_name: str) -> dict[str, str]:
+        """Version -> its aliases (`champion`), comma-separated."""
+        body = self.request("GET", "/api/2.0/mlflow/registered-models/get", params={"name": model_name})
+        found: dict[str, list[str]] = {}
+        for entry in body.get("registered_model", {}).get("aliases", []):
+            found.setdefault(str(entry.get("version")), []).append(str(entry.get("alias")))
+        return {version: ", ".join(names) for version, names in found.items()}
+
+
+def _page(token: str | None) -> dict[str, str]:
+    return {"page_token": token} if token else {}
