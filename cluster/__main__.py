@@ -37,7 +37,7 @@ def status_command() -> None:
     rows = status(get_settings())
     for row in rows:
         mark = "up  " if row.healthy else "DOWN"
-        typer.echo(f"{mark}  {row.name:<7} {row.url:<32} {row.detail}")
+        typer.echo(f"{mark}  {row.name:<17} {row.url:<32} {row.detail}")
     if not all(r.healthy for r in rows):
         raise typer.Exit(code=1)
 

@@ -141,12 +141,13 @@ def training_job_example(settings: Settings, key: str) -> str:
 
 def ray_submit_example(settings: Settings) -> str:
     """`ray job submit` as a user outside the machine runs it: through Nginx, with the token."""
+    ray = shlex.quote(str(Path(sys.executable).parent / "ray"))
     if not (settings.ray_auth_enabled and edge_running(settings)):
-        return f"ray job submit --address {settings.ray_dashboard_url} --working-dir . -- python -m jobs.train"
+        return f"{ray} job submit --address {settings.ray_dashboard_url} --working-dir . -- python -m jobs.train"
     ca = shlex.quote(str(local_ca_file(settings)))
     return (
-        "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(grep ^RAY_AUTH_TOKEN= .env | cut -d= -f2-) "
-        f"ray job submit --address {settings.edge_url}/ray --verify {ca} --working-dir . -- "
+        "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(grep ^RAY_AUTH_TOKEN= .env | tail -1 | cut -d= -f2-) "
+        f"{ray} job submit --address {settings.edge_url}/ray --verify {ca} --working-dir . -- "
         "python -m jobs.train --config jobs/configs/adult.yaml"
     )
 
