@@ -27,6 +27,7 @@ from mlflow.entities import Param, RunStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from ray.exceptions import RayActorError
 
 from cluster.logs import configure_logging
 from cluster.settings import REPO_ROOT, Settings, get_settings
@@ -198,6 +199,11 @@ def run_trial(params: dict[str, Any], context: TrialContext, datasets: dict[str,
             callbacks=[TuneReportCallback()],  # type: ignore[no-untyped-call]  # Ray leaves it untyped
             run_name=f"{context.name}-{trial_id}",
         )
+    except RayActorError:
+        # When ASHA stops this trial, Ray kills the Train controller it owns first, and `fit` may
+        # see that death before this actor is killed too. Only the driver knows whether the trial
+        # was stopped (its run then ends FINISHED, early-stopped) or crashed (FAILED): it closes it.
+        raise
     except Exception as exc:
         client.set_tag(run_id, "tune.error", repr(exc)[:500])
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
