@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from dotenv import dotenv_values
 
-from cluster.edge import local_ca_file
+from cluster.edge import local_ca_file, nginx_binary
 from cluster.health import probes, wait_until
 from cluster.jobs_api import follow_job, submit_training, training_result
 from cluster.settings import REPO_ROOT, Settings, get_settings
@@ -97,9 +97,7 @@ def wait_for_version(settings: Settings, version: str, timeout_s: float) -> bool
 
 
 def edge_running(settings: Settings) -> bool:
-    return any(probe.name == "nginx" for probe in probes(settings)) and _listening(
-        settings.nginx_host, settings.nginx_https_port
-    )
+    return nginx_binary(settings) is not None and _listening(settings.nginx_host, settings.nginx_https_port)
 
 
 def api_base(settings: Settings) -> tuple[str, bool | str, str]:

@@ -12,6 +12,7 @@ import datetime as dt
 import getpass
 import ipaddress
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,11 +127,28 @@ def local_config(settings: Settings, ui: str | None, htpasswd: Path | None, cert
     )
 
 
+def nginx_binary(settings: Settings) -> str | None:
+    if not settings.nginx_enabled:
+        return None
+    # Debian puts it in /usr/sbin, which a non-root PATH often lacks.
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+
+
+def edge_health_url(settings: Settings) -> str:
+    """The API's health check through Nginx: TLS, routing and the upstream in one request."""
+    return f"https://{settings.nginx_host}:{settings.nginx_https_port}/healthz"
+
+
+def prepare_dirs(settings: Settings) -> None:
+    """The temp and log directories the rendered config names; nginx does not create them."""
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (edge_dir(settings) / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+
+
 def write_local_config(settings: Settings, ui: str | None) -> Path:
     directory = edge_dir(settings)
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (directory / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    prepare_dirs(settings)
     cert, key = ensure_certificate(settings)
     htpasswd = write_htpasswd(settings, directory / "htpasswd")
     target = directory / "nginx.conf"

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import httpx
 from tenacity import RetryError, retry, retry_if_result, stop_after_delay, wait_exponential
 
+from cluster.edge import edge_health_url, local_ca_file, nginx_binary
+from cluster.observability import nginx_exporter_enabled
 from cluster.settings import Settings
 
 
@@ -32,12 +34,9 @@ def probes(settings: Settings) -> list[Probe]:
     if settings.training_jobs_enabled:
         metrics = f"{settings.dispatcher_url}/metrics"
         found.append(Probe("dispatcher", metrics, metrics))
-    if settings.nginx_enabled and (shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")):
-        from cluster.edge import local_ca_file
-
-        edge = f"https://{settings.nginx_host}:{settings.nginx_https_port}"
-        found.append(Probe("nginx", settings.edge_url, f"{edge}/healthz", str(local_ca_file(settings))))
-    if settings.prometheus_enabled and shutil.which("prometheus-nginx-exporter") and settings.nginx_enabled:
+    if nginx_binary(settings):
+        found.append(Probe("nginx", settings.edge_url, edge_health_url(settings), str(local_ca_file(settings))))
+    if settings.prometheus_enabled and nginx_exporter_enabled(settings):
         url = f"http://127.0.0.1:{settings.nginx_exporter_port}/metrics"
         found.append(Probe("nginx-exporter", url, url))
     if settings.prometheus_enabled and shutil.which("prometheus"):

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from cluster.edge import nginx_binary
 from cluster.settings import REPO_ROOT, Settings
 
 RULES_DIR = REPO_ROOT / "cluster" / "prometheus" / "rules"
@@ -61,8 +62,6 @@ def local_targets(settings: Settings, ray_temp_dir: Path, rules_dir: Path) -> Ta
 
 def nginx_exporter_enabled(settings: Settings) -> bool:
     """The local stack runs the exporter when it runs Nginx and the exporter is installed."""
-    from cluster.stack import nginx_binary
-
     return nginx_binary(settings) is not None and shutil.which("prometheus-nginx-exporter") is not None
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import yaml
 
+from cluster.edge import edge_dir, edge_health_url, local_ca_file, nginx_binary, write_local_config
 from cluster.health import check, probes, wait_healthy, wait_until
 from cluster.observability import (
     WEBHOOK_PATH,
@@ -451,21 +452,8 @@ def start_ui(settings: Settings, env: dict[str, str]) -> str:
 # Nginx (the edge) ----------------------------------------------------------------------------------
 
 
-def nginx_binary(settings: Settings) -> str | None:
-    if not settings.nginx_enabled:
-        return None
-    # Debian puts it in /usr/sbin, which a non-root PATH often lacks.
-    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
-
-
-def edge_health_url(settings: Settings) -> str:
-    return f"https://{settings.nginx_host}:{settings.nginx_https_port}/healthz"
-
-
 def start_nginx(settings: Settings, env: dict[str, str], binary: str, ui: str | None) -> str:
     """TLS termination and the routes to every UI; reloaded in place when `up` runs again."""
-    from cluster.edge import edge_dir, local_ca_file, write_local_config
-
     item = managed(settings, "nginx")
     config = write_local_config(settings, ui)
     argv = [binary, "-p", str(edge_dir(settings)), "-c", str(config), "-e", "stderr"]
@@ -598,7 +586,7 @@ def up(settings: Settings, report: Any = print) -> None:
         outcome = start_ui(settings, env)
         started += ["ui"] if outcome == "started" else []
         report(f"ui: {outcome} at {settings.ui_url}")
-        started += start_edge(settings, env, report, ui=f"{settings.ui_host}:{settings.ui_port}")
+        started += start_edge(settings, env, report, ui=settings.ui_url.removeprefix("http://"))
         started += start_observability(settings, env, report)
     except StartupError:
         # A half-started stack helps nobody: stop what this call started, keep what was running.

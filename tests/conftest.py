@@ -22,10 +22,9 @@ import pytest
 import yaml
 
 from benchmarks.otlp_sink import OtlpSink
-from cluster.edge import local_ca_file
+from cluster.edge import local_ca_file, nginx_binary
 from cluster.observability import RULES_DIR
 from cluster.settings import REPO_ROOT, Settings, get_settings
-from cluster.stack import nginx_binary
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"

@@ -11,9 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.edge import edge_dir, ensure_certificate, local_ca_file, local_config, render
+from cluster.edge import edge_dir, ensure_certificate, local_ca_file, local_config, nginx_binary, prepare_dirs, render
 from cluster.health import wait_healthy, wait_until
-from cluster.stack import nginx_binary
 from serve_apps.schemas import EXAMPLE_ROW
 from tests.conftest import MLFLOW_PASSWORD, RAY_AUTH_TOKEN, Stack, free_port
 
@@ -151,9 +150,7 @@ def second_edge(edge: Stack, tmp_path: Path) -> Iterator[tuple[Stack, subprocess
             "api_rate_limit_burst": 3,
         }
     )
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (edge_dir(settings) / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    prepare_dirs(settings)
     cert, key = ensure_certificate(settings)
     config = edge_dir(settings) / "nginx.conf"
     config.write_text(render(local_config(settings, None, None, cert, key)))

@@ -12,10 +12,18 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from cluster.edge import COMPOSE_NGINX, compose_config, ensure_certificate, local_config, render, write_htpasswd
+from cluster.edge import (
+    COMPOSE_NGINX,
+    compose_config,
+    ensure_certificate,
+    local_config,
+    prepare_dirs,
+    render,
+    write_htpasswd,
+)
 from cluster.settings import Settings
 
-NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")  # whatever NGINX_ENABLED says
 needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (make tools installs it)")
 
 
@@ -38,9 +46,7 @@ def _local(tmp_path: Path, **overrides: object) -> tuple[Settings, str]:
     settings = _settings(tmp_path, **overrides)
     cert, key = ensure_certificate(settings)
     htpasswd = write_htpasswd(settings, tmp_path / "htpasswd")
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (settings.state_dir / "nginx" / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    prepare_dirs(settings)
     return settings, render(local_config(settings, "127.0.0.1:7860", htpasswd, cert, key))
 
 
