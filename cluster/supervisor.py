@@ -44,6 +44,7 @@ def child_environment(settings: Settings) -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.update(settings.s3_environment())
+    env.update(settings.serve_environment())
     if settings.ray_auth_token is not None:
         # Every Ray process and client of the stack (head, workers, job drivers, `serve deploy`,
         # the dispatcher) presents the cluster's token; Ray refuses anyone without it.

@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel
 
 from jobs.model import TabularMLP
-from jobs.preprocess import Preprocessor
+from jobs.preprocess import Encoded, Preprocessor
 
 PREPROCESSOR_FILE = "preprocessor.json"
 ARCHITECTURE_FILE = "architecture.json"
@@ -69,9 +69,15 @@ class TabularPredictor:
         state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         return cls.from_state_dict(preprocessor, architecture, state)
 
-    @torch.inference_mode()
     def raw_outputs(self, frame: pd.DataFrame) -> np.ndarray:
-        enc = self.preprocessor.encode(frame)
+        return self._outputs(self.preprocessor.encode(frame))
+
+    def record_outputs(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        """raw_outputs() for JSON rows: class probabilities (rows, classes) or values (rows,)."""
+        return self._outputs(self.preprocessor.encode_records(rows))
+
+    @torch.inference_mode()
+    def _outputs(self, enc: Encoded) -> np.ndarray:
         out = self.module(torch.from_numpy(enc.x_cat), torch.from_numpy(enc.x_num))
         if self.schema.task == "classification":
             return torch.softmax(out, dim=1).numpy()

@@ -7,6 +7,7 @@ so a served model never depends on the training code's pickles.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,12 @@ class Preprocessor:
         self.schema = state.schema_
         self._cat_index = {f.name: pd.Index(f.categories) for f in self.schema.categorical}
         self._class_index = pd.Index(self.schema.classes or [])
+        # Plain dicts for encode_records: a look-up per value beats building pandas objects
+        # for the few rows of an online request.
+        self._cat_codes: dict[str, dict[str | None, int]] = {
+            f.name: {c: i + 1 for i, c in enumerate(f.categories)} for f in self.schema.categorical
+        }
+        self._bucket_edges = {f.name: np.asarray(self.state.bucket_edges[f.name]) for f in self.schema.bucketed}
 
     # Construction ------------------------------------------------------------------------
 
@@ -119,6 +126,26 @@ class Preprocessor:
             x_num[:, j] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         return Encoded(x_cat=x_cat, x_num=x_num)
 
+    def encode_records(self, rows: list[dict[str, Any]]) -> Encoded:
+        """encode() for JSON rows, without a DataFrame: the serving path. Same codes and values
+        as encode() for the same rows (tested); numbers may be int or float, None is missing."""
+        n_cat = len(self.schema.categorical)
+        x_cat = np.zeros((len(rows), n_cat + len(self.schema.bucketed)), dtype=np.int64)
+        for j, f in enumerate(self.schema.categorical):
+            codes = self._cat_codes[f.name]
+            # Unseen and missing values share the reserved code 0, as in encode().
+            x_cat[:, j] = [codes.get(_category(row.get(f.name)), 0) for row in rows]
+        for j, f in enumerate(self.schema.bucketed):
+            raw = _numbers(rows, f.name)
+            bucket = np.searchsorted(self._bucket_edges[f.name], raw, side="right") + 1
+            x_cat[:, n_cat + j] = np.where(np.isnan(raw), 0, bucket)
+        x_num = np.zeros((len(rows), self.n_numeric), dtype=np.float32)
+        for j, f in enumerate(self.schema.numeric):
+            st = self.state.numeric_stats[f.name]
+            values = (_transform(_numbers(rows, f.name), f.transform) - st.mean) / st.std
+            x_num[:, j] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        return Encoded(x_cat=x_cat, x_num=x_num)
+
     def encode_target(self, frame: pd.DataFrame) -> np.ndarray:
         target = frame[self.schema.target]
         if self.schema.task == "classification":
@@ -144,6 +171,20 @@ class Preprocessor:
         if with_target:
             columns["y"] = self.encode_target(frame)
         return pd.DataFrame(columns)
+
+
+def _category(value: Any) -> str | None:
+    # encode() compares str(value); None stays missing.
+    return None if value is None else value if isinstance(value, str) else str(value)
+
+
+def _numbers(rows: list[dict[str, Any]], name: str) -> np.ndarray:
+    values = [row.get(name) for row in rows]
+    try:
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        # Non-numeric strings: pd.to_numeric's coercion, as encode() does.
+        return pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(np.float64)
 
 
 def _transform(values: np.ndarray, transform: str) -> np.ndarray:

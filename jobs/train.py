@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -37,9 +37,24 @@ from jobs.promote import Decision, gate
 from jobs.registry import CONFIG_ARTIFACT, SCHEMA_ARTIFACT, log_and_register
 from jobs.schema import build_schema, snake_case
 from jobs.tracking import require_tracking_server
+from jobs.train_worker import CHECKPOINT_FILE as CHECKPOINT_FILE  # re-exported: jobs.tune reads it
+from jobs.train_worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "state.pt"
+# Workers read their shards once and train from memory (`TensorShard`) when all data sets together
+# are at most this large in the object store; larger ones stream from Ray Data every epoch.
+SHARD_CACHE_MAX_BYTES = 512 * 1024**2
+# Ray Train's controller collects reports by polling its workers, every 2 s by default, and a
+# worker's `ray.train.report` blocks until its previous report was collected: epochs shorter than
+# the interval each waited for it (most of a 25-epoch Adult job's wall time). A poll is one small
+# actor call per worker. The environment variable, when set, still decides.
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_INTERVAL_S = "0.1"
+# DDP broadcasts rank 0's buffers (BatchNorm statistics) before every forward pass by default: one
+# more collective per step, which cost more than this small model's step on 2 cores (2 workers
+# trained slower than 1). Rank 0's statistics, the ones checkpointed, evolve the same without it;
+# the other ranks validate with their own.
+DDP_BROADCAST_BUFFERS = False
 
 
 @dataclass
@@ -53,166 +68,18 @@ class TrainingOutcome:
     wall_time_s: float
 
 
-# Worker side -------------------------------------------------------------------------------
-
-
-def _batch_tensors(batch: dict[str, torch.Tensor], n_cat: int, n_num: int) -> tuple[torch.Tensor, ...]:
-    rows, device = len(batch["y"]), batch["y"].device
-    x_cat = (
-        torch.stack([batch[f"c{j}"] for j in range(n_cat)], dim=1).long()
-        if n_cat
-        else torch.zeros((rows, 0), dtype=torch.long, device=device)
-    )
-    x_num = (
-        torch.stack([batch[f"n{j}"] for j in range(n_num)], dim=1).float()
-        if n_num
-        else torch.zeros((rows, 0), dtype=torch.float32, device=device)
-    )
-    return x_cat, x_num, batch["y"]
-
-
-def _all_reduce_sums(values: list[float]) -> list[float]:
-    """Sum per-worker statistics so every worker takes the same early-stopping decision."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _loss_fn(task: str) -> torch.nn.Module:
-    return torch.nn.CrossEntropyLoss(reduction="sum") if task == "classification" else torch.nn.MSELoss(reduction="sum")
-
-
-def _targets(y: torch.Tensor, task: str) -> torch.Tensor:
-    return y.long() if task == "classification" else y.float().unsqueeze(1)
-
-
-def _run_epoch(
-    model: torch.nn.Module,
-    shard: Any,
-    cfg: dict[str, Any],
-    optimizer: torch.optim.Optimizer | None,
-) -> tuple[float, float, float]:
-    """One pass over a shard; returns (loss sum, correct count, rows). Trains if given an optimizer."""
-    loss_fn = _loss_fn(cfg["task"])
-    loss_sum = correct = rows = 0.0
-    training = optimizer is not None
-    model.train(training)
-    iterator = shard.iter_torch_batches(
-        batch_size=cfg["batch_size"],
-        drop_last=training,  # a batch of one breaks BatchNorm in training mode
-        local_shuffle_buffer_size=cfg["batch_size"] * 8 if training else None,
-        device=cfg["device"],
-    )
-    with torch.set_grad_enabled(training):
-        for batch in iterator:
-            x_cat, x_num, y = _batch_tensors(batch, cfg["n_cat"], cfg["n_num"])
-            out = model(x_cat, x_num)
-            target = _targets(y, cfg["task"])
-            loss = loss_fn(out, target)
-            if optimizer is not None:
-                optimizer.zero_grad()
-                (loss / len(y)).backward()
-                optimizer.step()
-            loss_sum += float(loss.detach())
-            rows += len(y)
-            if cfg["task"] == "classification":
-                correct += float((out.argmax(dim=1) == target).sum())
-    return loss_sum, correct, rows
-
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    torch.manual_seed(cfg["seed"] + rank)
-    torch.set_num_threads(max(1, cfg["torch_threads"]))
-    # The batches land on the worker's device (a GPU when use_gpu), like the model.
-    cfg = {**cfg, "device": ray.train.torch.get_device()}
-    model = ray.train.torch.prepare_model(Architecture.model_validate(cfg["architecture"]).build())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=cfg["lr_decay"], patience=cfg["lr_patience"]
-    )
-    start_epoch, best_loss, stale = 0, math.inf, 0
-    best_state = _cpu_state(_unwrap(model))
-
-    # Resume where a restarted run left off (worker or node failure).
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=cfg["device"], weights_only=False)
-        _unwrap(model).load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        start_epoch, best_loss, stale = saved["epoch"] + 1, saved["best_loss"], saved["stale"]
-        best_state = saved["best_model"]
-
-    tracker = MlflowClient(cfg["tracking_uri"]) if rank == 0 and cfg.get("run_id") else None
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    for epoch in range(start_epoch, cfg["epochs"]):
-        started = time.perf_counter()
-        t_loss, t_correct, t_rows = _all_reduce_sums(list(_run_epoch(model, train_shard, cfg, optimizer)))
-        train_seconds = time.perf_counter() - started
-        v_loss, v_correct, v_rows = _all_reduce_sums(list(_run_epoch(_unwrap(model), val_shard, cfg, None)))
-        val_loss = v_loss / max(v_rows, 1)
-        scheduler.step(val_loss)
-        improved = val_loss < best_loss - 1e-5
-        if improved:
-            best_loss, stale = val_loss, 0
-            best_state = _cpu_state(_unwrap(model))
-        else:
-            stale += 1
-        metrics: dict[str, float] = {
-            "epoch": float(epoch),
-            "train_loss": t_loss / max(t_rows, 1),
-            "val_loss": val_loss,
-            "best_val_loss": best_loss,
-            "train_rows_per_s": t_rows / max(train_seconds, 1e-9),
-            "epoch_time_s": time.perf_counter() - started,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-        }
-        if cfg["task"] == "classification":
-            metrics["train_accuracy"] = t_correct / max(t_rows, 1)
-            metrics["val_accuracy"] = v_correct / max(v_rows, 1)
-        if tracker is not None:
-            for key, value in metrics.items():
-                if key != "epoch":
-                    tracker.log_metric(cfg["run_id"], key, value, step=epoch)
-        stop = stale >= cfg["patience"]
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                torch.save(
-                    {
-                        "model": _cpu_state(_unwrap(model)),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "best_loss": best_loss,
-                        "stale": stale,
-                        "best_model": best_state,
-                    },
-                    Path(directory) / CHECKPOINT_FILE,
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
-        if stop:
-            break
-
-
 # Driver side -------------------------------------------------------------------------------
+
+
+def cache_shards(datasets: dict[str, Any]) -> bool:
+    """Whether workers should hold their shards in memory: only data already materialised in the
+    object store (no lazy reads to trigger) and small enough to copy into every worker."""
+    from ray.data.dataset import MaterializedDataset
+
+    return all(
+        isinstance(ds, MaterializedDataset) and (ds.size_bytes() or math.inf) <= SHARD_CACHE_MAX_BYTES
+        for ds in datasets.values()
+    )
 
 
 def git_commit(settings: Settings) -> str:
@@ -288,6 +155,29 @@ def architecture_for(pre: Preprocessor, config: JobConfig) -> Architecture:
     )
 
 
+def loop_config(config: JobConfig, settings: Settings, pre: Preprocessor, run_id: str | None) -> dict[str, Any]:
+    """What `train_loop_per_worker` (and `EpochLoop`) read: plain values that travel to the workers."""
+    tc = config.train
+    return {
+        "task": config.task,
+        "architecture": architecture_for(pre, config).model_dump(),
+        "n_cat": len(pre.cardinalities),
+        "n_num": pre.n_numeric,
+        "epochs": tc.epochs,
+        "batch_size": tc.batch_size,
+        "lr": tc.lr,
+        "weight_decay": tc.weight_decay,
+        "patience": tc.patience,
+        "lr_decay": tc.lr_decay,
+        "lr_patience": tc.lr_patience,
+        "seed": tc.seed,
+        "torch_threads": int(tc.cpus_per_worker),
+        "tracking_uri": settings.mlflow_tracking_uri,
+        "run_id": run_id,
+        "ddp_broadcast_buffers": DDP_BROADCAST_BUFFERS,
+    }
+
+
 def fit(
     config: JobConfig,
     settings: Settings,
@@ -304,27 +194,11 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     tc = config.train
-    architecture = architecture_for(pre, config)
-    loop_config = {
-        "task": config.task,
-        "architecture": architecture.model_dump(),
-        "n_cat": len(pre.cardinalities),
-        "n_num": pre.n_numeric,
-        "epochs": tc.epochs,
-        "batch_size": tc.batch_size,
-        "lr": tc.lr,
-        "weight_decay": tc.weight_decay,
-        "patience": tc.patience,
-        "lr_decay": tc.lr_decay,
-        "lr_patience": tc.lr_patience,
-        "seed": tc.seed,
-        "torch_threads": int(tc.cpus_per_worker),
-        "tracking_uri": settings.mlflow_tracking_uri,
-        "run_id": run_id,
-    }
+    # Read from this process's environment when the trainer starts its controller.
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config(config, settings, pre, run_id), "cache_shards": cache_shards(datasets)},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from cluster.settings import get_settings, hash_api_key
-from serve_apps.ingress import Ingress
-from serve_apps.model_server import ModelServer
+from serve_apps.ingress import Ingress, ModelOptions
 
 
 class MissingApiKeysError(RuntimeError):
@@ -25,7 +24,8 @@ class AppArgs(BaseModel):
     poll_interval_s: float | None = None
     max_rows: int | None = None
     max_batch_size: int | None = None
-    batch_wait_timeout_s: float | None = None
+    batch_wait_timeout_s: float | None = Field(default=None, ge=0)
+    torch_threads: int | None = None
 
 
 def build_app(args: dict[str, object]) -> Application:
@@ -37,13 +37,16 @@ def build_app(args: dict[str, object]) -> Application:
             "API_KEYS is not set: the inference API will not start without at least one key. "
             "Add API_KEYS=<key>[,<key>...] to .env or the environment (`make demo` generates one)."
         )
-    model = ModelServer.bind(  # type: ignore[attr-defined]
-        parsed.model_name or settings.model_name,
-        parsed.alias or settings.champion_alias,
-        parsed.tracking_uri or settings.mlflow_tracking_uri,
-        parsed.poll_interval_s or settings.model_poll_interval_s,
-        parsed.max_batch_size or settings.serve_max_batch_size,
-        parsed.batch_wait_timeout_s or settings.serve_batch_wait_timeout_s,
+    model = ModelOptions(
+        model_name=parsed.model_name or settings.model_name,
+        alias=parsed.alias or settings.champion_alias,
+        tracking_uri=parsed.tracking_uri or settings.mlflow_tracking_uri,
+        poll_interval_s=parsed.poll_interval_s or settings.model_poll_interval_s,
+        max_batch_size=parsed.max_batch_size or settings.serve_max_batch_size,
+        batch_wait_timeout_s=(
+            settings.serve_batch_wait_timeout_s if parsed.batch_wait_timeout_s is None else parsed.batch_wait_timeout_s
+        ),
+        torch_threads=parsed.torch_threads or settings.serve_torch_threads,
     )
     alert_tokens = (
         [hash_api_key(settings.alert_webhook_token.get_secret_value())] if settings.alert_webhook_token else []

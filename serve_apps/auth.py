@@ -33,7 +33,9 @@ class KeyStore:
         return matched
 
 
-def require_api_key(
+# Both dependencies are async on purpose: FastAPI runs a plain `def` dependency in a thread
+# pool, and that hand-off cost more than the whole check (py-spy, benchmarks/README.md).
+async def require_api_key(
     request: Request,
     bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
     api_key: str | None = Depends(header_scheme),
@@ -48,7 +50,9 @@ def require_api_key(
         )
 
 
-def require_alert_token(request: Request, bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> None:
+async def require_alert_token(
+    request: Request, bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)
+) -> None:
     """Alertmanager's webhook credentials (`http_config.authorization`), separate from user keys
     so that a user key cannot start retraining through this route."""
     store: KeyStore | None = request.app.state.alert_token_store

@@ -22,12 +22,16 @@ class RowValidator:
 
     def __init__(self, schema: DataSchema) -> None:
         self.schema = schema
-        self._names = set(schema.feature_names)
+        self._feature_names = schema.feature_names  # a property that builds a new list per call
+        self._names = set(self._feature_names)
         self._categories = {f.name: frozenset(f.categories) for f in schema.categorical}
+        self._allowed = {name: categories | {None} for name, categories in self._categories.items()}
         self._numeric = {f.name for f in schema.numeric}
         self._nullable = {f.name for f in schema.features if f.nullable}
 
     def validate(self, rows: list[Any]) -> list[dict[str, Any]]:
+        if self._all_valid(rows):
+            return []
         errors: list[dict[str, Any]] = []
         for i, row in enumerate(rows):
             errors.extend(self._validate_row(i, row))
@@ -42,7 +46,7 @@ class RowValidator:
             _error(i, str(name), "unknown field; the model has no such feature", "extra_forbidden")
             for name in row.keys() - self._names
         ]
-        for name in self.schema.feature_names:
+        for name in self._feature_names:
             if name not in row:
                 # Even nullable features must be sent (as null): a silently missing key is
                 # usually a typo, and the model would quietly predict without it.
@@ -59,6 +63,28 @@ class RowValidator:
             if message:
                 errors.append(_error(i, name, message[1], message[0]))
         return errors
+
+    def _all_valid(self, rows: list[Any]) -> bool:
+        """The common case in a few C-level passes per column instead of a call per value; any
+        doubt falls through to the per-row checks, which name the field."""
+        names = self._names
+        if not all(type(row) is dict and row.keys() == names for row in rows):
+            return False
+        for name in self._feature_names:
+            values = [row[name] for row in rows]
+            if name in self._numeric:
+                # bool is an int subclass: type() (not isinstance) keeps true/false out.
+                if not all(type(v) is int or (type(v) is float and math.isfinite(v)) or v is None for v in values):
+                    return False
+            else:
+                try:
+                    if not set(values) <= self._allowed[name]:
+                        return False
+                except TypeError:  # an unhashable value (a list or an object) in a categorical
+                    return False
+            if name not in self._nullable and None in values:
+                return False
+        return True
 
     def _check_value(self, name: str, value: Any) -> tuple[str, str] | None:
         if value is None:

@@ -51,8 +51,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # Ports the tests hand out come from below the kernel's ephemeral range (32768-60999), where Ray
 # picks its own random ports and every outgoing connection takes one, and above Ray's worker port
 # range (10002-19999): a port found free here is not taken by someone else before it is used.
-TEST_PORTS = range(20000, 32000)
+TEST_PORTS = range(20000, 30000)
 _handed_out: set[int] = set()
+# Each stack's Serve replicas take their ports from a block of their own above TEST_PORTS.
+REPLICA_PORT_BLOCKS = iter(range(30000, 32000, 200))
+
+
+def serve_ingress_overrides() -> dict[str, str]:
+    """Serve's HAProxy ingress of one test stack: its own stats and metrics ports and replica
+    port block, so stacks running side by side never collide."""
+    return {
+        "SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "SERVE_FALLBACK_PROXY_PORT": str(free_port()),
+        "SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+        "SERVE_REPLICA_PORT_BASE": str(next(REPLICA_PORT_BLOCKS)),
+        "SERVE_REPLICA_PORT_COUNT": "100",
+    }
 
 
 def free_port() -> int:
@@ -210,6 +225,7 @@ def stack(
         "RAY_METRICS_EXPORT_PORT": str(free_port()),
         "RAY_TEMP_DIR": f"/tmp/rt{gcs}",
         "SERVE_PORT": str(free_port()),
+        **serve_ingress_overrides(),
         "MLFLOW_PORT": str(mlflow_port),
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
         "MLFLOW_BACKEND_STORE_URI": pg_database,

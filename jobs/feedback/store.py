@@ -103,27 +103,36 @@ class FeedbackStore(PostgresStore):
         keeps its first prediction."""
         if not rows:
             return
-        columns: list[list[Any]] = [[], [], [], [], [], [], []]
-        for row in rows:
-            columns[0].append(row.request_id)
-            columns[1].append(row.row_index)
-            columns[2].append(row.model_name)
-            columns[3].append(row.model_version)
-            columns[4].append(row.label)
-            columns[5].append(row.probability)
-            columns[6].append(orjson.dumps(row.features, default=str).decode())
+        # The whole batch as one JSON document, encoded in C by orjson and unpacked by PostgreSQL:
+        # psycopg's array parameters are quoted element by element in Python, which cost the
+        # serving loop more than the prediction itself (py-spy, benchmarks/README.md).
+        document = orjson.dumps(
+            [
+                {
+                    "r": row.request_id,
+                    "i": row.row_index,
+                    "n": row.model_name,
+                    "v": row.model_version,
+                    "l": row.label,
+                    "p": row.probability,
+                    "f": row.features,
+                }
+                for row in rows
+            ],
+            default=str,
+        ).decode()
 
         async def op(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.execute(
                 """
                 INSERT INTO predictions
                     (request_id, row_index, model_name, model_version, label, probability, features)
-                SELECT r, i, n, v, l, p, f::jsonb
-                FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::float8[], %s::text[])
-                    AS t(r, i, n, v, l, p, f)
+                SELECT r, i, n, v, l, p, f
+                FROM jsonb_to_recordset(%s::jsonb)
+                    AS t(r text, i int, n text, v text, l text, p float8, f jsonb)
                 ON CONFLICT DO NOTHING
                 """,
-                columns,
+                (document,),
             )
 
         await self._retrying(op)

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from cluster.jobs_api import training_result
 from cluster.settings import REPO_ROOT
-from tests.conftest import free_port, run_cli
+from tests.conftest import free_port, run_cli, serve_ingress_overrides
 
 
 def test_status_lists_each_component_healthy(stack, trained):
@@ -49,6 +49,7 @@ def _bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
             "RAY_METRICS_EXPORT_PORT": str(free_port()),
             "MLFLOW_PORT": str(free_port()),
             "SERVE_PORT": str(free_port()),
+            **serve_ingress_overrides(),
             "DISPATCHER_METRICS_PORT": str(free_port()),
             "PROMETHEUS_PORT": str(free_port()),
             "ALERTMANAGER_PORT": str(free_port()),

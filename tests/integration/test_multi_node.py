@@ -114,8 +114,21 @@ def second_node(stack: Stack) -> Iterator[SecondNode]:
         "--temp-dir", str(temp_dir),
     ]  # fmt: skip
     # The head's environment (code path, MLflow, S3, Ray token when the stack has one) plus the
-    # Serve proxy's port on this node: both nodes' proxies share one machine.
-    env = {**child_environment(settings), "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(serve_port)}
+    # Serve ingress's ports and files on this node: both nodes' HAProxies share one machine.
+    node = settings.model_copy(
+        update={
+            "ray_temp_dir": temp_dir,
+            "serve_haproxy_stats_port": free_port(),
+            "serve_haproxy_metrics_port": free_port(),
+            "serve_fallback_proxy_port": free_port(),
+            "serve_fallback_proxy_grpc_port": free_port(),
+        }
+    )
+    env = {
+        **child_environment(settings),
+        **node.serve_environment(),
+        "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(serve_port),
+    }
     proc = spawn(item, argv, env)
     processes: list[psutil.Process] = []
     found: list[Any] = []
@@ -181,6 +194,7 @@ import sys
 
 import ray
 from ray import serve
+from ray.serve import api as serve_api
 
 action, address, app, route = sys.argv[1:]
 ray.init(address=address, log_to_driver=False)
@@ -195,7 +209,10 @@ else:
     probe = serve.deployment(
         name="NodeProbe", num_replicas=2, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0.1}
     )
-    serve.run(probe(NodeProbe).bind(), name=app, route_prefix=route)
+    # Not waiting: serve.run would wait until every node's HAProxy reaches every app's replicas,
+    # and on one machine the second node's HAProxy is given the head's replicas at the machine's
+    # address, where the loopback-bound stack does not listen (a real cluster binds 0.0.0.0).
+    serve_api._run(probe(NodeProbe).bind(), name=app, route_prefix=route, _blocking=False)
 """
 
 
@@ -218,6 +235,8 @@ def serve_applications(stack: Stack) -> dict[str, Any]:
 def spread_app(stack, second_node) -> Iterator[str]:
     serve_driver(stack, "deploy")
     try:
+        running = lambda: serve_applications(stack).get(APP, {}).get("status") == "RUNNING"  # noqa: E731
+        assert wait_until(running, 90), serve_applications(stack).get(APP)
         yield APP
     finally:
         serve_driver(stack, "delete")

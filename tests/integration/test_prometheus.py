@@ -66,11 +66,11 @@ def test_queries_return_the_application_metrics(stack, served):
     codes = lambda result: {r["metric"]["status_code"] for r in result}  # noqa: E731
     requests = wait_for(
         stack,
-        'sum by (status_code) (ray_serve_num_http_requests_total{route="/v1/predict"})',
+        'sum by (status_code) (ray_serve_num_http_requests_total{application="inference"})',
         until=lambda result: codes(result) >= {"200", "422"},
     )
     assert codes(requests) >= {"200", "422"}
-    latency = wait_for(stack, 'sum(ray_serve_http_request_latency_ms_count{route="/v1/predict"}) >= 5')
+    latency = wait_for(stack, 'sum(ray_serve_http_request_latency_ms_count{application="inference"}) >= 5')
     assert float(latency[0]["value"][1]) >= 5
     rows = wait_for(stack, "sum(ray_model_request_rows_sum) >= 15")
     assert float(rows[0]["value"][1]) >= 15

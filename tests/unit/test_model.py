@@ -57,3 +57,29 @@ def test_save_and_load_give_identical_outputs(tmp_path):
     predictor, frame = _predictor()
     loaded = TabularPredictor.load(predictor.save(tmp_path / "p"))
     assert np.allclose(predictor.raw_outputs(frame), loaded.raw_outputs(frame))
+
+
+def test_encode_records_matches_the_dataframe_encoder():
+    """The serving path encodes JSON rows without pandas; it must give the codes and values that
+    training's encoder gives, for known, unseen, missing and string-typed values."""
+    predictor, frame = _predictor()
+    pre = predictor.preprocessor
+    rows = frame.drop(columns="y").to_dict("records")
+    rows += [{"c": "unseen", "n": 0.5}, {"c": None, "n": None}, {"c": "a", "n": "0.25"}, {"c": 3, "n": 1}]
+    by_frame = pre.encode(pd.DataFrame.from_records(rows))
+    by_records = pre.encode_records(rows)
+    assert np.array_equal(by_frame.x_cat, by_records.x_cat)
+    assert np.allclose(by_frame.x_num, by_records.x_num)
+    assert by_records.x_cat[-3, 0] == 0  # missing and unseen share the reserved code
+    assert np.allclose(predictor.record_outputs(rows), predictor.raw_outputs(pd.DataFrame.from_records(rows)))
+
+
+def test_served_predictions_name_the_most_likely_class():
+    from serve_apps.champion import to_predictions
+
+    outputs = np.array([[0.2, 0.7, 0.1], [0.6, 0.3, 0.1]], dtype=np.float32)
+    predictions = to_predictions(outputs, "classification", ["p", "q", "r"])
+    assert [p["label"] for p in predictions] == ["q", "p"]
+    assert predictions[0]["probability"] == predictions[0]["probabilities"]["q"]
+    assert set(predictions[1]["probabilities"]) == {"p", "q", "r"}
+    assert to_predictions(np.array([1.5, -2.0]), "regression", None) == [{"value": 1.5}, {"value": -2.0}]

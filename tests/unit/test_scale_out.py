@@ -127,7 +127,8 @@ def test_launcher_head_deploys_the_shared_serve_config(launcher):
     from cluster.__main__ import app
 
     commands = launcher["head_start_ray_commands"]
-    assert commands[-1] == "python -m cluster deploy-serve"  # after `ray start --head`
+    # After `ray start --head`, with replicas reachable from every node's HAProxy.
+    assert commands[-1] == "SERVE_HOST=0.0.0.0 python -m cluster deploy-serve"
     assert "deploy-serve" in {c.name for c in app.registered_commands}
     # deploy-serve renders the image's own serve_apps/config.yaml; there is no copy to drift.
     assert default("serve_config_path") == REPO_ROOT / "serve_apps" / "config.yaml"

@@ -62,3 +62,33 @@ def test_error_list_is_bounded():
 def test_unknown_category_message_lists_allowed_values():
     (error,) = errors_of({**VALID, "color": "green"})
     assert "red" in error["msg"] and "blue" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("age", "30"),
+        ("age", True),
+        ("age", math.nan),
+        ("age", None),
+        ("color", "green"),
+        ("color", ["red"]),
+        ("color", None),
+        ("country", 3),
+    ],
+)
+def test_one_bad_value_in_a_large_batch_is_named(field, bad):
+    """A batch is accepted in bulk only when the per-row checks would accept every row: one bad
+    value anywhere sends it to the checks that name the row and the field."""
+    validator = RowValidator(SCHEMA)
+    rows = [dict(VALID) for _ in range(50)]
+    assert validator.validate(rows) == []
+    rows[37][field] = bad
+    errors = validator.validate(rows)
+    assert [e["loc"] for e in errors] == [["body", "instances", 37, field]]
+
+
+def test_an_extra_field_in_a_large_batch_is_named():
+    rows = [dict(VALID) for _ in range(50)]
+    rows[3]["colour"] = "red"
+    assert [e["loc"] for e in RowValidator(SCHEMA).validate(rows)] == [["body", "instances", 3, "colour"]]

@@ -1,0 +1,69 @@
+"""`make bench`: the platform against its peers, on this machine, in one run.
+
+    .venv/bin/python -m benchmarks [--quick] [--out benchmarks/results] [--skip training]
+
+Starts a stack of its own (`benchmarks/stack.py`), measures the retraining loop (whose model then
+serves), the serving paths against `mlflow models serve`, a bare FastAPI server and the
+in-process call, profiles the ingress replica, stops the stack, then measures training (Ray Train
+with 1 and 2 workers against a plain PyTorch loop, and Ray Tune) on a quiet machine. Writes
+results.json, report.md and PNG plots to --out.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from benchmarks.loop import retrain_loop
+from benchmarks.report import machine_info, write_report
+from benchmarks.serving import Plan, run_serving
+from benchmarks.stack import bench_stack
+from cluster.settings import REPO_ROOT
+
+SECTIONS = ("loop", "serving", "training")
+app = typer.Typer(add_completion=False)
+
+
+def _platform(quick: bool, out: Path, skip: set[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with bench_stack() as stack, stack.client() as client:
+        # The loop's training job also gives the stack its champion, which the serving part uses.
+        overrides = {"train.epochs": 1} if quick else {}
+        results["loop"] = retrain_loop(client, overrides)
+        if "serving" not in skip:
+            uri = f"models:/{stack.settings.model_name}/{results['loop']['version_after']}"
+            plan = Plan.quick() if quick else Plan()
+            serving = run_serving(stack.settings, stack.api_key, uri, plan, out / "serving", stack.ca_file)
+            results["profile"] = serving.pop("profile")
+            results["serving"] = serving
+    return results
+
+
+@app.command()
+def main(
+    quick: Annotated[bool, typer.Option(help="seconds per measurement instead of minutes (smoke run)")] = False,
+    out: Annotated[Path, typer.Option(help="where results.json, report.md and the plots go")] = REPO_ROOT
+    / "benchmarks"
+    / "results",
+    skip: Annotated[list[str] | None, typer.Option(help=f"leave out a section: {', '.join(SECTIONS)}")] = None,
+) -> None:
+    skipped = set(skip or [])
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results: dict[str, Any] = {"machine": machine_info(), "quick": quick}
+    if not {"loop", "serving"} <= skipped:
+        results.update(_platform(quick, out, skipped))
+    if "training" not in skipped:
+        from benchmarks.training import run as run_training
+
+        results["training"] = run_training(quick=quick)
+    results["duration_s"] = time.monotonic() - started
+    written = write_report(results, out)
+    typer.echo(f"wrote {', '.join(str(p) for p in written.values())} in {results['duration_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,75 @@
+"""`make bench`'s code path in seconds: `python -m benchmarks --quick` with its own stack, the
+retraining loop, every server under wrk, the profile and the report. No timing assertions: the
+figures belong to the full run on a quiet machine; this keeps the benchmark from rotting.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.serving import BULK, EDGE, INGRESS, SINGLE
+from cluster.settings import REPO_ROOT
+
+pytestmark = pytest.mark.timeout(900)
+SERVERS = {EDGE, INGRESS, "mlflow", "fastapi"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--skip", "training", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return out, results
+
+
+def test_the_loop_trained_promoted_and_served_a_new_version(bench):
+    loop = bench[1]["loop"]
+    assert loop["version_before"] is None and loop["version_after"] == "1"
+    assert 0 < loop["finished_s"] <= loop["wall_s"]
+
+
+def test_every_server_answered_every_load_without_errors(bench):
+    serving = bench[1]["serving"]
+    assert serving["agreement"]["agree"], serving["agreement"]
+    loads = {(row["server"], row["kind"], row["connections"]) for row in serving["rows"]}
+    plan = serving["plan"]
+    expected = {(s, SINGLE, c) for s in SERVERS for c in plan["connections"]}
+    expected |= {(s, BULK, plan["bulk_connections"]) for s in SERVERS}
+    assert loads == expected
+    for row in serving["rows"]:
+        assert row["requests"] > 0 and row["errors"] == 0, row
+        assert row["rows_per_request"] == (plan["bulk_rows"] if row["kind"] == BULK else 1)
+        assert row["server_cores"] > 0, row  # the server's own CPU was measured, not only wrk's
+    ceilings = serving["in_process"]["serving_path"]
+    assert [c["rows"] for c in ceilings] == [1, plan["bulk_rows"]] and all(c["rows_per_s"] > 0 for c in ceilings)
+
+
+def test_the_profile_sampled_the_ingress_replica(bench):
+    profile = bench[1]["profile"]
+    assert profile["samples"] > 0
+    assert any("serve_apps/" in entry["frame"] for entry in profile["inclusive"]), profile["inclusive"][:10]
+
+
+def test_the_report_names_every_server_and_has_its_plots(bench):
+    out, results = bench
+    report = (out / "report.md").read_text()
+    for server in SERVERS:
+        assert server in report
+    assert results["machine"]["logical_cpus"] > 0
+    plots = list(out.glob("*.png"))
+    assert plots and all(p.read_bytes().startswith(PNG_MAGIC) for p in plots)
