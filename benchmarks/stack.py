@@ -154,7 +154,7 @@ def _drop_database(database: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
-def _delete_queues(suffix: str) -> None:
+def delete_queues(suffix: str) -> None:
     async def delete() -> None:
         connection = await aio_pika.connect(AMQP_URL)
         async with connection:
@@ -184,5 +184,5 @@ def bench_stack() -> Iterator[BenchStack]:
         finally:
             cli(env, "down")
             with contextlib.suppress(Exception):
-                _delete_queues(suffix)
+                delete_queues(suffix)
             _drop_database(database)

@@ -26,8 +26,8 @@ import psycopg
 import typer
 
 from benchmarks.otlp_sink import OtlpSink
-from benchmarks.stack import environment
-from benchmarks.training_jobs_api import ADMIN_DSN, _cleanup_queues, _cli, _parse_wrk
+from benchmarks.stack import delete_queues, environment
+from benchmarks.training_jobs_api import ADMIN_DSN, _cli, _parse_wrk
 from cluster.settings import REPO_ROOT, Settings
 from serve_apps.schemas import EXAMPLE_ROW
 
@@ -128,7 +128,7 @@ def main(connections: int = 16, duration: int = 20, rounds: int = 2) -> None:
         finally:
             _cli(env, "down")
             sink.stop()
-            _cleanup_queues(suffix)
+            delete_queues(suffix)
             admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     off = [r["rps"] for r in runs if not r["tracing"]]
     on = [r["rps"] for r in runs if r["tracing"]]

@@ -24,7 +24,7 @@ import aio_pika
 import psycopg
 import typer
 
-from benchmarks.stack import environment
+from benchmarks.stack import delete_queues, environment
 from cluster.settings import REPO_ROOT
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -52,19 +52,6 @@ def _queue_depth(queue: str) -> int:
             return int(declared.declaration_result.message_count or 0)
 
     return asyncio.run(depth())
-
-
-def _cleanup_queues(suffix: str) -> None:
-    async def delete() -> None:
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            channel = await connection.channel()
-            for queue in (f"bench-{suffix}.requests", f"bench-{suffix}.dead"):
-                await channel.queue_delete(queue)
-            for exchange in (f"bench-{suffix}", f"bench-{suffix}.dead"):
-                await channel.exchange_delete(exchange)
-
-    asyncio.run(delete())
 
 
 def _settle(dsn: str) -> None:
@@ -172,7 +159,7 @@ def main(connections: int = 16, duration: int = 30, threads: int = 2) -> None:
                 raise SystemExit("accepted, stored and queued counts differ")
         finally:
             _cli(env, "down")
-            _cleanup_queues(suffix)
+            delete_queues(suffix)
             with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
