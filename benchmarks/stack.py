@@ -70,6 +70,14 @@ class BenchStack:
         return httpx.Client(base_url=self.edge_url, verify=str(self.ca_file), headers=self.auth, timeout=30)
 
 
+def inherited_environment() -> dict[str, str]:
+    """The caller's environment without the platform's own settings: a stack running beside this
+    one (a test session's, a developer's) may have set them in this process, and its database,
+    limits or ports must not leak into the benchmark's stack."""
+    own = {name.upper() for name in Settings.model_fields}
+    return {k: v for k, v in os.environ.items() if k not in own}
+
+
 def environment(state: Path, database: str, suffix: str, key: str) -> dict[str, str]:
     gcs, mlflow = free_port(), free_port()
     ports = (
@@ -93,7 +101,7 @@ def environment(state: Path, database: str, suffix: str, key: str) -> dict[str, 
         "UI_PORT",
     )
     return {
-        **os.environ,
+        **inherited_environment(),
         "STATE_DIR": str(state),
         "RAY_GCS_PORT": str(gcs),
         "RAY_TEMP_DIR": f"/tmp/rtb{gcs}",  # short: Ray's and HAProxy's socket paths are limited

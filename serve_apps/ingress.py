@@ -3,6 +3,7 @@ and the champion model, batched across requests with `@serve.batch` inside this 
 
 import asyncio
 import logging
+import logging.handlers
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -173,6 +174,20 @@ _FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Serve's throughput profile buffers the replica's log records (SERVE_ACCESS_LOG_BUFFER_LINES)
+# and writes them only when the buffer is full: without this, a quiet replica's lines would wait
+# for the fiftieth request. Flushing once a second bounds the delay and keeps the batching.
+LOG_FLUSH_INTERVAL_S = 1.0
+
+
+async def flush_serve_logs(interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        for handler in logging.getLogger("ray.serve").handlers:
+            if isinstance(handler, logging.handlers.MemoryHandler):
+                handler.flush()
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """Which registered model the replica serves and how it batches requests."""
@@ -214,6 +229,7 @@ class Ingress:
         self._tracer = trace.get_tracer("serve_apps.ingress")
         self._champion = ChampionModel(model.model_name, model.alias, model.tracking_uri, model.poll_interval_s)
         await self._champion.start()
+        self._log_flusher = asyncio.get_running_loop().create_task(flush_serve_logs(LOG_FLUSH_INTERVAL_S))
 
     def _prediction_recorder(self) -> PredictionRecorder | None:
         """Created on first use in the serving loop; connects and migrates in the background so
@@ -236,6 +252,7 @@ class Ingress:
         """Serve's graceful shutdown: buffered prediction rows reach PostgreSQL before the replica
         goes (a scale-down or redeploy loses none), pools close."""
         self._champion.stop()
+        self._log_flusher.cancel()
         if self._recorder is not None:
             try:
                 await asyncio.wait_for(self._recorder.close(), 10)
