@@ -96,9 +96,12 @@ def test_one_predictions_trace_is_in_the_header_the_logs_and_the_spans(stack, ch
     assert trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert response.headers["traceparent"].split("-")[1] == trace_id
     request_id = response.json()["request_id"]
-    lines = _until("Ingress log lines", lambda: _serve_log_lines(stack, "Ingress", trace_id), 30)
+    # Earlier tests may have sent the same trace id; wait for this request's own line (the
+    # replica writes its buffered log lines at least once a second).
+    mine = lambda: [x for x in _serve_log_lines(stack, "Ingress", trace_id) if x.get("request_id") == request_id]  # noqa: E731
+    assert _until("this request's Ingress log line", mine, 30)
+    lines = _serve_log_lines(stack, "Ingress", trace_id)
     assert all(line["trace_id"] == trace_id and line["span_id"] for line in lines)
-    assert any(line.get("request_id") == request_id for line in lines)
     spans = _until(
         "the ingress's spans",
         lambda: (s := otlp_sink.spans_of(trace_id)) and {"inference-api"} == {x.service for x in s} and s,
