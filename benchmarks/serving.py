@@ -9,6 +9,7 @@ Every server gets the same rows, from the same wrk, one after the other in one r
 from __future__ import annotations
 
 import contextlib
+import functools
 import subprocess
 import tempfile
 from collections import Counter
@@ -22,7 +23,8 @@ import orjson
 import psutil
 
 from benchmarks.load import run_wrk
-from benchmarks.peers import Peer, fastapi_peer, in_process, mlflow_peer, sample_rows
+from benchmarks.peers import Peer, fastapi_peer, in_process, mlflow_peer, sample_rows, time_calls
+from cluster.edge import bearer_headers, local_edge_url
 from cluster.settings import Settings
 
 EDGE = "platform (Nginx TLS)"
@@ -102,10 +104,10 @@ def _platform_labels(
 
 def platform_targets(settings: Settings, api_key: str, ca_file: Path | None) -> list[Target]:
     """The platform as users reach it (Nginx, TLS, keep-alive) and at the Serve ingress itself."""
-    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    headers = {**bearer_headers(api_key), "Content-Type": "application/json"}
     targets = []
     if ca_file is not None:
-        edge = f"https://{settings.nginx_host}:{settings.nginx_https_port}/v1/predict"
+        edge = f"{local_edge_url(settings)}/v1/predict"
         targets.append(Target(EDGE, edge, headers, "instances", _platform_labels(edge, headers, str(ca_file))))
     ingress = f"{settings.serve_url}/v1/predict"
     targets.append(Target(INGRESS, ingress, headers, "instances", _platform_labels(ingress, headers, True)))
@@ -139,25 +141,36 @@ def measure(
 
 def platform_cpu_s(settings: Settings) -> Callable[[], float]:
     """CPU seconds of what serves a prediction on the platform: the ingress replicas, Serve's
-    HAProxy and Nginx (the processes under this stack's Ray temp dir and state dir)."""
-    markers = (str(settings.resolved_ray_temp_dir), str(settings.state_dir))
+    HAProxy and Nginx. The processes are found once, here: walking the process table at every
+    sample would cost CPU while the load runs and add to what is measured."""
+    processes = platform_processes(settings)
 
     def total() -> float:
-        roots = set(replica_pids(settings))
-        for process in psutil.process_iter(["name", "cmdline"]):
-            cmdline = " ".join(process.info["cmdline"] or [])
-            if process.info["name"] in {"haproxy", "nginx"} and any(m in cmdline for m in markers):
-                roots.add(process.pid)  # nginx's master; its workers are its children
         seconds = 0.0
-        for pid in roots:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(pid)
-                for process in [root, *root.children(recursive=True)]:
-                    times = process.cpu_times()
-                    seconds += times.user + times.system
+        for process in processes:
+            with contextlib.suppress(psutil.Error):  # exited since: its time went with it
+                times = process.cpu_times()
+                seconds += times.user + times.system
         return seconds
 
     return total
+
+
+def platform_processes(settings: Settings) -> list[psutil.Process]:
+    """The ingress replicas, HAProxy and Nginx of this stack (under its Ray temp dir and state dir),
+    with their children."""
+    markers = (str(settings.resolved_ray_temp_dir), str(settings.state_dir))
+    roots = set(replica_pids(settings))
+    for process in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if process.info["name"] in {"haproxy", "nginx"} and any(m in cmdline for m in markers):
+            roots.add(process.pid)  # nginx's master; its workers are its children
+    found: list[psutil.Process] = []
+    for pid in roots:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            found += [root, *root.children(recursive=True)]
+    return found
 
 
 def in_process_serving_path(
@@ -165,9 +178,6 @@ def in_process_serving_path(
 ) -> list[dict[str, Any]]:
     """What an ingress replica does per batch, without HTTP: encode the JSON rows, run the model,
     build the prediction objects. The ceiling for the platform's own path."""
-    import statistics
-    import time
-
     import torch
 
     from benchmarks.peer_fastapi import predictor_directory
@@ -178,30 +188,19 @@ def in_process_serving_path(
     with tempfile.TemporaryDirectory() as tmp:
         predictor = TabularPredictor.load(predictor_directory(resolve_model_dir(model_uri, Path(tmp), tracking_uri)))
     schema = predictor.schema
+
+    def serve(batch: list[dict[str, Any]]) -> None:
+        to_predictions(predictor.record_outputs(batch), schema.task, schema.classes)
+
+    # The report renders every key: these are the ones this path has always reported.
+    keys = ("rows", "calls_per_s", "rows_per_s", "rows_per_s_p50", "p50_ms", "p99_ms")
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     results = []
     try:
         for size in sizes:
-            batch = rows[:size]
-            durations = []
-            for i in range(iterations + 10):
-                started = time.perf_counter()
-                to_predictions(predictor.record_outputs(batch), schema.task, schema.classes)
-                if i >= 10:  # the first calls allocate; they are not the steady state
-                    durations.append(time.perf_counter() - started)
-            p50 = statistics.median(durations)
-            results.append(
-                {
-                    "path": "serving (encode_records + model + predictions)",
-                    "rows": size,
-                    "calls_per_s": len(durations) / sum(durations),
-                    "rows_per_s": size * len(durations) / sum(durations),
-                    "rows_per_s_p50": size / p50,
-                    "p50_ms": p50 * 1000,
-                    "p99_ms": statistics.quantiles(durations, n=100, method="inclusive")[98] * 1000,
-                }
-            )
+            timed = time_calls(functools.partial(serve, rows[:size]), size, iterations)
+            results.append({"path": "serving (encode_records + model + predictions)", **{k: timed[k] for k in keys}})
     finally:
         torch.set_num_threads(previous)
     return results

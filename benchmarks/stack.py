@@ -20,7 +20,7 @@ import aio_pika
 import httpx
 import psycopg
 
-from cluster.edge import local_ca_file
+from cluster.edge import bearer_headers, local_ca_file, local_edge_url
 from cluster.settings import REPO_ROOT, Settings
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -55,11 +55,11 @@ class BenchStack:
 
     @property
     def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
+        return bearer_headers(self.api_key)
 
     @property
     def edge_url(self) -> str:
-        return f"https://{self.settings.nginx_host}:{self.settings.nginx_https_port}"
+        return local_edge_url(self.settings)
 
     @property
     def ca_file(self) -> Path:

@@ -1,9 +1,10 @@
-"""`python -m cluster up|down|status|demo`."""
+"""`python -m cluster up|down|status|demo|keys ...`."""
 
 from __future__ import annotations
 
 import typer
 
+from cluster.keys import keys_app
 from cluster.settings import get_settings
 from cluster.stack import StartupError, down, status, up
 
@@ -13,6 +14,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(keys_app, name="keys")
 
 
 @app.command("up")

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -60,6 +60,10 @@ class EdgeConfig:
     rate_limit_burst: int = 1000
     api_max_body_size: str = "2m"
     rendered_by: str = "`cluster up`"
+    # Serve's own Python proxy behind HAProxy: where Nginx resends a prediction HAProxy failed
+    # (a replica killed mid-request, none left running); its router holds the request until a
+    # replica can take it.
+    serve_backup_upstreams: list[str] = field(default_factory=list)
 
 
 def render(config: EdgeConfig) -> str:
@@ -111,6 +115,11 @@ def local_config(settings: Settings, ui: str | None, htpasswd: Path | None, cert
         tls_cert=str(cert),
         tls_key=str(key),
         serve_upstreams=settings.nginx_serve_upstreams or [f"{settings.serve_host}:{settings.serve_port}"],
+        serve_backup_upstreams=(
+            [f"{settings.serve_host}:{settings.serve_fallback_proxy_port}"]
+            if settings.serve_haproxy and not settings.nginx_serve_upstreams
+            else []
+        ),
         upstreams=upstreams,
         htpasswd=str(htpasswd) if htpasswd else None,
         status_listen=f"127.0.0.1:{settings.nginx_status_port}",
@@ -137,6 +146,17 @@ def nginx_binary(settings: Settings) -> str | None:
 def edge_health_url(settings: Settings) -> str:
     """The API's health check through Nginx: TLS, routing and the upstream in one request."""
     return f"https://{settings.nginx_host}:{settings.nginx_https_port}/healthz"
+
+
+def local_edge_url(settings: Settings) -> str:
+    """The API through Nginx at the address it binds. Clients on this machine use this rather than
+    `settings.edge_url`, whose server name need not resolve here."""
+    return f"https://{settings.nginx_host}:{settings.nginx_https_port}"
+
+
+def bearer_headers(api_key: str) -> dict[str, str]:
+    """What an API client sends to authenticate with `api_key`."""
+    return {"Authorization": f"Bearer {api_key}"}
 
 
 def prepare_dirs(settings: Settings) -> None:
@@ -283,6 +303,7 @@ def compose_config() -> EdgeConfig:
         tls_key="/etc/nginx/certs/privkey.pem",
         # Every Ray node runs a Serve proxy; scaled workers are found through compose's DNS.
         serve_upstreams=["ray-head:8000", "ray-worker:8000"],
+        serve_backup_upstreams=["ray-head:8500"],
         upstreams={
             "ui": "ui:7860",
             "mlflow": "mlflow:5000",

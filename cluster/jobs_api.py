@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import subprocess
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -58,12 +59,15 @@ def submit_training(
     overrides: list[str] | None = None,
     submission_id: str | None = None,
     module: str = "jobs.train",
+    env: dict[str, str] | None = None,
 ) -> str:
+    """Submit a training (or tuning) job; `env` adds to the job's environment, e.g. MLFLOW_EXPERIMENT."""
     client = jobs_client(settings)
-    args = " ".join(f"--set {o}" for o in overrides or [])
+    # The entrypoint is a shell command: a value with spaces or quotes (a YAML mapping) stays one argument.
+    args = " ".join(f"--set {shlex.quote(o)}" for o in overrides or [])
     entrypoint = f"python -m {module} --config {config} {args}".strip()
     return str(
-        client.submit_job(entrypoint=entrypoint, runtime_env=training_runtime_env(), submission_id=submission_id)
+        client.submit_job(entrypoint=entrypoint, runtime_env=training_runtime_env(env), submission_id=submission_id)
     )
 
 

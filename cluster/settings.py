@@ -77,6 +77,9 @@ class Settings(BaseSettings):
 
     # Inference API.
     api_keys: SecretStr | None = None  # comma-separated; no default on purpose
+    # How often each ingress replica re-reads the key table (`python -m cluster keys`, needs
+    # DATABASE_URL): an added key is accepted, a revoked one refused, within this many seconds.
+    api_key_refresh_s: float = Field(default=5.0, gt=0)
     model_name: str = "adult-income"
     champion_alias: str = "champion"
     model_poll_interval_s: float = 5.0
@@ -87,6 +90,10 @@ class Settings(BaseSettings):
     # one connection at 118 req/s, see benchmarks/README.md).
     serve_batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     serve_torch_threads: int = Field(default=1, ge=1)
+    # The ingress deployment's autoscaling bounds. One replica per core is the useful scale on a
+    # small machine; two or more keep answering when a replica or its node is lost.
+    serve_min_replicas: int = Field(default=1, ge=1)
+    serve_max_replicas: int = Field(default=2, ge=1)
     # Serve's HAProxy ingress instead of its Python proxy actor, with Serve's throughput
     # settings (uvloop, no per-request actor hop through the proxy): about 3x the requests per
     # second on 2 cores (benchmarks/README.md).

@@ -455,6 +455,8 @@ def start_ui(settings: Settings, env: dict[str, str]) -> str:
 def start_nginx(settings: Settings, env: dict[str, str], binary: str, ui: str | None) -> str:
     """TLS termination and the routes to every UI; reloaded in place when `up` runs again."""
     item = managed(settings, "nginx")
+    rendered = edge_dir(settings) / "nginx.conf"
+    previous = rendered.read_text(encoding="utf-8") if rendered.is_file() else None
     config = write_local_config(settings, ui)
     argv = [binary, "-p", str(edge_dir(settings)), "-c", str(config), "-e", "stderr"]
     checked = subprocess.run([*argv, "-t", "-q"], capture_output=True, text=True, check=False)
@@ -463,6 +465,10 @@ def start_nginx(settings: Settings, env: dict[str, str], binary: str, ui: str | 
     verify = str(local_ca_file(settings))
     pid = read_pid(item)
     if pid is not None:
+        if config.read_text(encoding="utf-8") == previous:
+            # A reload closes every idle kept-alive connection, and a client that sends on one
+            # at that moment gets a reset: restarting another component must not cost that.
+            return "already running"
         os.kill(pid, signal.SIGHUP)  # graceful reload: old workers finish their requests
         return "already running (configuration reloaded)"
     _require_free(settings.nginx_host, settings.nginx_https_port, "nginx", "NGINX_HTTPS_PORT")
@@ -496,6 +502,16 @@ def render_serve_config(settings: Settings) -> Path:
     """The shipped Serve config with host and port taken from the settings."""
     config: dict[str, Any] = yaml.safe_load(settings.serve_config_path.read_text(encoding="utf-8"))
     config.setdefault("http_options", {}).update({"host": settings.serve_host, "port": settings.serve_port})
+    for app in config.get("applications", []):
+        for deployment in app.get("deployments", []):
+            scaling = deployment.get("autoscaling_config")
+            if scaling is not None:
+                low = settings.serve_min_replicas
+                scaling.update(
+                    min_replicas=low,
+                    initial_replicas=low,
+                    max_replicas=max(low, settings.serve_max_replicas),
+                )
     if settings.tracing_enabled:
         # Serve's own tracing: spans for the proxy and every replica call, context carried
         # through deployment handles, exported by our OTLP processor.

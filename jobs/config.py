@@ -81,9 +81,25 @@ class TrainConfig(_Strict):
     lr_patience: int = Field(default=1, ge=0)
     seed: int = 42
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    # Custom Ray resources every worker reserves besides its CPUs (GPUs come from use_gpu): workers
+    # go only to nodes that advertise them, e.g. {"trainer": 1} for a node group started with
+    # `ray start --resources '{"trainer": 4}'`.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     # How the workers' resource bundles are placed on the cluster's nodes: PACK fills one node
     # first (less network traffic for DDP), SPREAD puts them on different nodes where possible.
     placement_strategy: PlacementStrategy = "PACK"
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, resources: dict[str, float]) -> dict[str, float]:
+        # One place per resource: CPU and GPU would silently fight cpus_per_worker and use_gpu.
+        clash = sorted(set(resources) & {"CPU", "GPU"})
+        if clash:
+            raise ValueError(f"set {clash} through cpus_per_worker and use_gpu, not resources_per_worker")
+        negative = sorted(name for name, amount in resources.items() if amount <= 0)
+        if negative:
+            raise ValueError(f"resources_per_worker amounts must be positive: {negative}")
+        return resources
 
 
 class PromotionConfig(_Strict):
@@ -95,7 +111,7 @@ class PromotionConfig(_Strict):
 # Trials share one fitted preprocessor and one set of datasets, and their resources are reserved
 # before any of them starts: only the model and the optimisation may vary between trials.
 TUNABLE_SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "train": TrainConfig}
-FIXED_TRAIN_FIELDS = frozenset({"num_workers", "use_gpu", "cpus_per_worker"})
+FIXED_TRAIN_FIELDS = frozenset({"num_workers", "use_gpu", "cpus_per_worker", "resources_per_worker"})
 
 
 def _check_tunable_key(key: str) -> None:

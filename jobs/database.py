@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -57,6 +57,15 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    async def run_once(self, op: Callable[[Self], Awaitable[T]]) -> T:
+        """Open, bring the schema up to date, run op, close: what a one-shot CLI command needs."""
+        await self.open()
+        try:
+            await self.migrate()
+            return await op(self)
+        finally:
+            await self.close()
 
     async def _retrying(self, op: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         """Run op on a pooled connection; retry with backoff while the database is unreachable."""

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from cluster.settings import REPO_ROOT
 from jobs.predictor import TabularPredictor
+from jobs.tracking import artifact_upload
 
 PREDICTOR_ARTIFACT = "predictor"
 CONFIG_ARTIFACT = "job_config.json"
@@ -46,7 +47,12 @@ def log_and_register(predictor: TabularPredictor, example: pd.DataFrame, model_n
     # The signature keeps the data's own column types: MLflow will not cast int64 to a double
     # column, so declaring doubles would reject the integer rows that callers actually send.
     signature = infer_signature(features, predictor.predict_frame(features))
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        warnings.catch_warnings(),
+        # Artifacts go up before the version is registered: a refused upload registers nothing.
+        artifact_upload(f"model {model_name!r} (no version registered)"),
+    ):
         # The hint is about integer columns with missing values; ours have none (see above).
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
         directory = predictor.save(Path(tmp) / PREDICTOR_ARTIFACT)

@@ -36,7 +36,7 @@ from jobs.preprocess import Preprocessor
 from jobs.promote import Decision, gate
 from jobs.registry import CONFIG_ARTIFACT, SCHEMA_ARTIFACT, log_and_register
 from jobs.schema import build_schema, snake_case
-from jobs.tracking import require_tracking_server
+from jobs.tracking import artifact_upload, bound_request_retries, require_tracking_server
 from jobs.train_worker import CHECKPOINT_FILE as CHECKPOINT_FILE  # re-exported: jobs.tune reads it
 from jobs.train_worker import train_loop_per_worker
 
@@ -202,7 +202,7 @@ def fit(
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
-            resources_per_worker={"CPU": tc.cpus_per_worker},
+            resources_per_worker={**tc.resources_per_worker, "CPU": tc.cpus_per_worker},
             placement_strategy=tc.placement_strategy,
         ),
         datasets=datasets,
@@ -235,6 +235,7 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
     settings = settings or get_settings()
     started = time.perf_counter()
     require_tracking_server(settings)
+    bound_request_retries()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_experiment(settings.mlflow_experiment)
     model_name = config.model_name or settings.model_name
@@ -252,8 +253,9 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
         mlflow.log_params(
             {"data.train_rows": len(splits.train), "data.val_rows": len(splits.val), "data.test_rows": len(splits.test)}
         )
-        mlflow.log_dict(config.model_dump(mode="json"), CONFIG_ARTIFACT)
-        mlflow.log_text(schema.model_dump_json(indent=2), SCHEMA_ARTIFACT)
+        with artifact_upload("the job's config and schema"):
+            mlflow.log_dict(config.model_dump(mode="json"), CONFIG_ARTIFACT)
+            mlflow.log_text(schema.model_dump_json(indent=2), SCHEMA_ARTIFACT)
         log_inputs(splits, config, digest)
 
         best_state, epochs_run = fit(config, settings, pre, ray_datasets(pre, splits), run.info.run_id)

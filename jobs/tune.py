@@ -41,7 +41,7 @@ from jobs.preprocess import Preprocessor
 from jobs.promote import Decision
 from jobs.registry import CONFIG_ARTIFACT, SCHEMA_ARTIFACT, log_and_register
 from jobs.schema import build_schema
-from jobs.tracking import require_tracking_server
+from jobs.tracking import bound_request_retries, require_tracking_server
 from jobs.train import (
     CHECKPOINT_FILE,
     TrainingOutcome,
@@ -345,6 +345,7 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
     started = time.perf_counter()
     tc = _tune_section(config)
     require_tracking_server(settings)
+    bound_request_retries()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     experiment_id = mlflow.set_experiment(settings.mlflow_experiment).experiment_id
     model_name = config.model_name or settings.model_name

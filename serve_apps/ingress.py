@@ -2,6 +2,7 @@
 and the champion model, batched across requests with `@serve.batch` inside this replica."""
 
 import asyncio
+import json
 import logging
 import logging.handlers
 import uuid
@@ -27,6 +28,7 @@ from jobs.feedback.store import FeedbackOutcome, FeedbackStore, PredictionRow
 from jobs.training_jobs.models import InvalidJobSpecError, JobDetail, JobList, JobRecord, JobSpec, JobState
 from jobs.training_jobs.service import TrainingJobs
 from jobs.training_jobs.store import IdempotencyConflictError
+from serve_apps.api_keys import start_key_refresher
 from serve_apps.auth import KeyStore, require_alert_token, require_api_key
 from serve_apps.champion import BatchResult, ChampionModel
 from serve_apps.context import RequestContextMiddleware, request_id_from
@@ -45,10 +47,16 @@ from serve_apps.schemas import (
 
 # Serve's replica logger: its JSON handler writes the replica's log file.
 log = logging.getLogger("ray.serve")
+# Answered by Nginx in front of every route, in the same error shape.
+_EDGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "request body larger than the edge accepts"},
+    429: {"model": ErrorResponse, "description": "rate limited at the edge; retry after Retry-After seconds"},
+}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or invalid API key"},
     422: {"model": ErrorResponse, "description": "invalid request; details name each field"},
     503: {"model": ErrorResponse, "description": "no model loaded yet"},
+    **_EDGE_RESPONSES,
 }
 _JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or invalid API key"},
@@ -56,6 +64,7 @@ _JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorResponse, "description": "idempotency key already used for a different job spec"},
     422: {"model": ErrorResponse, "description": "invalid job spec; details name the field"},
     503: {"model": ErrorResponse, "description": "asynchronous training disabled, or the job store is unreachable"},
+    **_EDGE_RESPONSES,
 }
 
 
@@ -76,11 +85,33 @@ def error_response(
     if details is not None:
         body["details"] = details
     # Serve's proxy echoes the request id in the X-Request-ID response header; the body carries it too.
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    return _ErrorJSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+class _ErrorJSONResponse(JSONResponse):
+    """ASCII-escaped JSON: error details echo the caller's field names, and a lone surrogate
+    (valid as a JSON escape, invalid in UTF-8) must not turn a 422 into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+# Why FastAPI could not read a body (it answers a bare 400 "error parsing the body" for these).
+_UNREADABLE_BODY: dict[type[Exception], str] = {
+    RecursionError: "JSON nested too deeply",
+    UnicodeDecodeError: "not UTF-8 text",
+    ValueError: "a number too long",  # Python's limit on the digits of an integer
+}
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # A body that is not valid JSON is a validation error like any other (documented as 422).
+        reason = next((r for kind, r in _UNREADABLE_BODY.items() if isinstance(exc.__cause__, kind)), "not JSON")
+        message = f"invalid request: body: {reason} (send a JSON object with Content-Type: application/json)"
+        details = [{"loc": ["body"], "msg": reason, "type": "json_invalid"}]
+        return error_response(request, 422, "validation_error", message, details)
     codes = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     return error_response(
         request,
@@ -95,8 +126,9 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type")} for e in exc.errors()]
     fields = ", ".join(".".join(str(p) for p in d["loc"]) for d in details[:5])
-    message = f"invalid request: {fields}"
-    if any(d["loc"] == ["body"] for d in details):
+    message = f"invalid request: {fields}: {details[0]['msg']}" if details else "invalid request"
+    if any(d["loc"] == ["body"] or d["type"] == "json_invalid" for d in details):
+        # FastAPI's loc for a JSON syntax error is ["body", <character offset>].
         message += " (send a JSON object with Content-Type: application/json)"
     return error_response(request, 422, "validation_error", message, details)
 
@@ -171,6 +203,7 @@ _FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "no prediction with this request id and index"},
     422: {"model": ErrorResponse, "description": "invalid body, unknown label, or the prediction is too old"},
     503: {"model": ErrorResponse, "description": "feedback disabled, no model loaded, or the database is unreachable"},
+    **_EDGE_RESPONSES,
 }
 
 
@@ -220,6 +253,8 @@ class Ingress:
         api.state.key_store = KeyStore(key_hashes)
         api.state.alert_token_store = KeyStore(alert_token_hashes) if alert_token_hashes else None
         add_context_filter("ray.serve", "inference-api")
+        # Keys added or revoked with `python -m cluster keys` take effect without a restart.
+        self._key_refresher = await start_key_refresher(api.state.key_store, key_hashes)
         self._metrics = IngressMetrics()
         self._jobs: TrainingJobs | None = None
         self._jobs_lock = asyncio.Lock()
@@ -253,6 +288,8 @@ class Ingress:
         goes (a scale-down or redeploy loses none), pools close."""
         self._champion.stop()
         self._log_flusher.cancel()
+        if self._key_refresher is not None:
+            await self._key_refresher.stop()
         if self._recorder is not None:
             try:
                 await asyncio.wait_for(self._recorder.close(), 10)
@@ -278,12 +315,12 @@ class Ingress:
                 self._jobs = jobs
         return self._jobs
 
-    @api.get("/healthz", tags=["health"])
+    @api.get("/healthz", tags=["health"], responses=_EDGE_RESPONSES)
     async def healthz(self) -> dict[str, str]:
         """Liveness: the ingress answers. No authentication."""
         return {"status": "ok"}
 
-    @api.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}})
+    @api.get("/readyz", tags=["health"], responses={503: {"model": ErrorResponse}, **_EDGE_RESPONSES})
     async def readyz(self, request: Request) -> Any:
         """Readiness: 200 once a model is loaded and can answer, 503 before."""
         status = self._champion.status()
@@ -426,7 +463,9 @@ class Ingress:
         response_model=AlertWebhookResponse,
         responses={
             401: {"model": ErrorResponse, "description": "missing or invalid webhook token"},
+            422: {"model": ErrorResponse, "description": "not an Alertmanager webhook body; details name the field"},
             503: {"model": ErrorResponse, "description": "webhook or asynchronous training not configured"},
+            **_EDGE_RESPONSES,
         },
         dependencies=[Depends(require_alert_token)],
     )

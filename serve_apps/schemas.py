@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EXAMPLE_ROW: dict[str, Any] = {
     "age": 39,
@@ -97,6 +97,14 @@ class FeedbackRequest(BaseModel):
     request_id: str = Field(..., min_length=1, max_length=128, description="the request_id of a /v1/predict response")
     index: int = Field(0, ge=0, description="which instance of that request (0 for the first)")
     label: str = Field(..., min_length=1, max_length=200, description="the true label")
+
+    @field_validator("request_id")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # The API only hands out printable ids; PostgreSQL's text cannot hold NUL, nor UTF-8 a lone surrogate.
+        if not value.isprintable():
+            raise ValueError("must be the printable request_id of a /v1/predict response")
+        return value
 
 
 class FeedbackResponse(BaseModel):

@@ -74,7 +74,14 @@ class RowValidator:
             values = [row[name] for row in rows]
             if name in self._numeric:
                 # bool is an int subclass: type() (not isinstance) keeps true/false out.
-                if not all(type(v) is int or (type(v) is float and math.isfinite(v)) or v is None for v in values):
+                # JSON integers have no size limit: isfinite() raises for one beyond float64's range,
+                # which would otherwise fail the model's float conversion for the whole joined batch.
+                try:
+                    if not all(
+                        ((type(v) is int or type(v) is float) and math.isfinite(v)) or v is None for v in values
+                    ):
+                        return False
+                except OverflowError:
                     return False
             else:
                 try:
@@ -92,8 +99,12 @@ class RowValidator:
         if name in self._numeric:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 return ("type_error", "must be a number")
-            if not math.isfinite(value):
-                return ("value_error", "must be a finite number")
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:
+                finite = False
+            if not finite:
+                return ("value_error", "must be a finite number (within ±1.8e308)")
             return None
         if not isinstance(value, str):
             return ("type_error", "must be a string")

@@ -3,6 +3,7 @@ for the integration and end-to-end tests, started and stopped through `python -m
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 from benchmarks.otlp_sink import OtlpSink
-from cluster.edge import local_ca_file, nginx_binary
+from cluster.edge import bearer_headers, local_ca_file, local_edge_url, nginx_binary
 from cluster.observability import RULES_DIR
 from cluster.settings import REPO_ROOT, Settings, get_settings
 
@@ -41,9 +42,23 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["RAY_AUTH_TOKEN"] = RAY_AUTH_TOKEN
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-duration",
+        type=float,
+        default=60.0,
+        help="seconds of steady load in the soak test (`make test-reliability` gives it 600)",
+    )
+    parser.addoption(
+        "--reliability-report",
+        default=None,
+        help="write the figures the fault, soak and fuzz tests measured to this JSON file",
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        for kind in ("unit", "integration", "e2e"):
+        for kind in ("unit", "integration", "e2e", "reliability", "security"):
             if f"/tests/{kind}/" in str(item.fspath):
                 item.add_marker(getattr(pytest.mark, kind))
 
@@ -53,8 +68,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # range (10002-19999): a port found free here is not taken by someone else before it is used.
 TEST_PORTS = range(20000, 30000)
 _handed_out: set[int] = set()
-# Each stack's Serve replicas take their ports from a block of their own above TEST_PORTS.
-REPLICA_PORT_BLOCKS = iter(range(30000, 32000, 200))
+# Each stack's Serve replicas take their ports from a block of their own above TEST_PORTS. Blocks
+# are drawn at random and checked, so test sessions running side by side do not pick the same one.
+REPLICA_PORT_BLOCK = 100
+_replica_blocks_handed_out: set[int] = set()
+
+
+def replica_port_block() -> int:
+    blocks = [b for b in range(30000, 32000, REPLICA_PORT_BLOCK) if b not in _replica_blocks_handed_out]
+    random.shuffle(blocks)
+    for base in blocks:
+        if all(_port_is_free(port) for port in range(base, base + REPLICA_PORT_BLOCK)):
+            _replica_blocks_handed_out.add(base)
+            return base
+    raise RuntimeError("no free block of replica ports in 30000-31999")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def serve_ingress_overrides() -> dict[str, str]:
@@ -65,21 +101,16 @@ def serve_ingress_overrides() -> dict[str, str]:
         "SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "SERVE_FALLBACK_PROXY_PORT": str(free_port()),
         "SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
-        "SERVE_REPLICA_PORT_BASE": str(next(REPLICA_PORT_BLOCKS)),
-        "SERVE_REPLICA_PORT_COUNT": "100",
+        "SERVE_REPLICA_PORT_BASE": str(replica_port_block()),
+        "SERVE_REPLICA_PORT_COUNT": str(REPLICA_PORT_BLOCK),
     }
 
 
 def free_port() -> int:
     for _ in range(200):
         port = random.choice(TEST_PORTS)
-        if port in _handed_out:
+        if port in _handed_out or not _port_is_free(port):
             continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free port in {TEST_PORTS}")
@@ -99,7 +130,7 @@ class Stack:
 
     @property
     def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
+        return bearer_headers(self.api_key)
 
     @property
     def edge(self) -> bool:
@@ -109,7 +140,7 @@ class Stack:
     @property
     def api_url(self) -> str:
         if self.edge:
-            return f"https://{self.settings.nginx_host}:{self.settings.nginx_https_port}"
+            return local_edge_url(self.settings)
         return self.settings.serve_url
 
     @property
@@ -184,6 +215,17 @@ def queue_names() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
+def figures(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """What the reliability and security tests measured, by name; written out at the end of the
+    session with `--reliability-report PATH` (docs/RELIABILITY.md quotes that file)."""
+    collected: dict[str, Any] = {}
+    yield collected
+    target = request.config.getoption("--reliability-report")
+    if target and collected:
+        Path(target).write_text(json.dumps(collected, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
 def otlp_sink() -> Iterator[OtlpSink]:
     """Receives the stack's spans over OTLP/HTTP, as the collector would."""
     sink = OtlpSink().start()
@@ -231,6 +273,7 @@ def stack(
         "MLFLOW_BACKEND_STORE_URI": pg_database,
         "MLFLOW_EXPERIMENT": "tests",
         "API_KEYS": f"{api_key},second-{api_key}",
+        "API_KEY_REFRESH_S": "1",
         "MODEL_POLL_INTERVAL_S": "1",
         "MAX_BATCH_ROWS": "50",
         "DATABASE_URL": jobs_database,
@@ -259,6 +302,9 @@ def stack(
         "NGINX_HTTP_PORT": str(free_port()),
         "NGINX_STATUS_PORT": str(free_port()),
         "NGINX_EXPORTER_PORT": str(free_port()),
+        # Far above what this machine can send, so the soak measures the platform rather than the
+        # per-key limit (the limit itself is tested on an edge of its own, tests/security).
+        "API_RATE_LIMIT_RPS": "100000",
         "MLFLOW_BASIC_AUTH_PASSWORD": MLFLOW_PASSWORD,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": RAY_AUTH_TOKEN,

@@ -37,16 +37,7 @@ def _require_enabled(settings: Settings) -> tuple[str, str]:
 def _with_store(fn: Callable[[JobStore], Awaitable[T]]) -> T:
     dsn, _ = _require_enabled(get_settings())
 
-    async def run() -> T:
-        store = JobStore(dsn, retry_for_s=10)
-        await store.open()
-        try:
-            await store.migrate()
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    return asyncio.run(JobStore(dsn, retry_for_s=10).run_once(fn))
 
 
 @app.callback(invoke_without_command=True)

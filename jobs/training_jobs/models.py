@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -50,6 +51,34 @@ def _base_config(path: str, mtime_ns: int) -> JobConfig:
     return load_config(path)
 
 
+def _unstorable(value: Any) -> str | None:
+    """Why PostgreSQL could not store this override value (jsonb has no NaN or Infinity and no NUL
+    character; UTF-8 has no lone surrogates), or None. Iterative: values may be nested deeply."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return "numbers must be finite (no NaN or Infinity)"
+        if isinstance(item, str) and not _storable_text(item):
+            return "text may not contain NUL characters or lone surrogates"
+        if isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+    return None
+
+
+def _storable_text(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class InvalidJobSpecError(ValueError):
     """The spec names a config that does not exist or overrides that do not validate."""
 
@@ -90,6 +119,16 @@ class JobSpec(BaseModel):
         for key in value:
             if not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", key):
                 raise ValueError(f"{key!r} is not a dotted config key such as 'train.epochs'")
+            problem = _unstorable(value[key])
+            if problem:
+                raise ValueError(f"{key!r}: {problem}")
+        return value
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _printable_key(cls, value: str | None) -> str | None:
+        if value is not None and not value.isprintable():
+            raise ValueError("must be printable text")
         return value
 
     @property

@@ -12,28 +12,20 @@ gone from Prometheus' target list before the module ends.
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from cluster.health import wait_until
-from cluster.observability import RAY_SERVICE_DISCOVERY_FILE
 from cluster.stack import serve_app_status
-from cluster.supervisor import child_environment, log_tail, managed, read_pid, session_members, spawn, stop
-from tests.conftest import Stack, free_port, train_job
+from cluster.supervisor import child_environment
+from tests.conftest import Stack, train_job
+from tests.ray_nodes import NODE_IP, RayNode, alive_nodes, discovered_targets, ray_node, state
 
-# Its own loopback address: drivers on this machine (127.0.0.1) keep connecting to the head's
-# raylet, and the node shows up in the State API as a different host, as on a real cluster.
-NODE_IP = "127.0.0.2"
 NODE_RESOURCE = "node2"
 NODE_CPUS = 2
 APP = "spread-test"
@@ -41,119 +33,10 @@ ROUTE = "/spread"
 MODEL_NAME = "multi-node-test"
 
 
-@dataclass(frozen=True)
-class SecondNode:
-    node_id: str
-    head_node_id: str
-    metrics_address: str
-    serve_port: int  # its Serve proxy's port (the head's is taken on this one machine)
-
-
-def state(stack: Stack, resource: str, filters: list[tuple[str, str, str]] | None = None) -> list[Any]:
-    """The State API with the stack's token given explicitly: Ray reads RAY_AUTH_MODE once per process,
-    at import, and this process may have imported Ray before the stack fixture set it."""
-    from ray.util.state.api import StateApiClient
-    from ray.util.state.common import ListApiOptions, StateResource
-
-    client = StateApiClient(address=stack.settings.ray_dashboard_url, headers=stack.settings.ray_auth_headers())
-    options = ListApiOptions(filters=list(filters or []), detail=True)
-    return list(client.list(StateResource(resource), options=options, raise_on_missing_output=True))
-
-
-def alive_nodes(stack: Stack) -> list[Any]:
-    return state(stack, "nodes", [("state", "=", "ALIVE")])
-
-
-def node_state(stack: Stack, node_id: str) -> str | None:
-    # Filtered on node_id, the State API mistakes the nodes it leaves out for truncated output.
-    return {n.node_id: n.state for n in state(stack, "nodes")}.get(node_id)
-
-
-def worker_port_range() -> tuple[int, int]:
-    """A block of worker ports apart from the head's (10002-19999), varied between sessions."""
-    low = 24000 + (free_port() % 40) * 50
-    return low, low + 49
-
-
-def running(process: psutil.Process) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return process.status() != psutil.STATUS_ZOMBIE
-    return False
-
-
-def discovered_targets(stack: Stack) -> list[str]:
-    path = stack.settings.resolved_ray_temp_dir / RAY_SERVICE_DISCOVERY_FILE
-    try:
-        groups = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    return [target for group in groups for target in group["targets"]]
-
-
 @pytest.fixture(scope="module")
-def second_node(stack: Stack) -> Iterator[SecondNode]:
-    settings = stack.settings
-    item = managed(settings, "ray-node2")
-    temp_dir = Path(f"/tmp/rn{settings.ray_gcs_port}")  # short: Ray's socket paths are limited
-    metrics_port, serve_port = free_port(), free_port()
-    low, high = worker_port_range()
-    argv = [
-        str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
-        "--address", settings.ray_gcs_address,
-        "--node-ip-address", NODE_IP,
-        "--num-cpus", str(NODE_CPUS),
-        "--resources", json.dumps({NODE_RESOURCE: 1}),
-        "--node-manager-port", str(free_port()),
-        "--object-manager-port", str(free_port()),
-        "--metrics-export-port", str(metrics_port),
-        "--dashboard-agent-listen-port", str(free_port()),
-        "--dashboard-agent-grpc-port", str(free_port()),
-        "--runtime-env-agent-port", str(free_port()),
-        "--min-worker-port", str(low), "--max-worker-port", str(high),
-        # A node may keep its own temp dir; this one's sessions and logs stay apart from the head's.
-        "--temp-dir", str(temp_dir),
-    ]  # fmt: skip
-    # The head's environment (code path, MLflow, S3, Ray token when the stack has one) plus the
-    # Serve ingress's ports and files on this node: both nodes' HAProxies share one machine.
-    node = settings.model_copy(
-        update={
-            "ray_temp_dir": temp_dir,
-            "serve_haproxy_stats_port": free_port(),
-            "serve_haproxy_metrics_port": free_port(),
-            "serve_fallback_proxy_port": free_port(),
-            "serve_fallback_proxy_grpc_port": free_port(),
-        }
-    )
-    env = {
-        **child_environment(settings),
-        **node.serve_environment(),
-        "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(serve_port),
-    }
-    proc = spawn(item, argv, env)
-    processes: list[psutil.Process] = []
-    found: list[Any] = []
-    try:
-
-        def joined() -> bool:
-            found[:] = [n for n in alive_nodes(stack) if n.resources_total.get(NODE_RESOURCE)]
-            return bool(found) or proc.poll() is not None
-
-        assert wait_until(joined, 90) and found, f"second node did not join: {log_tail(item, 20)}"
-        (head,) = [n for n in alive_nodes(stack) if n.is_head_node]
-        yield SecondNode(found[0].node_id, head.node_id, f"{NODE_IP}:{metrics_port}", serve_port)
-    finally:
-        with contextlib.suppress(psutil.Error):
-            processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        stop(item, grace_s=15)
-        proc.wait(10)  # our child: reaped here, not left a zombie
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        # Zombies count as gone (as in `cluster down`): orphans wait for whoever adopted them to reap them.
-        assert read_pid(item) is None
-        assert not [p for p in [*processes, *session_members(proc.pid)] if running(p)]
-        if found:
-            assert wait_until(lambda: node_state(stack, found[0].node_id) == "DEAD", 60)
-            # Prometheus reads Ray's target list: a stopped node must not stay a dead target.
-            assert wait_until(lambda: f"{NODE_IP}:{metrics_port}" not in discovered_targets(stack), 60)
+def second_node(stack: Stack) -> Iterator[RayNode]:
+    with ray_node(stack, "ray-node2", {NODE_RESOURCE: 1}, NODE_CPUS) as node:
+        yield node
 
 
 def test_second_node_joins_with_its_own_ports_and_resources(stack, second_node):

@@ -152,3 +152,24 @@ def test_compose_rendering_passes_nginx_t(tmp_path):
     text = text.replace("/etc/nginx/auth/htpasswd", str(tmp_path / "htpasswd"))
     result = _nginx_test(text, tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def _serve_upstream_block(text: str) -> list[str]:
+    block = text.split("upstream serve_ingress {", 1)[1].split("}", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip().startswith("server ")]
+
+
+def test_predictions_fall_back_to_serves_own_proxy_when_haproxy_fails_them(tmp_path):
+    settings, text = _local(tmp_path, serve_port=8000, serve_fallback_proxy_port=8500)
+    assert _serve_upstream_block(text) == [
+        f"server {settings.serve_host}:8000 max_fails=2 fail_timeout=5s;",
+        f"server {settings.serve_host}:8500 backup;",
+    ]
+    assert "server ray-head:8500 backup resolve;" in _serve_upstream_block(render(compose_config()))
+
+
+def test_no_fallback_upstream_without_haproxy_or_with_upstreams_given(tmp_path):
+    _, python_proxy = _local(tmp_path, serve_haproxy=False)
+    assert not any("backup" in line for line in _serve_upstream_block(python_proxy))
+    _, explicit = _local(tmp_path, nginx_serve_upstreams=["10.0.0.5:8000"])
+    assert _serve_upstream_block(explicit) == ["server 10.0.0.5:8000 max_fails=2 fail_timeout=5s;"]

@@ -27,6 +27,22 @@ def test_config_names_cannot_escape_the_config_folder(name):
         JobSpec(config=name)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"overrides": {"train.lr": float("nan")}},
+        {"overrides": {"train.lr": float("inf")}},
+        {"overrides": {"data.train_uri": "s3://b/a\x00.csv"}},
+        {"overrides": {"model.hidden": [64, {"x": ["\x00"]}]}},
+        {"idempotency_key": "retry-\x00"},
+    ],
+)
+def test_values_postgresql_cannot_store_are_refused_up_front(spec):
+    """jsonb has no NaN and no NUL character; refused here they are a 422, not a database error."""
+    with pytest.raises(ValidationError):
+        JobSpec.model_validate(spec)
+
+
 def test_resolve_names_the_override_at_fault():
     with pytest.raises(InvalidJobSpecError) as info:
         JobSpec(overrides={"train.lr": -1}).resolve()

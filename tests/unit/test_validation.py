@@ -36,6 +36,8 @@ def test_valid_row_passes():
         ({**VALID, "age": True}, "age", "type_error"),
         ({**VALID, "age": math.nan}, "age", "value_error"),
         ({**VALID, "age": math.inf}, "age", "value_error"),
+        ({**VALID, "age": 10**400}, "age", "value_error"),
+        ({**VALID, "age": -(10**400)}, "age", "value_error"),
         ({**VALID, "age": None}, "age", "null_forbidden"),
         ({**VALID, "color": "green"}, "color", "unknown_category"),
         ({**VALID, "color": 3}, "color", "type_error"),

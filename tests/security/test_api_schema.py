@@ -1,0 +1,223 @@
+"""The inference API against its own OpenAPI schema: Schemathesis generates requests for every
+operation, with and without credentials, and sends them through Nginx over TLS to the session's
+stack. No response may be a 5xx, and every response must be documented: a status code the
+operation declares, a declared content type, a body that matches the declared schema (the edge's
+own 413/429/404 answers included). Requests that break the schema must be refused with a 4xx.
+
+The run is bounded and reproducible: a fixed number of examples per operation, mode and
+credential, drawn by a derandomized Hypothesis (the same requests on every run), no shrinking and
+no example database. About a thousand requests in all.
+
+Two operations start real training runs when they accept a request: `POST /v1/training-jobs`
+and the Alertmanager webhook. With valid credentials they get schema-violating (negative) data
+only, and any generated request whose body would still be accepted (Schemathesis may negate only
+a header and keep a valid body, or a negation may become valid once serialised) is not sent: the
+body is checked against the application's own request models first. Each such run then asserts
+that the number of training jobs did not change. Without credentials both are fuzzed in both
+modes, as every other operation is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from pydantic import BaseModel, ValidationError
+from schemathesis import Case, GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.core import NotSet
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from cluster.demo import wait_for_version
+from jobs.training_jobs.models import JobSpec
+from serve_apps.ingress import api as ingress_app
+from serve_apps.schemas import AlertmanagerPayload
+from tests.conftest import ALERT_WEBHOOK_TOKEN
+
+MAX_EXAMPLES = 30
+HYPOTHESIS = settings(
+    max_examples=MAX_EXAMPLES,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    # Generation is slow for the large nested bodies; that is expected, not a problem.
+    suppress_health_check=list(HealthCheck),
+    print_blob=False,
+)
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+# The operations the application declares; the served schema must list exactly these.
+OPERATIONS = sorted(
+    (method.upper(), path)
+    for path, methods in ingress_app.openapi()["paths"].items()
+    for method, operation in methods.items()
+)
+
+
+def _has_inputs(method: str, path: str) -> bool:
+    """Whether there is anything to break: parameters or a body (else negative data cannot exist)."""
+    operation = ingress_app.openapi()["paths"][path][method.lower()]
+    return bool(operation.get("parameters") or operation.get("requestBody"))
+
+
+# Operations whose accepted requests queue training jobs, and the model a body must fail to be refused.
+JOB_STARTING: dict[tuple[str, str], type[BaseModel]] = {
+    ("POST", "/v1/training-jobs"): JobSpec,
+    ("POST", "/v1/alerts/alertmanager"): AlertmanagerPayload,
+}
+assert set(JOB_STARTING) <= set(OPERATIONS)
+
+
+def _runs() -> Iterator[Any]:
+    for method, path in OPERATIONS:
+        for authenticated in (True, False):
+            modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if _has_inputs(method, path) else []
+            modes = modes or [GenerationMode.POSITIVE]
+            if authenticated and (method, path) in JOB_STARTING:
+                modes = [GenerationMode.NEGATIVE]
+            for mode in modes:
+                auth = "auth" if authenticated else "noauth"
+                yield pytest.param(method, path, authenticated, mode, id=f"{method} {path} {auth} {mode.value}")
+
+
+class Tally:
+    """What the run did, printed at the end of the module for the report."""
+
+    def __init__(self) -> None:
+        self.sent: Counter[str] = Counter()
+        self.withheld: Counter[str] = Counter()
+        self.statuses: Counter[int] = Counter()
+
+
+@pytest.fixture(scope="module")
+def tally(request: pytest.FixtureRequest, figures: dict[str, Any]) -> Iterator[Tally]:
+    counts = Tally()
+    yield counts
+    figures["schemathesis"] = {
+        "operations": len(OPERATIONS),
+        "runs": len(counts.sent),
+        "requests_sent": sum(counts.sent.values()),
+        "withheld": sum(counts.withheld.values()),
+        "statuses": {str(k): v for k, v in sorted(counts.statuses.items())},
+    }
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(
+                f"\nschemathesis: {len(counts.sent)} runs over {len(OPERATIONS)} operations, "
+                f"{sum(counts.sent.values())} requests sent, {sum(counts.withheld.values())} withheld "
+                f"(would have queued a training job), statuses {dict(sorted(counts.statuses.items()))}"
+            )
+
+
+@pytest.fixture(scope="module")
+def schema(stack, trained) -> schemathesis.BaseSchema:
+    """The schema as users read it, from /openapi.json through Nginx; a model is loaded so that
+    predictions and /v1/models/current answer."""
+    assert wait_for_version(stack.settings, str(trained["model_version"]), 60), "the champion was not picked up"
+    # Security schemes stay out of generation: each run sets (or leaves out) the credentials itself.
+    config = schemathesis.Config.from_dict({"generation": {"with-security-parameters": False}})
+    loaded = schemathesis.openapi.from_url(f"{stack.api_url}/openapi.json", config=config, verify=stack.verify)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def session() -> Iterator[requests.Session]:
+    # Each call passes `verify` itself: requests lets REQUESTS_CA_BUNDLE override a session's.
+    with requests.Session() as http:
+        yield http
+
+
+def test_served_schema_lists_every_operation(schema):
+    served = sorted((result.ok().method.upper(), result.ok().path) for result in schema.get_all_operations())
+    assert served == OPERATIONS
+
+
+def _job_count(session: requests.Session, stack) -> int:
+    response = session.get(
+        f"{stack.api_url}/v1/training-jobs", params={"limit": 200}, headers=stack.auth, verify=stack.verify
+    )
+    assert response.status_code == 200, response.text
+    return len(response.json()["jobs"])
+
+
+def _would_queue_a_job(case: Case[Any], model: type[BaseModel]) -> bool:
+    """True when the body passes the operation's own request model: sent with valid credentials,
+    it could be accepted. Bytes that are not JSON, and a missing body, are always refused."""
+    body = case.body
+    if isinstance(body, bytes):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return False
+    elif isinstance(body, NotSet):
+        return False
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError:
+        return False
+    if isinstance(parsed, AlertmanagerPayload):
+        return any(a.status == "firing" and a.labels.get("action") == "retrain" for a in parsed.alerts)
+    return True
+
+
+def _credentials(stack, path: str, authenticated: bool) -> dict[str, str]:
+    if not authenticated:
+        return {}
+    token = ALERT_WEBHOOK_TOKEN if path == "/v1/alerts/alertmanager" else stack.api_key
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize(("method", "path", "authenticated", "mode"), list(_runs()))
+def test_operation_conforms_to_its_schema(schema, session, stack, tally, method, path, authenticated, mode):
+    operation = schema[path][method]
+    run = f"{method} {path} {'auth' if authenticated else 'noauth'} {mode.value}"
+    guarded = JOB_STARTING.get((method, path)) if authenticated else None
+    checks = [*CHECKS, negative_data_rejection] if mode is GenerationMode.NEGATIVE else CHECKS
+    credentials = _credentials(stack, path, authenticated)
+    jobs_before = _job_count(session, stack) if guarded else 0
+
+    @HYPOTHESIS
+    @given(case=operation.as_strategy(mode))
+    def check(case: Case[Any]) -> None:
+        # Credentials are this run's, whatever was generated for the auth headers.
+        for header in ("Authorization", "X-API-Key"):
+            case.headers.pop(header, None)
+        case.headers.update(credentials)
+        if guarded is not None and _would_queue_a_job(case, guarded):
+            tally.withheld[run] += 1
+            return
+        response = case.call(session=session, base_url=stack.api_url, verify=stack.verify)
+        tally.sent[run] += 1
+        tally.statuses[response.status_code] += 1
+        case.validate_response(response, checks=checks)
+        if guarded is not None:
+            assert response.status_code >= 400, f"a training request was accepted: {response.text}"
+        if response.status_code >= 400:
+            _assert_error_shape(response.json())
+
+    check()
+    assert tally.sent[run] > 0, "every generated request was withheld: nothing was tested"
+    if guarded:
+        assert _job_count(session, stack) == jobs_before, "a training job was queued"
+
+
+def _assert_error_shape(body: Any) -> None:
+    """The one error shape of the API, whoever answers (the replica or the edge)."""
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert {"code", "message", "request_id"} <= set(error) <= {"code", "message", "request_id", "details"}, body
+    assert isinstance(error["code"], str) and isinstance(error["message"], str) and error["message"], body

@@ -1,0 +1,120 @@
+"""The key store's rules without PostgreSQL: which digests a replica accepts, swapping them while
+requests come in, and what a replica does when the key table cannot be read."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterator
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from cluster.__main__ import app as cli
+from cluster.settings import get_settings, hash_api_key
+from serve_apps.api_keys import ApiKeyTable, KeyRefresher, TableHashes, accepted_hashes, new_api_key, valid_key_name
+from serve_apps.auth import KeyStore, require_api_key
+
+BOOT, ADDED, REVOKED = hash_api_key("boot-key"), hash_api_key("added-key"), hash_api_key("revoked-key")
+
+
+def test_table_keys_join_api_keys_and_revocations_win() -> None:
+    table = TableHashes(active=frozenset({ADDED}), revoked=frozenset({REVOKED}))
+    assert accepted_hashes([BOOT], table) == {BOOT, ADDED}
+    # A key from API_KEYS revoked in the table is refused, though API_KEYS still lists it.
+    assert accepted_hashes([BOOT, REVOKED], table) == {BOOT, ADDED}
+    assert accepted_hashes([REVOKED], TableHashes(frozenset(), frozenset({REVOKED}))) == frozenset()
+
+
+@pytest.fixture
+def store() -> KeyStore:
+    return KeyStore([BOOT])
+
+
+@pytest.fixture
+def client(store: KeyStore) -> TestClient:
+    app = FastAPI()
+    app.state.key_store = store
+
+    @app.get("/private", dependencies=[Depends(require_api_key)])
+    async def private() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    return TestClient(app)
+
+
+def test_a_replaced_set_takes_effect_on_the_next_request(store: KeyStore, client: TestClient) -> None:
+    assert client.get("/private", headers={"X-API-Key": "added-key"}).status_code == 401
+    store.replace(frozenset({BOOT, ADDED}))
+    assert client.get("/private", headers={"X-API-Key": "added-key"}).status_code == 200
+    store.replace(frozenset({ADDED}))
+    assert client.get("/private", headers={"Authorization": "Bearer boot-key"}).status_code == 401
+
+
+def test_every_key_revoked_refuses_everyone(store: KeyStore, client: TestClient) -> None:
+    store.replace(frozenset())
+    for headers in ({"X-API-Key": "boot-key"}, {"Authorization": "Bearer "}, {}):
+        assert client.get("/private", headers=headers).status_code == 401
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_unreachable_database_keeps_the_last_set(store: KeyStore, caplog: pytest.LogCaptureFixture) -> None:
+    store.replace(frozenset({BOOT, ADDED}))
+    table = ApiKeyTable(f"postgresql://postgres@127.0.0.1:{closed_port()}/keys", retry_for_s=0.1, pool_timeout_s=0.2)
+    refresher = KeyRefresher(table, store, [BOOT], interval_s=60)
+
+    async def twice() -> list[bool]:
+        await table.open()
+        try:
+            return [await refresher.refresh(), await refresher.refresh()]
+        finally:
+            await table.close()
+
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        assert asyncio.run(twice()) == [False, False]
+    assert store.verify("added-key") and store.verify("boot-key") and not store.verify("revoked-key")
+    warnings = [r for r in caplog.records if r.name == "ray.serve" and "API keys not refreshed" in r.getMessage()]
+    assert len(warnings) == 1, "one warning when the database goes away, not one per interval"
+
+
+@pytest.mark.parametrize("name", ["alice", "ci.deploy-2025_01", "a" * 64])
+def test_valid_key_names(name: str) -> None:
+    assert valid_key_name(name)
+
+
+@pytest.mark.parametrize("name", ["", "with space", "-leading-dash", "a" * 65, "x;drop", "ünï"])
+def test_invalid_key_names(name: str) -> None:
+    assert not valid_key_name(name)
+
+
+def test_generated_keys_are_long_and_distinct() -> None:
+    keys = {new_api_key() for _ in range(100)}
+    assert len(keys) == 100 and all(len(k) >= 43 for k in keys)
+
+
+@pytest.fixture
+def no_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("DATABASE_URL", "")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("args", [["add", "alice"], ["revoke", "alice"], ["list"]])
+def test_cli_names_the_missing_database(no_database: None, args: list[str]) -> None:
+    result = CliRunner().invoke(cli, ["keys", *args])
+    assert result.exit_code == 2
+    assert "DATABASE_URL is not set" in result.output
+
+
+def test_cli_refuses_a_bad_name_before_anything_else(no_database: None) -> None:
+    result = CliRunner().invoke(cli, ["keys", "add", "bad name"])
+    assert result.exit_code == 2 and "invalid name" in result.output
