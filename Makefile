@@ -11,7 +11,7 @@ EDGE_PACKAGES := nginx chromium
 # The load generator of the benchmarks (a C program, so it is not the bottleneck it measures).
 BENCH_PACKAGES := wrk
 
-.PHONY: tools venv demo up down status test test-unit test-integration test-e2e test-reliability lint format train bench docs clean
+.PHONY: tools venv demo up down status test test-unit test-integration test-e2e test-reliability test-extended lint format train bench docs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,8 +62,12 @@ train: venv ## submit the default training job to the running stack (with the cl
 	  --runtime-env-json '{"env_vars": {"GIT_COMMIT": "'"$$(git rev-parse HEAD 2>/dev/null)"'"}}' \
 	  -- python -m jobs.train --config jobs/configs/adult.yaml
 
-test: venv ## the whole suite: unit, integration (real Ray, MLflow, PostgreSQL, S3), e2e, reliability and security (a one-minute soak)
-	$(PY) -m pytest tests/unit tests/integration tests/e2e tests/reliability tests/security
+test: venv ## the whole suite: unit, integration (real Ray, MLflow, PostgreSQL, S3), e2e, reliability and security (a 30 s soak)
+	$(PY) -m pytest tests/unit tests/integration tests/e2e tests/reliability tests/security -m "not extended" \
+	  --reliability-report reliability-report.json
+
+test-extended: venv tools ## what `make test` leaves out for time: the benchmark smoke run and a killed Train worker
+	$(PY) -m pytest tests -m extended
 
 test-reliability: venv tools ## faults under load, hostile input, the auth matrix, and the full 10-minute soak
 	$(PY) -m pytest tests/reliability tests/security --soak-duration 600 --reliability-report reliability-report.json

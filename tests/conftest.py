@@ -46,7 +46,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--soak-duration",
         type=float,
-        default=60.0,
+        default=30.0,
         help="seconds of steady load in the soak test (`make test-reliability` gives it 600)",
     )
     parser.addoption(

@@ -16,7 +16,8 @@ import pytest
 from benchmarks.serving import BULK, EDGE, INGRESS, SINGLE
 from cluster.settings import REPO_ROOT
 
-pytestmark = pytest.mark.timeout(900)
+# The benchmark's own end-to-end run (3 minutes, a stack of its own): `make test-extended`.
+pytestmark = [pytest.mark.timeout(900), pytest.mark.extended]
 SERVERS = {EDGE, INGRESS, "mlflow", "fastapi"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

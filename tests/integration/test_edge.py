@@ -58,7 +58,7 @@ def test_api_errors_from_the_edge_are_json(edge):
     assert too_large.status_code == 413
     assert too_large.json()["error"]["code"] == "payload_too_large"
     unknown = edge.http.get("/no/such/route")
-    assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
 
 
 @pytest.fixture

@@ -43,10 +43,11 @@ def ready_replicas(stack: Stack, count: int) -> bool:
     return len(running) == count and set(running) == set(replica_pids(stack.settings))
 
 
-def scale_to(stack: Stack, replicas: int) -> None:
-    """Redeploy with another minimum: Serve updates the autoscaling bounds in place, without
-    restarting the running replicas."""
-    settings = stack.settings.model_copy(update={"serve_min_replicas": replicas})
+def scale_to(stack: Stack, low: int, high: int | None = None) -> None:
+    """Redeploy with other autoscaling bounds: Serve updates them in place, without restarting
+    the running replicas (a lower maximum stops the extra ones at once)."""
+    update = {"serve_min_replicas": low, "serve_max_replicas": high or stack.settings.serve_max_replicas}
+    settings = stack.settings.model_copy(update=update)
     deploy_serve(settings, child_environment(settings))
 
 
@@ -73,7 +74,11 @@ def two_replicas(stack: Stack, trained: dict[str, Any]) -> Iterator[None]:
     scale_to(stack, 2)
     assert wait_until(lambda: ready_replicas(stack, 2), 180), running_replicas(stack)
     yield
-    scale_to(stack, 1)  # the second replica goes after the downscale delay; nothing waits for it
+    # Back to one replica now rather than after the downscale delay, then to the shipped bounds:
+    # later tests count on the single replica they started with.
+    scale_to(stack, 1, 1)
+    assert wait_until(lambda: ready_replicas(stack, 1), 120), running_replicas(stack)
+    scale_to(stack, 1)
 
 
 def test_one_killed_replica_is_replaced_and_fails_at_most_one_request_in_a_thousand(stack, trained, figures):

@@ -2,7 +2,7 @@
 sustainable (16 kept-alive connections, about 1,900 predictions/s on 2 cores): no errors, no
 latency or throughput drift, no process whose memory keeps growing, none restarted.
 
-`make test` runs one minute; `make test-reliability` the full ten (`--soak-duration 600`).
+`make test` runs 30 seconds; `make test-reliability` the full ten (`--soak-duration 600`).
 Its summary goes into `--reliability-report PATH` (docs/RELIABILITY.md reports it).
 """
 

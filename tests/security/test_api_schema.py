@@ -28,6 +28,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ValidationError
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -127,7 +128,11 @@ def tally(request: pytest.FixtureRequest, figures: dict[str, Any]) -> Iterator[T
 def schema(stack, trained) -> schemathesis.BaseSchema:
     """The schema as users read it, from /openapi.json through Nginx; a model is loaded so that
     predictions and /v1/models/current answer."""
-    assert wait_for_version(stack.settings, str(trained["model_version"]), 60), "the champion was not picked up"
+    # Whichever version earlier tests left as champion (the session's first one, or a later one).
+    champion = MlflowClient(stack.settings.mlflow_tracking_uri).get_model_version_by_alias(
+        stack.settings.model_name, stack.settings.champion_alias
+    )
+    assert wait_for_version(stack.settings, str(champion.version), 60), "the champion was not picked up"
     # Security schemes stay out of generation: each run sets (or leaves out) the credentials itself.
     config = schemathesis.Config.from_dict({"generation": {"with-security-parameters": False}})
     loaded = schemathesis.openapi.from_url(f"{stack.api_url}/openapi.json", config=config, verify=stack.verify)

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from mlflow.tracking import MlflowClient
 
 from benchmarks.serving import replica_pids
 from cluster.demo import wait_for_version
@@ -20,7 +21,11 @@ ROW_JSON = json.dumps(EXAMPLE_ROW)
 
 @pytest.fixture(scope="module")
 def api(stack, trained) -> Iterator[httpx.Client]:
-    assert wait_for_version(stack.settings, str(trained["model_version"]), 60), "the champion was not picked up"
+    # Whichever version earlier tests left as champion (the session's first one, or a later one).
+    champion = MlflowClient(stack.settings.mlflow_tracking_uri).get_model_version_by_alias(
+        stack.settings.model_name, stack.settings.champion_alias
+    )
+    assert wait_for_version(stack.settings, str(champion.version), 60), "the champion was not picked up"
     with httpx.Client(base_url=stack.api_url, verify=stack.verify, timeout=60, headers=stack.auth) as client:
         yield client
 
