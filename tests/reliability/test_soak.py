@@ -1,5 +1,5 @@
-"""Minutes of steady load through Nginx at the rate the performance benchmark measured as
-sustainable (16 kept-alive connections, about 1,900 predictions/s on 2 cores): no errors, no
+"""Minutes of steady load through Nginx at the concurrency the performance benchmark measured as
+sustainable (16 kept-alive connections; past it p99 grows and throughput does not): no errors, no
 latency or throughput drift, no process whose memory keeps growing, none restarted.
 
 `make test` runs 30 seconds; `make test-reliability` the full ten (`--soak-duration 600`).
