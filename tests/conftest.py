@@ -23,9 +23,10 @@ import pytest
 import yaml
 
 from benchmarks.otlp_sink import OtlpSink
-from cluster.edge import bearer_headers, local_ca_file, local_edge_url, nginx_binary
+from benchmarks.stack import BenchStack
+from cluster.edge import local_ca_file, local_edge_url, nginx_binary
 from cluster.observability import RULES_DIR
-from cluster.settings import REPO_ROOT, Settings, get_settings
+from cluster.settings import REPO_ROOT, get_settings
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -122,15 +123,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600)
     )
 
 
-@dataclass
-class Stack:
-    settings: Settings
-    env: dict[str, str]
-    api_key: str
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return bearer_headers(self.api_key)
+@dataclass(frozen=True)
+class Stack(BenchStack):
+    """A running stack as the tests reach it: the benchmark's handle (settings, environment, key,
+    auth header) plus the API's URL and an HTTP client."""
 
     @property
     def edge(self) -> bool:
