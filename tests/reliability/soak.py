@@ -39,10 +39,19 @@ class ProcessMemory:
     label: str
     pid: int
     rss_mib: list[float | None] = field(default_factory=list)
+    # Set when a newer process took over from this one on purpose (HAProxy's graceful reload
+    # starts its successor with `-sf <pid>`, and the old one exits once its connections drain).
+    handed_over: bool = False
 
     @property
     def alive_throughout(self) -> bool:
         return all(v is not None for v in self.rss_mib)
+
+    @property
+    def restarted(self) -> bool:
+        """Gone before the end without having handed over to a successor: it crashed or was
+        killed."""
+        return not self.alive_throughout and not self.handed_over
 
     @property
     def growth_mib(self) -> float:
@@ -57,6 +66,18 @@ def _role(item: str, process: psutil.Process) -> str:
         if marker in cmdline or marker == process.name():
             return f"{item}:{marker}"
     return f"{item}:{process.name()}"
+
+
+def handed_over_pids(cmdline: list[str]) -> set[int]:
+    """The pids a HAProxy command line takes over from: every numeric argument after `-sf`."""
+    if "-sf" not in cmdline:
+        return set()
+    pids = set()
+    for arg in cmdline[cmdline.index("-sf") + 1 :]:
+        if not arg.isdigit():
+            break
+        pids.add(int(arg))
+    return pids
 
 
 def stack_processes(settings: Settings) -> dict[int, tuple[str, psutil.Process]]:
@@ -83,14 +104,28 @@ class MemorySampler:
         self._tracked: dict[int, tuple[ProcessMemory, psutil.Process]] = {}
 
     def sample(self) -> None:
+        current = stack_processes(self._settings)
         if not self._tracked:
-            for pid, (label, process) in stack_processes(self._settings).items():
+            for pid, (label, process) in current.items():
                 self._tracked[pid] = (ProcessMemory(label, pid), process)
+        successors_of = self._handed_over(current)
         for memory, process in self._tracked.values():
+            memory.handed_over = memory.handed_over or memory.pid in successors_of
             try:
                 memory.rss_mib.append(process.memory_info().rss / MIB)
             except psutil.Error:
                 memory.rss_mib.append(None)
+
+    @staticmethod
+    def _handed_over(current: dict[int, tuple[str, psutil.Process]]) -> set[int]:
+        """Pids that a live process of the stack names as the one it took over from."""
+        pids: set[int] = set()
+        for _, process in current.values():
+            try:
+                pids |= handed_over_pids(process.cmdline())
+            except psutil.Error:
+                continue
+        return pids
 
     @property
     def processes(self) -> list[ProcessMemory]:
@@ -153,6 +188,7 @@ class SoakSummary:
                     "last_mib": round(next((v for v in reversed(p.rss_mib) if v is not None), 0.0), 1),
                     "growth_mib": round(p.growth_mib, 1),
                     "alive_throughout": p.alive_throughout,
+                    "handed_over": p.handed_over,
                 }
                 for p in sorted(self.processes, key=lambda p: p.label)
             },

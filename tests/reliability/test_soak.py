@@ -28,7 +28,9 @@ MAX_GROWTH_MIB = 64.0
 # Processes whose memory grows by design under load: Prometheus' head block holds every sample
 # of the last hours, and PostgreSQL's backends map more of shared buffers as tables grow.
 GROWS_BY_DESIGN = ("prometheus", "postgres")
-# What serves a prediction, and what keeps the cluster: none of it may restart under load.
+# What serves a prediction, and what keeps the cluster: none of it may restart under load. A
+# HAProxy that Serve reloaded out (its successor names it after `-sf`) drains and exits by design,
+# for example after an earlier test changed the replica set; that is not a restart.
 MUST_STAY = ("ServeReplica", "ServeController", "ProxyActor", "haproxy", "gcs_server", "raylet", "nginx", "mlflow")
 
 
@@ -80,7 +82,7 @@ def test_steady_load_has_no_errors_drift_or_leak(stack, trained, request, figure
     assert summary.error_rate <= 0.001, report["windows"]
     assert report["p99_drift"] <= 2.0, report["p99_ms_by_window"]
     assert report["rps_drift"] >= 0.5, report["rps_by_window"]
-    restarted = [p.label for p in summary.processes if not p.alive_throughout and any(r in p.label for r in MUST_STAY)]
+    restarted = [p.label for p in summary.processes if p.restarted and any(r in p.label for r in MUST_STAY)]
     assert not restarted, restarted
     leaking = {
         f"{p.label}[{p.pid}]": round(p.growth_mib, 1)
