@@ -26,31 +26,35 @@ def plain_dsn(url: str) -> str:
 
 
 class PostgresStore:
-    """Base of a store: subclasses name their schema table and list their migrations."""
+    """Base of a store: subclasses name their schema table, list their migrations and, where they
+    differ from the defaults here, size their pool and name their connections."""
 
     SCHEMA_TABLE: ClassVar[str]
     MIGRATIONS: ClassVar[Sequence[str]]
+    APPLICATION_NAME: ClassVar[str] = "ray-cluster"  # shows in pg_stat_activity
+    POOL_MAX_SIZE: ClassVar[int] = 4
+    RETRY_FOR_S: ClassVar[float] = 300.0
+    POOL_TIMEOUT_S: ClassVar[float] = 5.0
 
     def __init__(
         self,
         dsn: str,
-        max_size: int = 4,
-        retry_for_s: float = 300.0,
-        pool_timeout_s: float = 5.0,
-        application_name: str = "ray-cluster",
+        max_size: int | None = None,
+        retry_for_s: float | None = None,
+        pool_timeout_s: float | None = None,
     ) -> None:
         self._pool = AsyncConnectionPool(
             plain_dsn(dsn),
             min_size=1,
-            max_size=max_size,
+            max_size=self.POOL_MAX_SIZE if max_size is None else max_size,
             open=False,
-            timeout=pool_timeout_s,
-            kwargs={"autocommit": True, "connect_timeout": 5, "application_name": application_name},
+            timeout=self.POOL_TIMEOUT_S if pool_timeout_s is None else pool_timeout_s,
+            kwargs={"autocommit": True, "connect_timeout": 5, "application_name": self.APPLICATION_NAME},
             # A connection the server dropped (restart, failover) is replaced before it is handed out.
             check=AsyncConnectionPool.check_connection,
             reconnect_timeout=0,  # keep trying to refill the pool however long the server is away
         )
-        self._retry_for_s = retry_for_s
+        self._retry_for_s = self.RETRY_FOR_S if retry_for_s is None else retry_for_s
 
     async def open(self) -> None:
         await self._pool.open(wait=False)

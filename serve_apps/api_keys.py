@@ -81,11 +81,11 @@ def accepted_hashes(bootstrap: Iterable[str], table: TableHashes) -> frozenset[s
 class ApiKeyTable(PostgresStore):
     SCHEMA_TABLE = "api_keys_schema"
     MIGRATIONS = MIGRATIONS
-
-    def __init__(self, dsn: str, retry_for_s: float = 2.0, pool_timeout_s: float = 2.0) -> None:
-        super().__init__(
-            dsn, max_size=2, retry_for_s=retry_for_s, pool_timeout_s=pool_timeout_s, application_name="api-keys"
-        )
+    APPLICATION_NAME = "api-keys"
+    # A replica's refresh keeps the last key set when the server is away, so it need not wait long.
+    POOL_MAX_SIZE = 2
+    RETRY_FOR_S = 2.0
+    POOL_TIMEOUT_S = 2.0
 
     async def add(self, name: str, key_hash: str) -> ApiKeyRecord:
         async def op(conn: psycopg.AsyncConnection[Any]) -> ApiKeyRecord:

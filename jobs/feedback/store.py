@@ -92,11 +92,11 @@ class VersionAccuracy:
 class FeedbackStore(PostgresStore):
     SCHEMA_TABLE = "feedback_schema"
     MIGRATIONS = MIGRATIONS
-
-    def __init__(self, dsn: str, retry_for_s: float = 2.0, pool_timeout_s: float = 2.0) -> None:
-        super().__init__(
-            dsn, max_size=4, retry_for_s=retry_for_s, pool_timeout_s=pool_timeout_s, application_name="feedback"
-        )
+    APPLICATION_NAME = "feedback"
+    # Requests wait on it: fail fast (feedback answers 503; the recorder keeps unflushed rows
+    # for its next flush) rather than hold them while the server is away.
+    RETRY_FOR_S = 2.0
+    POOL_TIMEOUT_S = 2.0
 
     async def record_predictions(self, rows: Sequence[PredictionRow]) -> None:
         """One statement per batch; a request id seen before (a client reusing X-Request-ID)

@@ -89,9 +89,7 @@ class JobStore(PostgresStore):
 
     SCHEMA_TABLE = "training_jobs_schema"
     MIGRATIONS = MIGRATIONS
-
-    def __init__(self, dsn: str, max_size: int = 4, retry_for_s: float = 300.0, pool_timeout_s: float = 5.0) -> None:
-        super().__init__(dsn, max_size, retry_for_s, pool_timeout_s, application_name="training-jobs")
+    APPLICATION_NAME = "training-jobs"
 
     # Accepting ---------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
@@ -56,17 +56,7 @@ class LoadSummary:
         return self.failed / self.requests if self.requests else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "failed": self.failed,
-            "failure_rate": self.failure_rate,
-            "by_status": self.by_status,
-            "versions": self.versions,
-            "p50_ms": self.p50_ms,
-            "p99_ms": self.p99_ms,
-            "max_ms": self.max_ms,
-            "errors": self.errors[:10],
-        }
+        return {**asdict(self), "failure_rate": self.failure_rate, "errors": self.errors[:10]}
 
 
 def summarise(outcomes: list[Outcome]) -> LoadSummary:
