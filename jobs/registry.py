@@ -24,6 +24,14 @@ CONFIG_ARTIFACT = "job_config.json"
 SCHEMA_ARTIFACT = "schema.json"
 
 
+def log_job_files(client: MlflowClient, run_id: str, config: dict[str, Any], schema_json: str) -> None:
+    """The job's config and data schema on its run: `jobs.promote --version N` and the server read
+    them back from the version's run."""
+    with artifact_upload("the job's config and schema"):
+        client.log_dict(run_id, config, CONFIG_ARTIFACT)
+        client.log_text(run_id, schema_json, SCHEMA_ARTIFACT)
+
+
 class TabularPyfunc(PythonModel):
     """pyfunc wrapper so `mlflow models serve` and `mlflow.pyfunc.load_model` work too."""
 

@@ -34,9 +34,9 @@ from jobs.evaluate import evaluate
 from jobs.predictor import Architecture, TabularPredictor
 from jobs.preprocess import Preprocessor
 from jobs.promote import Decision, gate
-from jobs.registry import CONFIG_ARTIFACT, SCHEMA_ARTIFACT, log_and_register
+from jobs.registry import log_and_register, log_job_files
 from jobs.schema import build_schema, snake_case
-from jobs.tracking import artifact_upload, bound_request_retries, require_tracking_server
+from jobs.tracking import bound_request_retries, require_tracking_server
 from jobs.train_worker import CHECKPOINT_FILE as CHECKPOINT_FILE  # re-exported: jobs.tune reads it
 from jobs.train_worker import train_loop_per_worker
 
@@ -253,9 +253,7 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
         mlflow.log_params(
             {"data.train_rows": len(splits.train), "data.val_rows": len(splits.val), "data.test_rows": len(splits.test)}
         )
-        with artifact_upload("the job's config and schema"):
-            mlflow.log_dict(config.model_dump(mode="json"), CONFIG_ARTIFACT)
-            mlflow.log_text(schema.model_dump_json(indent=2), SCHEMA_ARTIFACT)
+        log_job_files(MlflowClient(), run.info.run_id, config.model_dump(mode="json"), schema.model_dump_json(indent=2))
         log_inputs(splits, config, digest)
 
         best_state, epochs_run = fit(config, settings, pre, ray_datasets(pre, splits), run.info.run_id)

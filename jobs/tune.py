@@ -39,7 +39,7 @@ from jobs.evaluate import evaluate
 from jobs.predictor import TabularPredictor
 from jobs.preprocess import Preprocessor
 from jobs.promote import Decision
-from jobs.registry import CONFIG_ARTIFACT, SCHEMA_ARTIFACT, log_and_register
+from jobs.registry import log_and_register, log_job_files
 from jobs.schema import build_schema
 from jobs.tracking import bound_request_retries, require_tracking_server
 from jobs.train import (
@@ -170,9 +170,8 @@ def _start_child_run(client: MlflowClient, context: TrialContext, config: JobCon
     )
     run_id: str = run.info.run_id
     _log_params(client, run_id, flat_params(config))
-    # `python -m jobs.promote --version N` reads the config from the version's run: this one.
-    client.log_dict(run_id, config.model_dump(mode="json"), CONFIG_ARTIFACT)
-    client.log_text(run_id, context.schema_json, SCHEMA_ARTIFACT)
+    # The registered version's run is the best trial's: the config and schema go on each trial.
+    log_job_files(client, run_id, config.model_dump(mode="json"), context.schema_json)
     return run_id
 
 
@@ -320,14 +319,21 @@ def _record_on_parent(best_run_id: str, best_params: dict[str, Any], decision: D
         mlflow.set_tags({"promotion.decision": decided, "promotion.reason": decision.reason})
 
 
-def _open_parent(config: JobConfig, splits: Splits, digest: str, tags: dict[str, str], schema_json: str) -> None:
+def _open_parent(
+    client: MlflowClient,
+    run_id: str,
+    config: JobConfig,
+    splits: Splits,
+    digest: str,
+    tags: dict[str, str],
+    schema_json: str,
+) -> None:
     mlflow.set_tags({"job.kind": "tune", **tags})
     mlflow.log_params(flat_params(config))
     mlflow.log_params(
         {"data.train_rows": len(splits.train), "data.val_rows": len(splits.val), "data.test_rows": len(splits.test)}
     )
-    mlflow.log_dict(config.model_dump(mode="json"), CONFIG_ARTIFACT)
-    mlflow.log_text(schema_json, SCHEMA_ARTIFACT)
+    log_job_files(client, run_id, config.model_dump(mode="json"), schema_json)
     log_inputs(splits, config, digest)
 
 
@@ -362,7 +368,7 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
 
     with mlflow.start_run(run_name=f"tune-{config.name}") as parent:
         tags = provenance_tags(settings, splits, digest)
-        _open_parent(config, splits, digest, tags, schema_json)
+        _open_parent(client, parent.info.run_id, config, splits, digest, tags, schema_json)
         context = TrialContext(
             base=config,
             settings=settings,

@@ -176,7 +176,7 @@ class KeyRefresher:
                     "API keys not refreshed (%s: %s); keeping the %d keys accepted so far",
                     type(exc).__name__,
                     exc,
-                    self._store.size,
+                    len(self._store.hashes),
                 )
             self._reachable = False
             return False

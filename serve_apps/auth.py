@@ -28,10 +28,6 @@ class KeyStore:
     def hashes(self) -> frozenset[str]:
         return self._hashes
 
-    @property
-    def size(self) -> int:
-        return len(self._hashes)
-
     def replace(self, key_hashes: frozenset[str]) -> None:
         """Swap in a new set at once: a request sees either the old set or the new one. An empty
         set (every key revoked) refuses every request."""
