@@ -107,6 +107,11 @@ def serve_ingress_overrides() -> dict[str, str]:
     }
 
 
+def reserve_ports(ports: range) -> None:
+    """Ports a process takes by itself (a Ray node's worker-port block): free_port never hands them out."""
+    _handed_out.update(ports)
+
+
 def free_port() -> int:
     for _ in range(200):
         port = random.choice(TEST_PORTS)

@@ -23,7 +23,7 @@ import psutil
 from cluster.health import wait_until
 from cluster.observability import RAY_SERVICE_DISCOVERY_FILE
 from cluster.supervisor import Managed, child_environment, log_tail, managed, read_pid, session_members, spawn, stop
-from tests.conftest import Stack, _handed_out, free_port
+from tests.conftest import Stack, free_port, reserve_ports
 
 # Its own loopback address: drivers on this machine (127.0.0.1) keep connecting to the head's
 # raylet, and the node shows up in the State API as a different host, as on a real cluster.
@@ -67,7 +67,7 @@ def worker_port_range() -> tuple[int, int]:
     """A block of worker ports apart from the head's (10002-19999), varied between sessions."""
     low = 24000 + (free_port() % 40) * 50
     # Reserved, so that the node's other ports, drawn from the same range, never fall inside it.
-    _handed_out.update(range(low, low + 50))
+    reserve_ports(range(low, low + 50))
     return low, low + 49
 
 
