@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     # How often each ingress replica re-reads the key table (`python -m cluster keys`, needs
     # DATABASE_URL): an added key is accepted, a revoked one refused, within this many seconds.
     api_key_refresh_s: float = Field(default=5.0, gt=0)
+    # The registered model the API serves. Training never reads it: a job registers under its
+    # config's `name` (or `model_name`).
     model_name: str = "adult-income"
     champion_alias: str = "champion"
     model_poll_interval_s: float = 5.0

@@ -195,10 +195,23 @@ class TuneConfig(_Strict):
         return "max" if self.metric.endswith("accuracy") else "min"
 
 
+# A registered model's name ends up in URLs (`/v1/models/{name}`) and metric labels.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# What only an operator may change through a training request's overrides: which registered model
+# a job writes to, and the rules of the gate that decides whether it replaces that model's champion.
+OPERATOR_ONLY_KEYS = ("name", "model_name", "promotion")
+
+
+def operator_only(key: str) -> bool:
+    """Whether a dotted override key (`promotion.margin`) touches an operator-only setting."""
+    return any(key == root or key.startswith(f"{root}.") for root in OPERATOR_ONLY_KEYS)
+
+
 class JobConfig(_Strict):
-    name: str
+    # The task's name; it is also its registered model's name unless `model_name` says otherwise.
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
     task: TaskType = "classification"
-    model_name: str | None = None  # default: the settings' model name
+    model_name: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -239,6 +252,11 @@ class JobConfig(_Strict):
                 errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                 raise ValueError(f"tune.{where}: {overrides} gives an invalid config ({errors})") from None
         return self
+
+    @property
+    def registered_model_name(self) -> str:
+        """The registered model this job adds a version to: never another task's by default."""
+        return self.model_name or self.name
 
     @property
     def promotion_metric(self) -> str:

@@ -33,7 +33,7 @@ from jobs.data.loading import Splits, combined_digest, load_splits
 from jobs.evaluate import evaluate
 from jobs.predictor import Architecture, TabularPredictor
 from jobs.preprocess import Preprocessor
-from jobs.promote import Decision, gate
+from jobs.promote import EXIT_NOT_PROMOTED, Decision, gate
 from jobs.registry import log_and_register, log_job_files
 from jobs.schema import build_schema, snake_case
 from jobs.tracking import bound_request_retries, require_tracking_server
@@ -238,7 +238,7 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
     bound_request_retries()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_experiment(settings.mlflow_experiment)
-    model_name = config.model_name or settings.model_name
+    model_name = config.registered_model_name
 
     splits = load_splits(config, settings)
     schema = build_schema(splits.train, config)
@@ -289,8 +289,16 @@ def main(
             outcome = run_training(job)
     finally:
         shutdown_tracing()
-    summary = asdict(outcome)
-    typer.echo("TRAINING_RESULT " + json.dumps(summary, default=str))
+    report_outcome(outcome)
+
+
+def report_outcome(outcome: TrainingOutcome) -> None:
+    """The result line the dispatcher and `cluster demo` read; exit 3 when the gate refused to compare
+    the new version with the champion (the version stays registered, and rejected)."""
+    typer.echo("TRAINING_RESULT " + json.dumps(asdict(outcome), default=str))
+    if outcome.promotion is not None and outcome.promotion.rule.refusal:
+        typer.echo(f"promotion refused: {outcome.promotion.reason}", err=True)
+        raise typer.Exit(code=EXIT_NOT_PROMOTED)
 
 
 if __name__ == "__main__":

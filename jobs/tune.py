@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,7 @@ from jobs.train import (
     promote_if_enabled,
     provenance_tags,
     ray_datasets,
+    report_outcome,
 )
 
 if TYPE_CHECKING:
@@ -354,7 +355,7 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
     bound_request_retries()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     experiment_id = mlflow.set_experiment(settings.mlflow_experiment).experiment_id
-    model_name = config.model_name or settings.model_name
+    model_name = config.registered_model_name
 
     splits = load_splits(config, settings)
     schema = build_schema(splits.train, config)
@@ -422,7 +423,7 @@ def main(
             outcome = run_tuning(job)
     finally:
         shutdown_tracing()
-    typer.echo("TRAINING_RESULT " + json.dumps(asdict(outcome), default=str))
+    report_outcome(outcome)
 
 
 if __name__ == "__main__":

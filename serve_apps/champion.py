@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from jobs.compatibility import CONTRACT_TAG, contract_changes, operator_approval
 from jobs.predictor import TabularPredictor
 from jobs.registry import champion_version, load_predictor
 from serve_apps.metrics import ModelMetrics
@@ -71,20 +72,35 @@ def to_predictions(outputs: np.ndarray, task: str, classes: list[str] | None) ->
     ]
 
 
-def fetch(client: MlflowClient, model_name: str, alias: str, current: str | None) -> LoadedModel | None:
-    """Blocking registry look-up and download; returns a model only when the alias moved."""
-    mv = champion_version(client, model_name, alias)
-    if mv is None or mv.version == current:
-        return None
-    predictor = load_predictor(f"models:/{model_name}/{mv.version}")
+@dataclass(frozen=True)
+class RefusedSwap:
+    """The alias names a version this replica will not serve: it breaks the serving contract of the
+    version in force, and no operator approved that."""
+
+    version: str
+    reason: str
+    since: float
+
+
+@dataclass(frozen=True)
+class Poll:
+    """What one look at the alias found: a version to swap in, and/or a version refused."""
+
+    model: LoadedModel | None = None
+    refused: RefusedSwap | None = None
+
+
+def load_version(client: MlflowClient, model_name: str, version: str, run_id: str | None) -> LoadedModel:
+    """Blocking download of one version, with its test metrics."""
+    predictor = load_predictor(f"models:/{model_name}/{version}")
     metrics: dict[str, float] = {}
-    if mv.run_id:
-        run = client.get_run(mv.run_id)
+    if run_id:
+        run = client.get_run(run_id)
         metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
     return LoadedModel(
         name=model_name,
-        version=str(mv.version),
-        run_id=mv.run_id or "",
+        version=str(version),
+        run_id=run_id or "",
         predictor=predictor,
         validator=RowValidator(predictor.schema),
         loaded_at=time.time(),
@@ -92,9 +108,42 @@ def fetch(client: MlflowClient, model_name: str, alias: str, current: str | None
     )
 
 
+def _contract_in_force(client: MlflowClient, model_name: str, aliased: str) -> LoadedModel | None:
+    """On a cold start: the version whose contract the gate last put in force, when the alias has
+    since moved elsewhere by hand (None when they agree or the model predates the record)."""
+    recorded = client.get_registered_model(model_name).tags.get(CONTRACT_TAG)
+    if not recorded or recorded == aliased:
+        return None
+    mv = client.get_model_version(model_name, recorded)
+    return load_version(client, model_name, recorded, mv.run_id)
+
+
+def poll_alias(
+    client: MlflowClient, model_name: str, alias: str, current: LoadedModel | None, refused: RefusedSwap | None
+) -> Poll:
+    """Blocking registry look-up; downloads a version only when the alias moved to one not yet refused."""
+    mv = champion_version(client, model_name, alias)
+    version = None if mv is None else str(mv.version)  # an int from some registry stores
+    if mv is None or version is None or (current is not None and version == current.version):
+        return Poll()
+    approved = operator_approval(mv.tags or {})
+    if refused is not None and refused.version == version and not approved:
+        return Poll(refused=refused)
+    candidate = load_version(client, model_name, version, mv.run_id)
+    in_force = current or (None if approved else _contract_in_force(client, model_name, version))
+    if in_force is None or approved:
+        return Poll(model=candidate)
+    changes = contract_changes(in_force.predictor.schema, candidate.predictor.schema)
+    if not changes:
+        return Poll(model=candidate)
+    reason = f"breaks the contract of version {in_force.version}: {'; '.join(changes)}"
+    return Poll(model=None if current else in_force, refused=RefusedSwap(version, reason, time.time()))
+
+
 class ChampionModel:
     """The model version the alias names, reloaded when the alias moves; the old version keeps
-    answering until the new one is loaded, and whatever the registry does."""
+    answering until the new one is loaded, whatever the registry does, and goes on answering when
+    the alias moves to a version that breaks its serving contract without an operator's approval."""
 
     def __init__(self, model_name: str, alias: str, tracking_uri: str, poll_interval_s: float) -> None:
         self.model_name = model_name
@@ -104,6 +153,7 @@ class ChampionModel:
         self._poll_interval_s = poll_interval_s
         self._metrics = ModelMetrics()
         self.loaded: LoadedModel | None = None
+        self.refused: RefusedSwap | None = None
         self.last_error: str | None = None
         self._follower: asyncio.Task[None] | None = None
 
@@ -117,39 +167,66 @@ class ChampionModel:
 
     async def refresh(self) -> str | None:
         """Load the aliased version if it changed; requests keep using the old one until then."""
-        current = self.loaded.version if self.loaded else None
+        current = self.loaded
         try:
-            loaded = await asyncio.to_thread(fetch, self._registry, self.model_name, self.alias, current)
+            poll = await asyncio.to_thread(
+                poll_alias, self._registry, self.model_name, self.alias, current, self.refused
+            )
         except Exception as exc:  # keep serving the loaded version whatever the registry does
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("model refresh failed: %s", self.last_error)
             self._report_serving()
-            return current
+            return current.version if current else None
         self.last_error = None
-        if loaded is not None:
+        if poll.refused is not None and poll.refused != self.refused:
+            self._refusing(poll.refused)
+        self.refused = poll.refused
+        if poll.model is not None:
             # A single reference assignment: a batch in flight keeps the model it started with.
-            self.loaded = loaded
-        self._report_serving()
-        if loaded is not None:
+            self.loaded = poll.model
             log.info(
                 "serving %s version %s (was %s)",
                 self.model_name,
-                loaded.version,
-                current,
-                extra={"model_version": loaded.version, "run_id": loaded.run_id},
+                poll.model.version,
+                current.version if current else None,
+                extra={"model_version": poll.model.version, "run_id": poll.model.run_id},
             )
+        self._report_serving()
         return self.loaded.version if self.loaded else None
+
+    def _refusing(self, refused: RefusedSwap) -> None:
+        self._metrics.swaps_refused.inc(tags={"model": self.model_name})
+        log.error(
+            "refusing to serve %s version %s named by alias %r: it %s; no operator approved the change "
+            "(python -m jobs.promote --model %s --version %s --force --reason TEXT)",
+            self.model_name,
+            refused.version,
+            self.alias,
+            refused.reason,
+            self.model_name,
+            refused.version,
+            extra={"model_version": refused.version},
+        )
 
     def _report_serving(self) -> None:
         """Set on every poll, not only on a swap: Ray's metrics agent drops a gauge that has not been
         reported for two export intervals."""
+        tags = {"model": self.model_name}
         if self.loaded is not None and self.loaded.version.isdigit():
-            self._metrics.serving_version.set(int(self.loaded.version), tags={"model": self.model_name})
+            self._metrics.serving_version.set(int(self.loaded.version), tags=tags)
+        refused = self.refused.version if self.refused else "0"
+        self._metrics.swap_refused_version.set(int(refused) if refused.isdigit() else -1, tags=tags)
 
     async def _follow_alias(self) -> None:
         while True:
             await asyncio.sleep(self._poll_interval_s)
             await self.refresh()
+
+    def _refused_view(self) -> dict[str, Any] | None:
+        refused = self.refused
+        return (
+            None if refused is None else {"version": refused.version, "reason": refused.reason, "since": refused.since}
+        )
 
     def status(self) -> dict[str, Any]:
         model = self.loaded
@@ -158,6 +235,7 @@ class ChampionModel:
             "model": model.ref if model else None,
             "alias": self.alias,
             "last_error": self.last_error,
+            "swap_refused": self._refused_view(),
         }
 
     def current(self) -> dict[str, Any] | None:
@@ -174,6 +252,7 @@ class ChampionModel:
             "classes": schema.classes,
             "features": [f.model_dump(exclude={"transform", "buckets"}) for f in schema.features],
             "metrics": model.metrics,
+            "swap_refused": self._refused_view(),
         }
 
     def predict(self, requests: list[list[dict[str, Any]]]) -> list[BatchResult]:

@@ -486,7 +486,8 @@ class Ingress:
                 overrides=settings.retrain_overrides,
                 idempotency_key=f"alert:{name}:{alert.fingerprint}:{alert.episode}"[:200],
             )
-            job, created = await jobs.submit(spec, request.state.traceparent)
+            # The overrides come from the cluster's own settings (RETRAIN_OVERRIDES): an operator's.
+            job, created = await jobs.submit(spec, request.state.traceparent, operator=True)
             self._metrics.retrain_requests.inc(tags={"created": str(created).lower()})
             log.info(
                 "alert %s (%s): retrain job %s %s",

@@ -34,6 +34,16 @@ class ModelMetrics:
         self.serving_version = Gauge(
             "model_serving_version", "The registry version this replica serves.", tag_keys=("model",)
         )
+        # Non-zero while the alias names a version this replica refuses to serve (its number; -1 when
+        # it is not a number): the ModelSwapRefused alert fires on it.
+        self.swap_refused_version = Gauge(
+            "model_swap_refused_version",
+            "The version the alias names that this replica refuses to serve (0: none).",
+            tag_keys=("model",),
+        )
+        self.swaps_refused = Counter(
+            "model_swaps_refused", "Alias moves this replica refused to follow.", tag_keys=("model",)
+        )
         self.batch_rows = Histogram(
             "model_batch_rows", "Rows per model call (requests joined by @serve.batch).", boundaries=ROW_BUCKETS
         )

@@ -57,6 +57,15 @@ class FeatureInfo(BaseModel):
     nullable: bool = False
 
 
+class RefusedSwapInfo(BaseModel):
+    """The alias names a version this replica refuses to serve: it breaks the served version's
+    contract (task, target, classes or input schema) and no operator approved the change."""
+
+    version: str
+    reason: str
+    since: float
+
+
 class CurrentModel(BaseModel):
     name: str
     version: str
@@ -68,6 +77,7 @@ class CurrentModel(BaseModel):
     classes: list[str] | None
     features: list[FeatureInfo]
     metrics: dict[str, float]
+    swap_refused: RefusedSwapInfo | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -53,9 +53,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # succeeded | failed | stopped | unavailable | superseded
+    status: str  # succeeded | refused | failed | stopped | unavailable | superseded
     error: str = ""
     result: dict[str, Any] | None = None
+
+
+def refusal(result: dict[str, Any] | None) -> Outcome | None:
+    """A job that failed after printing its result was refused by the promotion gate (jobs.train
+    exits 3): deterministic, so it ends without a retry, its version and the reason on record."""
+    if result is None:
+        return None
+    promotion = result.get("promotion") or {}
+    reason = promotion.get("reason") if isinstance(promotion, dict) else None
+    return Outcome("refused", f"promotion refused: {reason or 'see the job logs'}", result=result)
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
@@ -288,7 +298,7 @@ class Dispatcher:
         elif status == "STOPPED":
             outcome = Outcome("stopped", f"Ray job {job.ray_job_id} was stopped")
         else:
-            outcome = Outcome("failed", error_summary(logs, message))
+            outcome = refusal(training_result(logs)) or Outcome("failed", error_summary(logs, message))
         self.metrics.duration.labels(job.kind, outcome.status).observe(elapsed_s)
         return outcome
 
@@ -298,6 +308,10 @@ class Dispatcher:
             assert outcome.result is not None
             await self.store.succeed(job.id, job.attempts, outcome.result)
             log.info("job %s succeeded: model version %s", job.id, outcome.result.get("model_version"))
+        elif outcome.status == "refused":
+            assert outcome.result is not None
+            await self.store.finish_with_result(job.id, job.attempts, outcome.result, outcome.error)
+            log.error("job %s failed without retry: %s", job.id, outcome.error)
         elif outcome.status == "stopped":
             await self.store.end(job.id, job.attempts, JobState.FAILED, outcome.error)
         elif outcome.status in {"failed", "unavailable"}:

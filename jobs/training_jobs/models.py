@@ -16,7 +16,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.settings import REPO_ROOT
-from jobs.config import JobConfig, load_config
+from jobs.config import JobConfig, load_config, operator_only
 
 CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
 _CONFIG_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -150,8 +150,14 @@ class JobSpec(BaseModel):
         )
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def resolve(self) -> JobConfig:
-        """The effective job config; raises InvalidJobSpecError naming the field at fault."""
+    def resolve(self, operator: bool = False) -> JobConfig:
+        """The effective job config; raises InvalidJobSpecError naming the field at fault.
+
+        Only an operator (the cluster's own settings, or the CLI on the cluster) may point a job at
+        another registered model or change the gate that decides whether it replaces the champion.
+        """
+        if not operator:
+            self._check_not_operator_only()
         if not self.config_path.is_file():
             raise InvalidJobSpecError(["body", "config"], f"no config named {self.config_name!r} in jobs/configs")
         base = _base_config(str(self.config_path), self.config_path.stat().st_mtime_ns)
@@ -164,6 +170,15 @@ class JobSpec(BaseModel):
         if self.kind == "tune" and getattr(resolved, "tune", None) is None:
             raise InvalidJobSpecError(["body", "config"], f"config {self.config_name!r} has no tune section")
         return resolved
+
+    def _check_not_operator_only(self) -> None:
+        for key in self.overrides:
+            if operator_only(key):
+                raise InvalidJobSpecError(
+                    ["body", "overrides", key],
+                    f"overrides: {key}: the model name and the promotion settings can only be changed by "
+                    "an operator (in the config file, or with --set on the cluster's CLI)",
+                )
 
     def cli_overrides(self) -> list[str]:
         """The overrides as `--set key=value` arguments; values as JSON, which YAML reads back."""

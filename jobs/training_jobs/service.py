@@ -42,10 +42,11 @@ class TrainingJobs:
         await self.publisher.close()
         await self.store.close()
 
-    async def submit(self, spec: JobSpec, traceparent: str | None) -> tuple[JobRecord, bool]:
-        """Returns (job, created). Raises InvalidJobSpecError for a spec that cannot run and
-        IdempotencyConflictError for a reused key; a database outage propagates (nothing accepted)."""
-        spec.resolve()
+    async def submit(self, spec: JobSpec, traceparent: str | None, operator: bool = False) -> tuple[JobRecord, bool]:
+        """Returns (job, created). Raises InvalidJobSpecError for a spec that cannot run (or that
+        changes operator-only settings without `operator`) and IdempotencyConflictError for a reused
+        key; a database outage propagates (nothing accepted)."""
+        spec.resolve(operator)
         record, created = await self.store.create(spec, self._max_attempts, traceparent, PUBLISH_GRACE_S)
         if created:
             await self._publish_now(record.id, traceparent)

@@ -338,21 +338,29 @@ class JobStore(PostgresStore):
         return await self._retrying(op)
 
     async def succeed(self, job_id: UUID, attempt: int, result: dict[str, Any]) -> bool:
+        return await self.finish_with_result(job_id, attempt, result, None)
+
+    async def finish_with_result(self, job_id: UUID, attempt: int, result: dict[str, Any], error: str | None) -> bool:
+        """The job ran to its end and printed a result: succeeded, or failed for good with `error`
+        (the gate refused its version: another attempt would train the same refusal again)."""
         promotion = result.get("promotion") or {}
         metrics = {k: float(v) for k, v in (result.get("test_metrics") or {}).items()}
+        state = JobState.SUCCEEDED if error is None else JobState.FAILED
         return await self._in_flight_update(
             job_id,
             attempt,
-            "state = 'succeeded', finished_at = now(), mlflow_run_id = %s, model_name = %s, model_version = %s, "
-            "promoted = %s, test_metrics = %s, last_error = NULL",
+            "state = %s, finished_at = now(), mlflow_run_id = %s, model_name = %s, model_version = %s, "
+            "promoted = %s, test_metrics = %s, last_error = %s",
             (
+                state.value,
                 result.get("run_id"),
                 result.get("model_name"),
                 None if result.get("model_version") is None else str(result["model_version"]),
                 promotion.get("promote") if isinstance(promotion, dict) else None,
                 Jsonb(metrics),
+                error,
             ),
-            (JobState.SUCCEEDED, f"model version {result.get('model_version')}"),
+            (state, error or f"model version {result.get('model_version')}"),
         )
 
     async def schedule_retry(self, job_id: UUID, attempt: int, error: str, delay_s: float) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +20,12 @@ from serve_apps.schemas import EXAMPLE_ROW
 from tests.conftest import ALERT_WEBHOOK_TOKEN, Stack
 from tests.integration.test_prometheus import wait_for
 from tests.observability import dashboard_exprs, promql_metric_names, rule_exprs
+from tests.stack_probes import current_model, firing_alerts, until
 from tests.training_jobs_helpers import wait_job
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((REPO / "cluster" / "grafana" / "dashboards").glob("*.json"))
 RULES = sorted((REPO / "cluster" / "prometheus" / "rules").glob("*.yml"))
-
-
-def _until(what: str, probe: Any, timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if found := probe():
-            return found
-        time.sleep(1)
-    raise AssertionError(f"{what}: not seen within {timeout_s}s")
-
-
-def _firing_alerts(stack: Stack, version: str) -> list[dict[str, Any]]:
-    alerts = httpx.get(f"{stack.settings.prometheus_url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
-    return [
-        a for a in alerts
-        if a["labels"]["alertname"] == "ModelAccuracyLow" and a["labels"].get("model_version") == version
-        and a["state"] == "firing"
-    ]  # fmt: skip
 
 
 def _alertmanager_alerts(stack: Stack, version: str) -> list[dict[str, Any]]:
@@ -61,13 +43,6 @@ def _alert_jobs(stack: Stack) -> list[dict[str, Any]]:
     return [j for j in response.json()["jobs"] if (j["idempotency_key"] or "").startswith("alert:ModelAccuracyLow:")]
 
 
-def _current(stack: Stack) -> dict[str, Any]:
-    response = stack.http.get("/v1/models/current", headers=stack.auth, timeout=10)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
 def _serve_log_lines(stack: Stack, deployment: str, trace_id: str) -> list[dict[str, Any]]:
     temp = stack.settings.resolved_ray_temp_dir
     lines = []
@@ -79,9 +54,9 @@ def _serve_log_lines(stack: Stack, deployment: str, trace_id: str) -> list[dict[
 @pytest.fixture(scope="module")
 def champion(stack, trained):
     """Whichever version earlier tests left as champion, once it serves."""
-    ready = _until("a served model", lambda: stack.http.get("/readyz").status_code == 200, 60)
+    ready = until("a served model", lambda: stack.http.get("/readyz").status_code == 200, 60)
     assert ready
-    return _current(stack)
+    return current_model(stack)
 
 
 def test_one_predictions_trace_is_in_the_header_the_logs_and_the_spans(stack, champion, otlp_sink):
@@ -99,10 +74,10 @@ def test_one_predictions_trace_is_in_the_header_the_logs_and_the_spans(stack, ch
     # Earlier tests may have sent the same trace id; wait for this request's own line (the
     # replica writes its buffered log lines at least once a second).
     mine = lambda: [x for x in _serve_log_lines(stack, "Ingress", trace_id) if x.get("request_id") == request_id]  # noqa: E731
-    assert _until("this request's Ingress log line", mine, 30)
+    assert until("this request's Ingress log line", mine, 30)
     lines = _serve_log_lines(stack, "Ingress", trace_id)
     assert all(line["trace_id"] == trace_id and line["span_id"] for line in lines)
-    spans = _until(
+    spans = until(
         "the ingress's spans",
         lambda: (s := otlp_sink.spans_of(trace_id)) and {"inference-api"} == {x.service for x in s} and s,
         30,
@@ -139,10 +114,14 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
     accuracy = wait_for(stack, f'model_live_accuracy{{model_version="{version}"}}', 60)
     assert float(accuracy[0]["value"][1]) < stack.settings.accuracy_threshold
     # 2. The rule fires, 3. Alertmanager holds it, 4. the webhook queued exactly one retraining job.
-    fired = _until("ModelAccuracyLow firing in Prometheus", lambda: _firing_alerts(stack, version), 60)
+    fired = until(
+        "ModelAccuracyLow firing in Prometheus",
+        lambda: firing_alerts(stack, "ModelAccuracyLow", model_version=version),
+        60,
+    )
     assert fired[0]["labels"]["action"] == "retrain"
-    held = _until("the alert in Alertmanager", lambda: _alertmanager_alerts(stack, version), 60)
-    jobs = _until("a retraining job", lambda: _alert_jobs(stack), 60)
+    held = until("the alert in Alertmanager", lambda: _alertmanager_alerts(stack, version), 60)
+    jobs = until("a retraining job", lambda: _alert_jobs(stack), 60)
     assert len(jobs) == 1
     job = wait_job(stack, jobs[0]["id"], {"succeeded"}, 600)
     assert job["kind"] == "train" and job["overrides"] == {"train.epochs": 3, "train.patience": 2}
@@ -157,9 +136,9 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
     assert new.tags["promotion.decision"] == ("promoted" if job["promoted"] else "rejected")
     if job["promoted"]:
         assert wait_for_version(stack.settings, new.version, 60)
-        assert _current(stack)["version"] == new.version
+        assert current_model(stack)["version"] == new.version
     else:
-        assert _current(stack)["version"] == version
+        assert current_model(stack)["version"] == version
 
     # One alert episode, one job: Alertmanager's repeats of this episode replay the same job.
     alert = held[0]
@@ -184,7 +163,7 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
     trace_id = job["trace_id"]
     # The dispatch span ends after the job's row is final, and spans leave in batches: wait for all.
     crossed = {"inference-api", "dispatcher", "trainer"}
-    _until(f"spans from {crossed}", lambda: crossed <= {s.service for s in otlp_sink.spans_of(trace_id)}, 30)
+    until(f"spans from {crossed}", lambda: crossed <= {s.service for s in otlp_sink.spans_of(trace_id)}, 30)
     dispatcher_log = (stack.settings.logs_dir / "dispatcher.log").read_text().splitlines()
     assert any(trace_id in line and json.loads(line)["service"] == "dispatcher" for line in dispatcher_log)
     job_logs = jobs_client(stack.settings).get_job_logs(job["ray_job_id"])

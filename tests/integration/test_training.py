@@ -68,7 +68,7 @@ def test_promote_cli_rejects_a_version_that_does_not_beat_the_champion(stack, tr
     from tests.conftest import run_cli
 
     version = str(trained["model_version"])
-    result = run_cli("jobs.promote", "--version", version, env=stack.env, timeout=300)
+    result = run_cli("jobs.promote", "--model", trained["model_name"], "--version", version, env=stack.env, timeout=300)
     # Scoring the champion against itself never promotes (ties do not churn the alias).
     assert result.returncode == 3, result.stderr
     assert '"promote": false' in result.stdout

@@ -21,7 +21,12 @@ def test_promoting_a_version_swaps_it_in_without_failed_requests(stack, trained,
 
     with SteadyLoad(stack.api_url, stack.auth, stack.verify, rate_per_s=100) as load:
         load.wait_for_count(200)
-        promoted = run_cli("jobs.promote", "--version", new_version, "--force", env=stack.env, timeout=300)
+        promoted = run_cli(
+            "jobs.promote",
+            *("--model", "adult-income", "--version", new_version, "--force", "--reason", "swap under load"),
+            env=stack.env,
+            timeout=300,
+        )
         assert promoted.returncode == 0, promoted.stderr
         assert wait_until(lambda: any(o.version == new_version for o in load.outcomes), 60)
         switched = next(i for i, o in enumerate(load.outcomes) if o.version == new_version)
@@ -39,4 +44,5 @@ def test_promoting_a_version_swaps_it_in_without_failed_requests(stack, trained,
     settled = first_new + stack.settings.model_poll_interval_s + 1
     assert {o.version for o in outcomes if o.sent_at > settled} == {new_version}
     mv = client.get_model_version("adult-income", new_version)
-    assert mv.tags["promotion.reason"] == "forced by operator"
+    assert mv.tags["promotion.rule"] == "forced" and mv.tags["promotion.force_reason"] == "swap under load"
+    assert mv.tags["promotion.reason"].startswith("forced by operator ") and mv.tags["promotion.forced_by"]

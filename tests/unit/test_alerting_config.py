@@ -128,8 +128,47 @@ KEEP_FIRING = {
 }
 
 
-@pytest.mark.parametrize("tests", [RULE_TESTS, KEEP_FIRING], ids=["fire", "keep-firing-through-a-gap"])
-def test_accuracy_and_down_alerts_fire_when_they_should(tmp_path: Path, tests: dict[str, Any]):
+SWAP_REFUSED = {
+    "evaluation_interval": "15s",
+    "tests": [
+        {
+            # One of two replicas refuses version 9 for 3 minutes, then the alias moves back.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'ray_model_swap_refused_version{model="adult",ReplicaId="a"}', "values": "0 9 9 9 0 0"},
+                {"series": 'ray_model_swap_refused_version{model="adult",ReplicaId="b"}', "values": "0x5"},
+                {"series": 'ray_model_swap_refused_version{model="shop",ReplicaId="c"}', "values": "0x5"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "30s", "alertname": "ModelSwapRefused", "exp_alerts": []},
+                {
+                    "eval_time": "2m",
+                    "alertname": "ModelSwapRefused",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "critical", "model": "adult"},
+                            "exp_annotations": {
+                                "summary": "Replicas refuse to serve adult version 9 named by its champion alias",
+                                "description": "The champion alias of adult names version 9, which breaks the "
+                                "serving contract of the version being served (task, target, classes or input "
+                                "schema) without an operator's approval; the previous version keeps answering. "
+                                "Move the alias back, or approve the change with `python -m jobs.promote --model "
+                                "adult --version 9 --force --reason TEXT`.",
+                            },
+                        }
+                    ],
+                },
+                {"eval_time": "5m", "alertname": "ModelSwapRefused", "exp_alerts": []},
+            ],
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "tests", [RULE_TESTS, KEEP_FIRING, SWAP_REFUSED], ids=["fire", "keep-firing-through-a-gap", "swap-refused"]
+)
+def test_alerts_fire_when_they_should(tmp_path: Path, tests: dict[str, Any]):
     test_file = tmp_path / "rules.test.yml"
     test_file.write_text(yaml.safe_dump({**tests, "rule_files": [str(p) for p in RULES_DIR.glob("*.yml")]}))
     result = _run(_tool("promtool"), "test", "rules", str(test_file))

@@ -33,3 +33,18 @@ def test_default_promotion_metric_follows_task():
 def test_missing_config_file_is_clear():
     with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
         load_config("jobs/configs/nope.yaml")
+
+
+def test_a_config_registers_under_its_own_name_unless_it_says_otherwise():
+    config = load_config("jobs/configs/adult.yaml")
+    assert config.name == "adult-income" and config.registered_model_name == "adult-income"
+    other = config.with_overrides({"name": "fleet-risk"})
+    assert other.registered_model_name == "fleet-risk"
+    assert other.with_overrides({"model_name": "fleet"}).registered_model_name == "fleet"
+
+
+@pytest.mark.parametrize("key", ["name", "model_name"])
+@pytest.mark.parametrize("value", ["", "has space", "a/b", "-lead", "x" * 129])
+def test_model_names_are_safe_in_urls_and_labels(key, value):
+    with pytest.raises(ValidationError):
+        load_config("jobs/configs/adult.yaml").with_overrides({key: value})

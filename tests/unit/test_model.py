@@ -4,9 +4,8 @@ import torch
 
 from jobs.config import DataConfig, JobConfig
 from jobs.model import TabularMLP
-from jobs.predictor import Architecture, TabularPredictor
-from jobs.preprocess import Preprocessor
-from jobs.schema import build_schema
+from jobs.predictor import TabularPredictor
+from tests.predictors import untrained_predictor
 
 
 def test_forward_shapes_classification_and_regression():
@@ -24,16 +23,7 @@ def _predictor(task="classification"):
         else {"c": ["a", "b", "a", "b"] * 5, "n": np.linspace(0, 1, 20), "y": np.linspace(5, 9, 20)}
     )
     config = JobConfig(name="t", task=task, data=DataConfig(train_uri="x", target="y"))
-    pre = Preprocessor.fit(frame, build_schema(frame, config))
-    arch = Architecture(
-        cardinalities=pre.cardinalities,
-        n_numeric=pre.n_numeric,
-        n_outputs=pre.n_outputs,
-        hidden=[8],
-        dropout=0.0,
-        max_embedding_dim=4,
-    )
-    return TabularPredictor(pre, arch, arch.build()), frame
+    return untrained_predictor(frame, config), frame
 
 
 def test_predict_frame_gives_label_and_probabilities():

@@ -50,6 +50,28 @@ def test_resolve_names_the_override_at_fault():
     assert JobSpec(overrides={"train.epochs": 3}).resolve().train.epochs == 3
 
 
+@pytest.mark.parametrize(
+    "key", ["name", "model_name", "promotion", "promotion.enabled", "promotion.margin", "promotion.metric"]
+)
+def test_only_an_operator_may_retarget_a_job_or_loosen_its_gate(key):
+    values = {"promotion": {"enabled": False}, "promotion.enabled": False, "promotion.margin": -1.0}
+    value = values.get(key, "accuracy" if key == "promotion.metric" else "other")
+    with pytest.raises(InvalidJobSpecError) as info:
+        JobSpec(overrides={key: value}).resolve()
+    assert info.value.loc == ["body", "overrides", key]
+    assert "only be changed by an operator" in info.value.message
+    resolved = JobSpec(overrides={key: value}).resolve(operator=True)
+    assert resolved.model_dump(mode="json") != JobSpec().resolve().model_dump(mode="json")
+
+
+def test_keys_that_only_start_like_operator_settings_stay_open():
+    # `train.*` and `data.*` are the user's; only whole path segments count.
+    assert JobSpec(overrides={"train.epochs": 2}).resolve().train.epochs == 2
+    with pytest.raises(InvalidJobSpecError) as info:
+        JobSpec(overrides={"names": "x"}).resolve()
+    assert "only be changed by an operator" not in info.value.message
+
+
 def test_fingerprint_ignores_key_order_and_the_idempotency_key():
     a = JobSpec(overrides={"train.epochs": 3, "train.lr": 0.01}, idempotency_key="k1")
     b = JobSpec(config="adult", overrides={"train.lr": 0.01, "train.epochs": 3}, idempotency_key="k2")
@@ -108,3 +130,19 @@ def test_async_training_needs_both_urls_and_blank_means_off(monkeypatch):
     monkeypatch.setenv("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
     settings = Settings()
     assert settings.training_jobs_enabled and "guest:guest" not in repr(settings)
+
+
+def test_a_job_refused_by_the_gate_ends_without_retry_and_keeps_its_version():
+    from jobs.dispatcher.core import refusal
+
+    result = {
+        "run_id": "r1",
+        "model_name": "adult-income",
+        "model_version": "9",
+        "promotion": {"promote": False, "rule": "incompatible", "reason": "candidate breaks the serving contract"},
+    }
+    outcome = refusal(result)
+    assert outcome is not None and outcome.status == "refused" and outcome.result == result
+    assert outcome.error == "promotion refused: candidate breaks the serving contract"
+    # A job that crashed before its result line is an ordinary failure, retried.
+    assert refusal(None) is None

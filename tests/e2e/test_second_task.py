@@ -1,0 +1,200 @@
+"""A second tabular task on the running stack, as a new user brings one: a config file without
+`model_name`, submitted with `ray job submit`. It registers under its own name, and nothing it does
+moves Adult's champion or interrupts Adult's API; a config that reuses Adult's name with the other
+schema is refused by the gate; an alias moved around the gate is refused by the replica."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cluster.demo import wait_for_version
+from cluster.jobs_api import follow_job, jobs_client, submit_training, training_result
+from tests.conftest import Stack, run_cli, train_job
+from tests.reliability.load import SteadyLoad
+from tests.stack_probes import current_model, firing_alerts, until
+from tests.training_jobs_helpers import QUICK, post_job, wait_job
+
+ADULT = "adult-income"
+FLEET = "fleet-risk"
+
+
+def _fleet_data(path: Path, rows: int = 1500) -> Path:
+    """Another task than Adult's: other features, another target, three classes."""
+    rng = np.random.default_rng(11)
+    frame = pd.DataFrame(
+        {
+            "Vehicle Age": rng.integers(0, 20, rows),
+            "Mileage": rng.uniform(0, 300_000, rows),
+            "Fuel": rng.choice(["diesel", "petrol", "electric"], rows),
+            "Region": rng.choice(["north", "south"], rows),
+        }
+    )
+    score = frame["Vehicle Age"] / 20 + frame["Mileage"] / 300_000 + (frame["Fuel"] == "diesel") * 0.3
+    frame["Risk Band"] = pd.cut(score, [-1, 0.7, 1.2, 9], labels=["low", "medium", "high"]).astype(str)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _fleet_config(data: Path, **top: Any) -> dict[str, Any]:
+    return {
+        "name": FLEET,
+        "task": "classification",
+        "data": {"train_uri": str(data), "target": "Risk Band"},
+        "model": {"hidden": [32]},
+        "train": {"num_workers": 1, "epochs": 3, "batch_size": 64, "lr": 0.01},
+        **top,
+    }
+
+
+def _champion(client: MlflowClient, name: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, "champion").version)
+    except Exception:
+        return None
+
+
+def _versions(client: MlflowClient, name: str) -> list[str]:
+    return sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)
+
+
+@pytest.fixture(scope="module")
+def adult_served(stack: Stack, trained: dict[str, Any]) -> str:
+    """Adult's champion, answering through Nginx before anything here starts."""
+    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    version = _champion(client, ADULT)
+    assert version is not None
+    assert wait_for_version(stack.settings, version, 60)
+    return version
+
+
+def test_a_second_task_registers_under_its_own_name_while_adult_answers(stack, adult_served, tmp_path, figures):
+    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    adult_versions = _versions(client, ADULT)
+    config = _fleet_config(_fleet_data(tmp_path / "fleet.csv"))
+    assert "model_name" not in config
+
+    with SteadyLoad(stack.api_url, stack.auth, stack.verify, rate_per_s=20, max_duration_s=900) as load:
+        load.wait_for_count(20)
+        result = train_job(stack, config)
+        load.wait_for_count(load.count + 40)  # and after the job, for two more seconds
+    summary = load.summary()
+
+    assert result["model_name"] == FLEET
+    assert result["promotion"]["rule"] == "no_champion" and result["promotion"]["promote"]
+    assert _champion(client, FLEET) == str(result["model_version"])
+    schema = client.download_artifacts(result["run_id"], "schema.json")
+    assert yaml.safe_load(Path(schema).read_text())["classes"] == ["high", "low", "medium"]
+    # Adult: not one new version, the same champion, and every request answered by it.
+    assert _versions(client, ADULT) == adult_versions and _champion(client, ADULT) == adult_served
+    assert summary.failed == 0, summary.as_dict()
+    assert set(summary.versions) == {adult_served}
+    figures["second_task"] = {
+        "adult": {"versions": adult_versions, "champion": adult_served},
+        "fleet": {"versions": _versions(client, FLEET), "champion": _champion(client, FLEET)},
+        "adult_requests_during_training": summary.as_dict(),
+    }
+
+
+@pytest.fixture(scope="module")
+def reuse_job(stack: Stack, adult_served: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The other task's config under Adult's name, submitted with `ray job submit` and followed."""
+    data = _fleet_data(tmp_path_factory.mktemp("reuse") / "fleet.csv")
+    path = stack.settings.state_dir / "fleet-as-adult.yaml"
+    path.write_text(yaml.safe_dump(_fleet_config(data, name=ADULT)))
+    job_id = submit_training(stack.settings, str(path))
+    status, logs = follow_job(stack.settings, job_id)
+    info = jobs_client(stack.settings).get_job_info(job_id)
+    return {"status": status, "logs": logs, "message": info.message or "", "result": training_result(logs)}
+
+
+def test_reusing_adults_name_with_another_schema_is_refused_and_nothing_moves(stack, adult_served, reuse_job, figures):
+    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    logs, result = reuse_job["logs"], reuse_job["result"]
+
+    assert reuse_job["status"] == "FAILED", logs[-3000:]
+    assert "exit code 3" in reuse_job["message"], reuse_job["message"]
+    assert result is not None and result["model_name"] == ADULT, logs[-3000:]
+    rejected = str(result["model_version"])
+    promotion = result["promotion"]
+    assert not promotion["promote"] and promotion["rule"] == "incompatible"
+    assert promotion["champion_version"] == adult_served
+    assert f"promotion refused: candidate breaks the serving contract of champion v{adult_served}: " in logs
+    assert "target changed: 'income' -> 'risk_band'" in promotion["reason"]
+    assert "features removed or renamed: age, workclass, fnlwgt" in promotion["reason"]
+    assert _champion(client, ADULT) == adult_served
+    tags = client.get_model_version(ADULT, rejected).tags
+    assert tags["promotion.decision"] == "rejected" and tags["promotion.rule"] == "incompatible"
+
+    # The gate's CLI says the same, and exits 3.
+    again = run_cli("jobs.promote", "--model", ADULT, "--version", rejected, env=stack.env, timeout=300)
+    assert again.returncode == 3, again.stderr[-2000:]
+    assert "not promoted: candidate breaks the serving contract" in again.stderr
+    assert _champion(client, ADULT) == adult_served
+    figures["incompatible_reuse"] = {"version": rejected, "reason": promotion["reason"]}
+
+
+def test_an_alias_moved_around_the_gate_is_refused_by_the_replica_and_alerts(stack, adult_served, reuse_job, figures):
+    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    assert reuse_job["result"] is not None, reuse_job["logs"][-3000:]
+    incompatible = str(reuse_job["result"]["model_version"])  # registered, rejected by the gate
+    try:
+        with SteadyLoad(stack.api_url, stack.auth, stack.verify, rate_per_s=20, max_duration_s=300) as load:
+            load.wait_for_count(20)
+            client.set_registered_model_alias(ADULT, "champion", incompatible)  # by hand, no approval
+            refused = until(
+                "the replica reporting the refused swap", lambda: current_model(stack).get("swap_refused"), 60
+            )
+            alert = until("ModelSwapRefused firing", lambda: firing_alerts(stack, "ModelSwapRefused", model=ADULT), 120)
+            load.wait_for_count(load.count + 60)  # three more seconds of the refused alias
+        summary = load.summary()
+    finally:
+        client.set_registered_model_alias(ADULT, "champion", adult_served)
+
+    assert refused["version"] == incompatible
+    assert refused["reason"].startswith(f"breaks the contract of version {adult_served}: target changed")
+    assert float(alert[0]["value"]) == float(incompatible)
+    assert summary.failed == 0, summary.as_dict()
+    assert set(summary.versions) == {adult_served}
+    assert current_model(stack)["version"] == adult_served
+    # The alias back where the gate left it: the refusal clears.
+    until("the refusal clearing", lambda: current_model(stack).get("swap_refused") is None, 60)
+    figures["swap_refused"] = {"alias_moved_to": incompatible, "served": adult_served, **summary.as_dict()}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"model_name": "someone-else"}, {"name": "x"}, {"promotion.enabled": False}, {"promotion": {"margin": -1}}],
+)
+def test_training_requests_cannot_retarget_a_model_or_loosen_its_gate(stack, overrides):
+    response = stack.http.post("/v1/training-jobs", json={"kind": "train", "overrides": overrides}, headers=stack.auth)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    key = next(iter(overrides))
+    assert error["details"][0]["loc"] == ["body", "overrides", key]
+    assert "can only be changed by an operator" in error["message"]
+
+
+def test_a_queued_job_the_gate_refuses_fails_once_with_its_reason_and_is_not_retried(stack, adult_served):
+    """Overrides may still change the data: a request that retrains Adult's model on another
+    target trains, is refused by the gate, and ends at once; a retry would train the same refusal."""
+    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    overrides = {**QUICK, "data.target": "sex"}
+    response = post_job(stack, {"kind": "train", "overrides": overrides})
+    assert response.status_code == 202, response.text
+    job = wait_job(stack, response.json()["id"], {"failed"})
+
+    assert job["attempts"] == 1 and job["max_attempts"] > 1
+    assert job["model_name"] == ADULT and job["model_version"] and job["promoted"] is False
+    assert job["last_error"].startswith(
+        f"promotion refused: candidate breaks the serving contract of champion v{adult_served}"
+    )
+    assert "target changed: 'income' -> 'sex'" in job["last_error"]
+    assert [e["state"] for e in job["events"]].count("queued") == 1  # accepted once, never re-queued
+    assert _champion(client, ADULT) == adult_served

@@ -1,0 +1,40 @@
+"""Polling the running test stack for what the end-to-end tests wait on: a condition, an alert
+firing in Prometheus, the model the API serves."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from tests.conftest import Stack
+
+
+def until(what: str, probe: Callable[[], Any], timeout_s: float = 120) -> Any:
+    """The first truthy value `probe` returns, polled every second; fails naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := probe():
+            return found
+        time.sleep(1)
+    raise AssertionError(f"{what}: not seen within {timeout_s}s")
+
+
+def firing_alerts(stack: Stack, alertname: str, **labels: str) -> list[dict[str, Any]]:
+    """Alerts named `alertname` firing in the stack's Prometheus whose labels include `labels`."""
+    alerts = httpx.get(f"{stack.settings.prometheus_url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    return [
+        a for a in alerts
+        if a["labels"]["alertname"] == alertname and a["state"] == "firing"
+        and all(a["labels"].get(k) == v for k, v in labels.items())
+    ]  # fmt: skip
+
+
+def current_model(stack: Stack) -> dict[str, Any]:
+    """`GET /v1/models/current` through the edge."""
+    response = stack.http.get("/v1/models/current", headers=stack.auth, timeout=10)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
