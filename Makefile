@@ -87,7 +87,8 @@ bench: venv tools ## the platform against its peers: benchmarks/results/{report.
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy cluster jobs serve_apps ui tests benchmarks
+	$(VENV)/bin/mypy core jobs services serve_apps ui cluster tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: venv
 	$(VENV)/bin/ruff format .

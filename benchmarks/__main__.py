@@ -21,7 +21,7 @@ from benchmarks.loop import retrain_loop
 from benchmarks.report import machine_info, write_report
 from benchmarks.serving import Plan, run_serving
 from benchmarks.stack import bench_stack
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 SECTIONS = ("loop", "serving", "training")
 app = typer.Typer(add_completion=False)

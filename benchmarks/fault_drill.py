@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 import typer
 
-from cluster.health import wait_until
-from cluster.jobs_api import jobs_client
-from cluster.settings import REPO_ROOT, Settings, get_settings
+from core.health import wait_until
+from core.settings import REPO_ROOT, Settings, get_settings
+from services.ray_submission import jobs_client
 
 TERMINAL = {"succeeded", "failed", "dead_lettered"}
 QUICK = {"train.epochs": 1, "train.patience": 1, "promotion.enabled": False}

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from cluster.health import wait_until
+from core.health import wait_until
 from serve_apps.schemas import EXAMPLE_ROW
 
 

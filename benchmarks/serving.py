@@ -25,7 +25,7 @@ import psutil
 from benchmarks.load import run_wrk
 from benchmarks.peers import Peer, fastapi_peer, in_process, mlflow_peer, sample_rows, time_calls
 from cluster.edge import bearer_headers, local_edge_url
-from cluster.settings import Settings
+from core.settings import Settings
 
 EDGE = "platform (Nginx TLS)"
 INGRESS = "platform (Serve ingress)"

@@ -21,7 +21,7 @@ import httpx
 import psycopg
 
 from cluster.edge import bearer_headers, local_ca_file, local_edge_url
-from cluster.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"

@@ -28,7 +28,7 @@ import typer
 from benchmarks.otlp_sink import OtlpSink
 from benchmarks.stack import delete_queues, environment
 from benchmarks.training_jobs_api import ADMIN_DSN, _cli, _parse_wrk
-from cluster.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 from serve_apps.schemas import EXAMPLE_ROW
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -54,7 +54,8 @@ def _settings(env: dict[str, str]) -> Settings:
 
 def _train(env: dict[str, str]) -> str:
     from cluster.demo import wait_for_version
-    from cluster.jobs_api import follow_job, submit_training, training_result
+    from jobs.result import training_result
+    from services.ray_submission import follow_job, submit_training
 
     settings = _settings(env)
     job = submit_training(settings, "jobs/configs/adult.yaml", ["train.epochs=1", "train.patience=1"])
@@ -69,7 +70,7 @@ def _train(env: dict[str, str]) -> str:
 
 
 def _ready(url: str, key: str) -> None:
-    from cluster.health import wait_until
+    from core.health import wait_until
 
     def serving() -> bool:
         try:

@@ -60,7 +60,7 @@ from mlflow.tracking import MlflowClient
 
 import jobs.train
 from benchmarks.training_recorder import EpochRecorder
-from cluster.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 from jobs.config import JobConfig, load_config
 from jobs.data.loading import Splits, load_splits
 from jobs.predictor import Architecture

@@ -25,7 +25,7 @@ import psycopg
 import typer
 
 from benchmarks.stack import delete_queues, environment
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -57,7 +57,7 @@ def _queue_depth(queue: str) -> int:
 def _settle(dsn: str) -> None:
     """Wait until the last requests wrk gave up on are committed and published (a job is marked
     published only after the broker confirmed its message), so every count is final."""
-    from cluster.health import wait_until
+    from core.health import wait_until
 
     def count() -> tuple[int, int]:
         with psycopg.connect(dsn) as conn:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 
 from cluster.keys import keys_app
-from cluster.settings import get_settings
 from cluster.stack import StartupError, down, status, up
+from core.settings import get_settings
 
 app = typer.Typer(
     pretty_exceptions_enable=False,

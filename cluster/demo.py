@@ -16,11 +16,13 @@ import httpx
 from dotenv import dotenv_values
 
 from cluster.edge import local_ca_file, nginx_binary
-from cluster.health import probes, wait_until
-from cluster.jobs_api import follow_job, submit_training, training_result
-from cluster.settings import REPO_ROOT, Settings, get_settings
+from cluster.health import probes
 from cluster.stack import up
+from core.health import wait_until
+from core.settings import REPO_ROOT, Settings, get_settings
+from jobs.result import training_result
 from serve_apps.schemas import EXAMPLE_ROW
+from services.ray_submission import follow_job, submit_training
 
 
 def _append_env(env_file: Path, comment: str, values: dict[str, str]) -> None:

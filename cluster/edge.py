@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cluster.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 
 NGINX_DIR = REPO_ROOT / "cluster" / "nginx"
 TEMPLATE = "nginx.conf.j2"

@@ -14,16 +14,17 @@ from typing import TypeVar
 
 import typer
 
-from cluster.settings import Settings, get_settings, hash_api_key
-from jobs.database import TRANSIENT_DB_ERRORS
-from serve_apps.api_keys import (
+from core.database import TRANSIENT_DB_ERRORS
+from core.keys import (
     ApiKeyRecord,
     ApiKeyTable,
     KeyAlreadyStoredError,
     KeyNameTakenError,
+    hash_api_key,
     new_api_key,
     valid_key_name,
 )
+from core.settings import Settings, get_settings
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from cluster.edge import nginx_binary
-from cluster.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 
 RULES_DIR = REPO_ROOT / "cluster" / "prometheus" / "rules"
 COMPOSE_PROMETHEUS = REPO_ROOT / "cluster" / "prometheus" / "prometheus.yml"

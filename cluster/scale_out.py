@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from cluster.observability import write_files
-from cluster.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 
 KUBERAY_DIR = REPO_ROOT / "cluster" / "kuberay"
 RAYSERVICE_FILE = KUBERAY_DIR / "rayservice.yaml"
@@ -35,7 +35,7 @@ ENV_SECRET = "platform-env"
 TRAIN_ENTRYPOINT = "python -m jobs.train --config jobs/configs/adult.yaml"
 HEADER = (
     "# Rendered by `python -m cluster render-kuberay` from serve_apps/config.yaml and the port\n"
-    "# defaults in cluster/settings.py: edit cluster/scale_out.py, then render again.\n"
+    "# defaults in core/settings.py: edit cluster/scale_out.py, then render again.\n"
 )
 
 

@@ -18,7 +18,7 @@ import httpx
 import yaml
 
 from cluster.edge import edge_dir, edge_health_url, local_ca_file, nginx_binary, write_local_config
-from cluster.health import check, probes, wait_healthy, wait_until
+from cluster.health import probes
 from cluster.observability import (
     WEBHOOK_PATH,
     alertmanager_config,
@@ -27,8 +27,9 @@ from cluster.observability import (
     nginx_exporter_enabled,
     prometheus_config,
 )
-from cluster.settings import Settings
 from cluster.supervisor import child_environment, log_tail, managed, read_pid, spawn, stop
+from core.health import check, wait_healthy, wait_until
+from core.settings import Settings
 
 SERVE_APP = "inference"
 
@@ -126,13 +127,13 @@ def _check_artifacts(settings: Settings) -> None:
 
 
 def mlflow_log_config(settings: Settings) -> Path:
-    """A logging dictConfig for MLflow's uvicorn workers, formatting with cluster.logs."""
+    """A logging dictConfig for MLflow's uvicorn workers, formatting with core.logs."""
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
     quiet = {"handlers": ["stderr"], "level": "INFO", "propagate": False}
     config = {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "cluster.logs.JsonFormatter", "service": "mlflow"}},
+        "formatters": {"json": {"()": "core.logs.JsonFormatter", "service": "mlflow"}},
         "handlers": {"stderr": handler},
         "root": {"handlers": ["stderr"], "level": "INFO"},
         "loggers": {name: quiet for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "mlflow")},
@@ -221,7 +222,7 @@ def ensure_jobs_database(settings: Settings) -> None:
     """Create the job database when the server is up but the database is not there yet."""
     import psycopg
 
-    from jobs.database import plain_dsn
+    from core.database import plain_dsn
 
     assert settings.database_url is not None
     dsn = plain_dsn(settings.database_url.get_secret_value())
@@ -250,7 +251,7 @@ def ensure_jobs_database(settings: Settings) -> None:
 def check_broker(settings: Settings) -> None:
     import asyncio
 
-    from jobs.training_jobs.broker import connect
+    from services.training_jobs.broker import connect
 
     assert settings.amqp_url is not None
     url = settings.amqp_url.get_secret_value()
@@ -275,7 +276,7 @@ def _first_line(exc: BaseException) -> str:
 
 def start_dispatcher(settings: Settings, env: dict[str, str]) -> str:
     listener = Listener(settings.dispatcher_host, settings.dispatcher_metrics_port, "DISPATCHER_METRICS_PORT")
-    argv = [sys.executable, "-m", "jobs.dispatcher", "run"]
+    argv = [sys.executable, "-m", "services.dispatcher", "run"]
     return start_process(settings, "dispatcher", argv, env, f"{settings.dispatcher_url}/metrics", listener)
 
 
@@ -373,7 +374,7 @@ def start_postgres_exporter(settings: Settings, env: dict[str, str], binary: str
     assert settings.database_url is not None
     import psycopg
 
-    from jobs.database import plain_dsn
+    from core.database import plain_dsn
 
     dsn = plain_dsn(settings.database_url.get_secret_value())
     if "sslmode=" not in dsn:
@@ -517,7 +518,7 @@ def render_serve_config(settings: Settings) -> Path:
         # through deployment handles, exported by our OTLP processor.
         config["tracing_config"] = {
             "enabled": True,
-            "exporter_import_path": "cluster.telemetry:serve_span_processors",
+            "exporter_import_path": "core.telemetry:serve_span_processors",
             "sampling_ratio": settings.otel_traces_sampler_ratio,
         }
     target = settings.state_dir / "serve_config.yaml"
@@ -536,7 +537,7 @@ def serve_app_status(settings: Settings) -> tuple[str, str]:
 
 
 def require_api_keys(settings: Settings) -> None:
-    if not settings.api_key_hashes():
+    if not settings.api_key_list():
         raise StartupError(
             "serve: API_KEYS is not set; the inference API refuses to start without a key. "
             "Add API_KEYS=<key> to .env (`make demo` generates one)"

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 from dotenv import dotenv_values
 
-from cluster.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _signal_all(procs: list[psutil.Process], sig: signal.Signals) -> None:
 
 def stop(item: Managed, grace_s: float = 20.0) -> bool:
     """SIGTERM the process's session, SIGKILL what is left after the grace period."""
-    from cluster.health import wait_until
+    from core.health import wait_until
 
     pid = read_pid(item)
     if pid is None:

@@ -1,1 +1,3 @@
-"""Ray jobs: data, model, training, evaluation, registry and promotion."""
+"""The ML library: config, data, schema, preprocessing, model, training, tuning, evaluation,
+registry and promotion. It imports only the base (core/); a registered model version carries
+only its inference modules (see jobs/registry.py)."""

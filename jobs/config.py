@@ -18,11 +18,9 @@ from pydantic import (
     model_validator,
 )
 
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
+from jobs.schema import FeatureKind, TaskType, Transform
 
-TaskType = Literal["classification", "regression"]
-FeatureKind = Literal["numeric", "categorical"]
-Transform = Literal["none", "log1p"]
 # Named like the ray.tune functions they become; randint's upper bound is exclusive, as in Ray.
 Distribution = Literal["uniform", "loguniform", "randint", "choice"]
 TuneMetric = Literal["best_val_loss", "val_loss", "train_loss", "val_accuracy"]

@@ -23,7 +23,7 @@ import typer
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cluster.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from jobs.compatibility import (
     CONTRACT_TAG,
     DECISION_TAG,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -12,14 +13,12 @@ import pandas as pd
 import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
-from mlflow.pyfunc.model import PythonModel, PythonModelContext
 from mlflow.tracking import MlflowClient
 
-from cluster.settings import REPO_ROOT
 from jobs.predictor import TabularPredictor
+from jobs.pyfunc import INFERENCE_MODULES, INFERENCE_REQUIREMENTS, PREDICTOR_ARTIFACT, TabularPyfunc
 from jobs.tracking import artifact_upload
 
-PREDICTOR_ARTIFACT = "predictor"
 CONFIG_ARTIFACT = "job_config.json"
 SCHEMA_ARTIFACT = "schema.json"
 
@@ -32,21 +31,21 @@ def log_job_files(client: MlflowClient, run_id: str, config: dict[str, Any], sch
         client.log_text(run_id, schema_json, SCHEMA_ARTIFACT)
 
 
-class TabularPyfunc(PythonModel):
-    """pyfunc wrapper so `mlflow models serve` and `mlflow.pyfunc.load_model` work too."""
-
-    def load_context(self, context: PythonModelContext) -> None:
-        self.predictor = TabularPredictor.load(Path(context.artifacts[PREDICTOR_ARTIFACT]))
-
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
-        return self.predictor.predict_frame(model_input)
-
-
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    pins = ["torch", "pandas", "numpy", "pydantic", "pydantic-settings", "pyyaml", "scikit-learn"]
-    return [f"{name}=={version(name).split('+')[0]}" for name in pins]
+    return [f"{name}=={version(name).split('+')[0]}" for name in INFERENCE_REQUIREMENTS]
+
+
+def _inference_package(directory: Path) -> Path:
+    """A copy of this package with only the modules scoring needs, for the version's code_paths."""
+    package = directory / "jobs"
+    package.mkdir()
+    source = Path(__file__).resolve().parent
+    (package / "__init__.py").write_text('"""Inference modules of a registered model version."""\n', encoding="utf-8")
+    for name in INFERENCE_MODULES:
+        shutil.copy2(source / name, package / name)
+    return package
 
 
 def log_and_register(predictor: TabularPredictor, example: pd.DataFrame, model_name: str) -> ModelVersion:
@@ -68,7 +67,7 @@ def log_and_register(predictor: TabularPredictor, example: pd.DataFrame, model_n
             name="model",
             python_model=TabularPyfunc(),
             artifacts={PREDICTOR_ARTIFACT: str(directory)},
-            code_paths=[str(REPO_ROOT / "jobs"), str(REPO_ROOT / "cluster")],
+            code_paths=[str(_inference_package(Path(tmp)))],
             signature=signature,
             input_example=features,
             pip_requirements=_requirements(),

@@ -4,11 +4,17 @@ validation and the UI."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 from pydantic import BaseModel
 
-from jobs.config import FeatureKind, JobConfig, TaskType, Transform
+if TYPE_CHECKING:  # a registered model carries this module, not the job config's
+    from jobs.config import JobConfig
+
+TaskType = Literal["classification", "regression"]
+FeatureKind = Literal["numeric", "categorical"]
+Transform = Literal["none", "log1p"]
 
 _NON_WORD = re.compile(r"[^0-9a-zA-Z]+")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")

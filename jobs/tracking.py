@@ -7,8 +7,8 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cluster.health import check, wait_healthy
-from cluster.settings import Settings
+from core.health import check, wait_healthy
+from core.settings import Settings
 
 # MLflow's client retries a failed request 7 times over about 4 minutes by default, sized for the
 # rate limits of hosted servers. Our tracking server answers a full or read-only artifact store

@@ -25,9 +25,9 @@ import typer
 from mlflow.data.pandas_dataset import from_pandas as mlflow_dataset_from_pandas
 from mlflow.tracking import MlflowClient
 
-from cluster.logs import configure_logging
-from cluster.settings import REPO_ROOT, Settings, get_settings
-from cluster.telemetry import current_ids, init_tracing, shutdown_tracing, span_from
+from core.logs import configure_logging
+from core.settings import REPO_ROOT, Settings, get_settings
+from core.telemetry import current_ids, init_tracing, shutdown_tracing, span_from
 from jobs.config import JobConfig, load_config, parse_override
 from jobs.data.loading import Splits, combined_digest, load_splits
 from jobs.evaluate import evaluate
@@ -35,6 +35,7 @@ from jobs.predictor import Architecture, TabularPredictor
 from jobs.preprocess import Preprocessor
 from jobs.promote import EXIT_NOT_PROMOTED, Decision, gate
 from jobs.registry import log_and_register, log_job_files
+from jobs.result import result_line
 from jobs.schema import build_schema, snake_case
 from jobs.tracking import bound_request_retries, require_tracking_server
 from jobs.train_worker import CHECKPOINT_FILE as CHECKPOINT_FILE  # re-exported: jobs.tune reads it
@@ -295,7 +296,7 @@ def main(
 def report_outcome(outcome: TrainingOutcome) -> None:
     """The result line the dispatcher and `cluster demo` read; exit 3 when the gate refused to compare
     the new version with the champion (the version stays registered, and rejected)."""
-    typer.echo("TRAINING_RESULT " + json.dumps(asdict(outcome), default=str))
+    typer.echo(result_line(asdict(outcome)))
     if outcome.promotion is not None and outcome.promotion.rule.refusal:
         typer.echo(f"promotion refused: {outcome.promotion.reason}", err=True)
         raise typer.Exit(code=EXIT_NOT_PROMOTED)

@@ -29,9 +29,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.exceptions import RayActorError
 
-from cluster.logs import configure_logging
-from cluster.settings import REPO_ROOT, Settings, get_settings
-from cluster.telemetry import init_tracing, shutdown_tracing, span_from
+from core.logs import configure_logging
+from core.settings import REPO_ROOT, Settings, get_settings
+from core.telemetry import init_tracing, shutdown_tracing, span_from
 from jobs.config import Distribution, JobConfig, candidate_values, load_config, parse_override
 from jobs.config import TuneConfig as TuneSection
 from jobs.data.loading import Splits, combined_digest, load_splits

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
-from cluster.settings import get_settings, hash_api_key
+from core.keys import hash_api_key
+from core.settings import get_settings
 from serve_apps.ingress import Ingress, ModelOptions
 
 
@@ -31,7 +32,7 @@ class AppArgs(BaseModel):
 def build_app(args: dict[str, object]) -> Application:
     parsed = AppArgs.model_validate(args or {})
     settings = get_settings()
-    key_hashes = settings.api_key_hashes()
+    key_hashes = [hash_api_key(k) for k in settings.api_key_list()]
     if not key_hashes:
         raise MissingApiKeysError(
             "API_KEYS is not set: the inference API will not start without at least one key. "

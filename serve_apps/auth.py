@@ -1,45 +1,15 @@
-"""API-key authentication as a FastAPI dependency.
-
-Keys are held as SHA-256 digests only, so a memory dump gives no key away. The set of accepted
-digests can be replaced while the replica serves (serve_apps/api_keys.py refreshes it from
-PostgreSQL), and a check is one digest and one set lookup: no database access per request.
-"""
+"""API-key authentication as FastAPI dependencies, against the replica's `KeyStore` (core/keys.py),
+which a background task keeps in step with the PostgreSQL key table."""
 
 from __future__ import annotations
-
-import hashlib
-from collections.abc import Iterable
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from core.keys import KeyStore
+
 bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <API key>")
-
-
-class KeyStore:
-    def __init__(self, key_hashes: Iterable[str]) -> None:
-        hashes = frozenset(key_hashes)
-        if not hashes:
-            raise ValueError("no API keys configured")
-        self._hashes = hashes
-
-    @property
-    def hashes(self) -> frozenset[str]:
-        return self._hashes
-
-    def replace(self, key_hashes: frozenset[str]) -> None:
-        """Swap in a new set at once: a request sees either the old set or the new one. An empty
-        set (every key revoked) refuses every request."""
-        self._hashes = key_hashes
-
-    def verify(self, presented: str | None) -> bool:
-        if not presented:
-            return False
-        # A set lookup compares digests, not keys. Its timing can at most tell a caller how much of
-        # the digest of their own guess matches a stored digest, which brings them no closer to a
-        # key (SHA-256 is preimage resistant), so no constant-time loop over every key is needed.
-        return hashlib.sha256(presented.encode("utf-8")).hexdigest() in self._hashes
 
 
 # Both dependencies are async on purpose: FastAPI runs a plain `def` dependency in a thread

@@ -13,8 +13,8 @@ from typing import Any
 from ray.serve import context as serve_context
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cluster import telemetry, tracecontext
-from cluster.logs import log_context, remember_trace
+from core import telemetry, tracecontext
+from core.logs import log_context, remember_trace
 
 REQUEST_ID_HEADER = "X-Request-ID"
 TRACE_ID_HEADER = "X-Trace-Id"

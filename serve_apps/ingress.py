@@ -20,16 +20,11 @@ from psycopg_pool import PoolTimeout
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.logs import add_context_filter
-from cluster.settings import get_settings
-from jobs.database import TRANSIENT_DB_ERRORS
-from jobs.feedback.recorder import PredictionRecorder
-from jobs.feedback.store import FeedbackOutcome, FeedbackStore, PredictionRow
-from jobs.training_jobs.models import InvalidJobSpecError, JobDetail, JobList, JobRecord, JobSpec, JobState
-from jobs.training_jobs.service import TrainingJobs
-from jobs.training_jobs.store import IdempotencyConflictError
-from serve_apps.api_keys import start_key_refresher
-from serve_apps.auth import KeyStore, require_alert_token, require_api_key
+from core.database import TRANSIENT_DB_ERRORS
+from core.keys import KeyStore, start_key_refresher
+from core.logs import add_context_filter
+from core.settings import get_settings
+from serve_apps.auth import require_alert_token, require_api_key
 from serve_apps.champion import BatchResult, ChampionModel
 from serve_apps.context import RequestContextMiddleware, request_id_from
 from serve_apps.metrics import IngressMetrics
@@ -44,6 +39,11 @@ from serve_apps.schemas import (
     PredictResponse,
     RetrainRequest,
 )
+from services.feedback.recorder import PredictionRecorder
+from services.feedback.store import FeedbackOutcome, FeedbackStore, PredictionRow
+from services.training_jobs.models import InvalidJobSpecError, JobDetail, JobList, JobRecord, JobSpec, JobState
+from services.training_jobs.service import TrainingJobs
+from services.training_jobs.store import IdempotencyConflictError
 
 # Serve's replica logger: its JSON handler writes the replica's log file.
 log = logging.getLogger("ray.serve")
@@ -254,7 +254,11 @@ class Ingress:
         api.state.alert_token_store = KeyStore(alert_token_hashes) if alert_token_hashes else None
         add_context_filter("ray.serve", "inference-api")
         # Keys added or revoked with `python -m cluster keys` take effect without a restart.
-        self._key_refresher = await start_key_refresher(api.state.key_store, key_hashes)
+        settings = get_settings()
+        database_url = settings.database_url.get_secret_value() if settings.database_url else None
+        self._key_refresher = await start_key_refresher(
+            api.state.key_store, key_hashes, database_url, settings.api_key_refresh_s
+        )
         self._metrics = IngressMetrics()
         self._jobs: TrainingJobs | None = None
         self._jobs_lock = asyncio.Lock()

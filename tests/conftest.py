@@ -26,7 +26,7 @@ from benchmarks.otlp_sink import OtlpSink
 from benchmarks.stack import BenchStack
 from cluster.edge import local_ca_file, local_edge_url, nginx_binary
 from cluster.observability import RULES_DIR
-from cluster.settings import REPO_ROOT, get_settings
+from core.settings import REPO_ROOT, get_settings
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -338,7 +338,8 @@ def train_job(stack: Stack, config: str | Path | dict[str, Any], overrides: list
 
     A dict config is written next to the state dir first, as a user would write a new YAML file.
     """
-    from cluster.jobs_api import follow_job, submit_training, training_result
+    from jobs.result import training_result
+    from services.ray_submission import follow_job, submit_training
 
     if isinstance(config, dict):
         path = stack.settings.state_dir / f"{config['name']}.yaml"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from cluster.edge import edge_dir, ensure_certificate, local_ca_file, local_config, nginx_binary, prepare_dirs, render
-from cluster.health import wait_healthy
+from core.health import wait_healthy
 from tests.conftest import Stack, free_port
 
 

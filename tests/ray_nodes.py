@@ -20,9 +20,9 @@ from typing import Any
 
 import psutil
 
-from cluster.health import wait_until
 from cluster.observability import RAY_SERVICE_DISCOVERY_FILE
 from cluster.supervisor import Managed, child_environment, log_tail, managed, read_pid, session_members, spawn, stop
+from core.health import wait_until
 from tests.conftest import Stack, free_port, reserve_ports
 
 # Its own loopback address: drivers on this machine (127.0.0.1) keep connecting to the head's

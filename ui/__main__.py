@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cluster.settings import get_settings
+from core.settings import get_settings
 from ui.launch import UiConfigError, serve
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

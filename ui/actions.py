@@ -12,8 +12,8 @@ from typing import Any, ParamSpec, TypeVar
 import pandas as pd
 from opentelemetry import context as otel_context
 
-from cluster import telemetry
-from cluster.settings import Settings
+from core import telemetry
+from core.settings import Settings
 from ui.card import curve_keys, curves_frame, promotion_history
 from ui.errors import ApiError
 from ui.form import FormSchema, form_schema

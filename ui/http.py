@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 from opentelemetry.trace import SpanKind
 
-from cluster import telemetry, tracecontext
-from cluster.settings import Settings
+from core import telemetry, tracecontext
+from core.settings import Settings
 from ui.errors import ApiError, describe_response, describe_transport_error
 
 log = logging.getLogger("ui.http")

@@ -7,9 +7,9 @@ from typing import Any
 
 from starlette.middleware import Middleware
 
-from cluster.logs import configure_logging
-from cluster.settings import Settings
-from cluster.telemetry import init_tracing
+from core.logs import configure_logging
+from core.settings import Settings
+from core.telemetry import init_tracing
 from ui.actions import UiActions
 from ui.app import build_app
 from ui.proxy import ForwardedPrefixMiddleware
@@ -56,7 +56,7 @@ def launch_options(settings: Settings, credentials: list[tuple[str, str]] | None
 def serve(settings: Settings) -> None:
     """Blocks until the process is stopped."""
     credentials = login_credentials(settings)
-    configure_logging("ui", settings.log_level)
+    configure_logging("ui", settings.log_level, with_ray=False)
     init_tracing("ui", settings)
     actions = UiActions.from_settings(settings)
     demo = build_app(actions)

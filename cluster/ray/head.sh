@@ -4,7 +4,7 @@
 # back without the app; deploying here on every start (rather than from a one-shot service) is what
 # brings it back. `serve deploy` is declarative: deploying the same config again changes nothing.
 #
-# Every value comes from the same environment variables as cluster/settings.py, with its defaults,
+# Every value comes from the same environment variables as core/settings.py, with its defaults,
 # so the script also runs outside a container (ports moved, SERVE_HOST=127.0.0.1).
 set -euo pipefail
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cluster.settings import get_settings
+from core.settings import get_settings
 from jobs.data.storage import push_file, read_uri
 
 app = typer.Typer(pretty_exceptions_enable=False, help="Data set versions in the object store.", no_args_is_help=True)

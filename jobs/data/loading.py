@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from cluster.settings import Settings
+from core.settings import Settings
 from jobs.config import DataConfig, JobConfig
 from jobs.data.storage import Blob, read_uri
 from jobs.schema import snake_case

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from benchmarks.serving import BULK, EDGE, INGRESS, SINGLE
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 # The benchmark's own end-to-end run (3 minutes, a stack of its own): `make test-extended`.
 pytestmark = [pytest.mark.timeout(900), pytest.mark.extended]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from cluster.jobs_api import training_result
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
+from jobs.result import training_result
 from tests.conftest import free_port, run_cli, serve_ingress_overrides
 
 

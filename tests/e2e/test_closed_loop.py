@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster.demo import wait_for_version
-from cluster.jobs_api import jobs_client
 from serve_apps.schemas import EXAMPLE_ROW
+from services.ray_submission import jobs_client
 from tests.conftest import ALERT_WEBHOOK_TOKEN, Stack
 from tests.integration.test_prometheus import wait_for
 from tests.observability import dashboard_exprs, promql_metric_names, rule_exprs

@@ -15,7 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cluster.demo import wait_for_version
-from cluster.jobs_api import follow_job, jobs_client, submit_training, training_result
+from jobs.result import training_result
+from services.ray_submission import follow_job, jobs_client, submit_training
 from tests.conftest import Stack, run_cli, train_job
 from tests.reliability.load import SteadyLoad
 from tests.stack_probes import current_model, firing_alerts, until

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.health import wait_until
+from core.health import wait_until
 from serve_apps.schemas import EXAMPLE_ROW
 from tests.conftest import Stack, free_port
 from tests.edge_helpers import require_edge, spare_edge

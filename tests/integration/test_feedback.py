@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from cluster.demo import wait_for_version
-from jobs.feedback.store import FeedbackOutcome, FeedbackStore, PredictionRow
 from serve_apps.schemas import EXAMPLE_ROW
+from services.feedback.store import FeedbackOutcome, FeedbackStore, PredictionRow
 from tests.conftest import ALERT_WEBHOOK_TOKEN, temporary_database
 
 

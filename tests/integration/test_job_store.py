@@ -5,8 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from jobs.training_jobs.models import JobRecord, JobSpec, JobState
-from jobs.training_jobs.store import IdempotencyConflictError, JobStore
+from services.training_jobs.models import JobRecord, JobSpec, JobState
+from services.training_jobs.store import IdempotencyConflictError, JobStore
 from tests.conftest import temporary_database
 
 

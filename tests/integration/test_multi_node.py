@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.health import wait_until
 from cluster.stack import serve_app_status
 from cluster.supervisor import child_environment
+from core.health import wait_until
 from tests.conftest import Stack, train_job
 from tests.ray_nodes import NODE_IP, RayNode, alive_nodes, discovered_targets, ray_node, state
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.health import wait_until
-from cluster.settings import REPO_ROOT, Settings
+from core.health import wait_until
+from core.settings import REPO_ROOT, Settings
 from jobs.config import load_config
 from jobs.data.loading import load_splits
 from jobs.data.storage import read_uri

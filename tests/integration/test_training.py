@@ -5,7 +5,7 @@ import hashlib
 import psycopg
 from mlflow.tracking import MlflowClient
 
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 from jobs.data.loading import combined_digest
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 from mlflow.tracking import MlflowClient
 
-from cluster.health import wait_until
+from core.health import wait_until
 from tests.conftest import run_cli
 from tests.training_jobs_helpers import QUICK, dead_letters, get_job, post_job, publish_raw, wait_job
 
@@ -91,18 +91,18 @@ def test_permanent_failure_is_dead_lettered_and_can_be_requeued(stack):
     copies = [m for m in dead_letters(queue) if m.get("x-job-id") == job["id"]]
     assert len(copies) == 1 and "nonexistent" in copies[0]["x-error"]
 
-    shown = run_cli("jobs.dispatcher", "show", job["id"], env=stack.env, timeout=60)
+    shown = run_cli("services.dispatcher", "show", job["id"], env=stack.env, timeout=60)
     assert shown.returncode == 0 and '"dead_lettered"' in shown.stdout, shown.stderr
-    listed = run_cli("jobs.dispatcher", "list", "--state", "dead_lettered", env=stack.env, timeout=60)
+    listed = run_cli("services.dispatcher", "list", "--state", "dead_lettered", env=stack.env, timeout=60)
     assert job["id"] in listed.stdout
 
-    requeued = run_cli("jobs.dispatcher", "requeue", job["id"], env=stack.env, timeout=60)
+    requeued = run_cli("services.dispatcher", "requeue", job["id"], env=stack.env, timeout=60)
     assert requeued.returncode == 0, requeued.stderr
     assert "1 dead-letter message(s) removed" in requeued.stdout
     assert not [m for m in dead_letters(queue) if m.get("x-job-id") == job["id"]]
     again = wait_job(stack, job["id"], {"dead_lettered"}, timeout_s=300)
     assert again["attempts"] == 4  # attempt numbers keep counting: each is its own Ray submission
-    assert run_cli("jobs.dispatcher", "requeue", str(uuid.uuid4()), env=stack.env, timeout=60).returncode == 1
+    assert run_cli("services.dispatcher", "requeue", str(uuid.uuid4()), env=stack.env, timeout=60).returncode == 1
 
 
 def test_malformed_message_is_dead_lettered_and_the_dispatcher_keeps_running(stack):

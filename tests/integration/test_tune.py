@@ -4,8 +4,9 @@ import json
 
 from mlflow.tracking import MlflowClient
 
-from cluster.jobs_api import follow_job, submit_training, training_result
 from jobs.config import load_config
+from jobs.result import training_result
+from services.ray_submission import follow_job, submit_training
 
 CONFIG = "jobs/configs/adult-tune.yaml"
 

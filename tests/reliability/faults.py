@@ -7,8 +7,8 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-from cluster.health import wait_until
-from cluster.jobs_api import jobs_client
+from core.health import wait_until
+from services.ray_submission import jobs_client
 from tests.conftest import Stack
 from tests.reliability.load import SteadyLoad
 

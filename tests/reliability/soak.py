@@ -13,8 +13,8 @@ from typing import Any
 
 import psutil
 
-from cluster.settings import Settings
 from cluster.supervisor import managed, read_pid, session_members
+from core.settings import Settings
 
 MIB = 1024 * 1024
 # What a process of the Ray session is, read from its command line (the actor's name for Serve's).

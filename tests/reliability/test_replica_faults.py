@@ -18,9 +18,9 @@ import psutil
 import pytest
 
 from benchmarks.serving import replica_pids
-from cluster.health import wait_until
 from cluster.stack import deploy_serve
 from cluster.supervisor import child_environment
+from core.health import wait_until
 from tests.conftest import Stack
 from tests.reliability.load import LoadSummary, SteadyLoad
 

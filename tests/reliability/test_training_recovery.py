@@ -7,9 +7,10 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.health import wait_until
-from cluster.jobs_api import follow_job, jobs_client, submit_training, training_result
 from cluster.supervisor import managed, read_pid, session_members
+from core.health import wait_until
+from jobs.result import training_result
+from services.ray_submission import follow_job, jobs_client, submit_training
 
 # CI checks resuming from a checkpoint with the harder fault, the whole node lost
 # (test_node_failure.py); this one runs in `make test-reliability` and `make test-extended`.

@@ -3,7 +3,7 @@ and every response names the version that answered it, old until the swap and ne
 
 from mlflow.tracking import MlflowClient
 
-from cluster.health import wait_until
+from core.health import wait_until
 from tests.conftest import run_cli, train_job
 from tests.reliability.load import SteadyLoad
 

@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from cluster.health import wait_until
+from core.health import wait_until
 from tests.conftest import ALERT_WEBHOOK_TOKEN, Stack, run_cli
 from tests.edge_helpers import require_edge
 

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from cluster.settings import REPO_ROOT, hash_api_key
-from serve_apps.api_keys import ApiKeyTable, KeyRefresher
-from serve_apps.auth import KeyStore
+from core.keys import ApiKeyTable, KeyRefresher, KeyStore, hash_api_key
+from core.settings import REPO_ROOT
 from tests.conftest import PG_ADMIN_DSN, temporary_database
 
 

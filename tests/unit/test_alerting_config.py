@@ -20,9 +20,9 @@ from cluster.observability import (
     nginx_exporter_enabled,
     prometheus_config,
 )
-from cluster.settings import Settings
-from jobs.feedback.monitor import AccuracyGauges
-from jobs.feedback.store import VersionAccuracy
+from core.settings import Settings
+from services.feedback.store import VersionAccuracy
+from services.monitoring.accuracy import AccuracyGauges
 
 
 def _tool(name: str) -> str:

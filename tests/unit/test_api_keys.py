@@ -14,9 +14,18 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from cluster.__main__ import app as cli
-from cluster.settings import get_settings, hash_api_key
-from serve_apps.api_keys import ApiKeyTable, KeyRefresher, TableHashes, accepted_hashes, new_api_key, valid_key_name
-from serve_apps.auth import KeyStore, require_api_key
+from core.keys import (
+    ApiKeyTable,
+    KeyRefresher,
+    KeyStore,
+    TableHashes,
+    accepted_hashes,
+    hash_api_key,
+    new_api_key,
+    valid_key_name,
+)
+from core.settings import get_settings
+from serve_apps.auth import require_api_key
 
 BOOT, ADDED, REVOKED = hash_api_key("boot-key"), hash_api_key("added-key"), hash_api_key("revoked-key")
 

@@ -33,7 +33,7 @@ def test_errors_from_elsewhere_pass_unchanged() -> None:
 
 def test_workers_take_custom_resources_from_an_override() -> None:
     override = "train.resources_per_worker={trainer: 1}"
-    # As `cluster.jobs_api.submit_training` quotes it for the job's shell entrypoint.
+    # As `services.ray_submission.submit_training` quotes it for the job's shell entrypoint.
     (argument,) = shlex.split(shlex.quote(override))
     config = load_config("jobs/configs/adult.yaml").with_overrides(dict([parse_override(argument)]))
     assert config.train.resources_per_worker == {"trainer": 1.0}

@@ -2,8 +2,8 @@ import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
-from cluster.settings import hash_api_key
-from serve_apps.auth import KeyStore, require_api_key
+from core.keys import KeyStore, hash_api_key
+from serve_apps.auth import require_api_key
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_keys_are_not_kept_in_plain_text():
 
 
 def test_serve_app_refuses_to_build_without_keys(monkeypatch):
-    from cluster.settings import Settings, get_settings
+    from core.settings import Settings, get_settings
     from serve_apps.app import MissingApiKeysError, build_app
 
     monkeypatch.delenv("API_KEYS", raising=False)

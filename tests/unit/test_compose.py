@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"

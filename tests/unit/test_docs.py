@@ -13,7 +13,7 @@ from typing import Any
 
 from mkdocs.config import load_config
 
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 DOCS = REPO_ROOT / "docs"
 MKDOCS_YML = REPO_ROOT / "mkdocs.yml"

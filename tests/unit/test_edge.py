@@ -21,7 +21,7 @@ from cluster.edge import (
     render,
     write_htpasswd,
 )
-from cluster.settings import Settings
+from core.settings import Settings
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")  # whatever NGINX_ENABLED says
 needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (make tools installs it)")

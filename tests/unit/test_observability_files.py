@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 from tests.observability import dashboard_exprs, dashboard_panels, promql_metric_names, rule_exprs
 
 CONFIG_DIRS = [REPO_ROOT / "cluster" / name for name in ("grafana", "loki", "tempo", "otel-collector")]

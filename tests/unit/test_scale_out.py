@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from cluster import scale_out
-from cluster.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 from jobs.config import load_config
 
 LAUNCHER = REPO_ROOT / "ray-cluster.yaml"

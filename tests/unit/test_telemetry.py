@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-from cluster import telemetry
-from cluster.logs import JsonFormatter, log_context
+from core import telemetry
+from core.logs import JsonFormatter, log_context
 from serve_apps.context import RequestContextMiddleware
 
 INCOMING = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -106,7 +106,7 @@ def test_responses_without_a_trace_get_a_new_one():
 
 
 def test_serve_access_lines_get_the_trace_of_their_request_id():
-    from cluster.logs import TraceContextFilter, remember_trace
+    from core.logs import TraceContextFilter, remember_trace
 
     remember_trace("req-42", "a" * 32, "b" * 16)
     record = _record("POST /v1/predict 200 3.1ms", request_id="req-42")

@@ -7,12 +7,12 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from cluster import tracecontext
-from cluster.settings import Settings
-from jobs.dispatcher.core import backoff_s
-from jobs.dispatcher.ray_jobs import entrypoint, error_summary
-from jobs.training_jobs.broker import MalformedMessageError, decode, encode
-from jobs.training_jobs.models import InvalidJobSpecError, JobSpec, JobState
+from core import tracecontext
+from core.settings import Settings
+from services.dispatcher.core import backoff_s
+from services.dispatcher.ray_jobs import entrypoint, error_summary
+from services.training_jobs.broker import MalformedMessageError, decode, encode
+from services.training_jobs.models import InvalidJobSpecError, JobSpec, JobState
 
 
 def test_spec_defaults_to_the_shipped_config_of_its_kind():
@@ -133,7 +133,7 @@ def test_async_training_needs_both_urls_and_blank_means_off(monkeypatch):
 
 
 def test_a_job_refused_by_the_gate_ends_without_retry_and_keeps_its_version():
-    from jobs.dispatcher.core import refusal
+    from services.dispatcher.core import refusal
 
     result = {
         "run_id": "r1",

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from cluster.settings import Settings
+from core.settings import Settings
 from ui.actions import UiActions
 from ui.app import build_app
 from ui.http import InferenceApi, MlflowRest

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from cluster import tracecontext
+from core import tracecontext
 from ui.errors import ApiError, describe_response, describe_transport_error, field_name
 from ui.http import NO_KEY_MESSAGE, InferenceApi, MlflowRest
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from cluster.settings import REPO_ROOT, Settings
 from cluster.stack import ui_environment
+from core.settings import REPO_ROOT, Settings
 from ui.launch import UiConfigError, login_credentials
 from ui.proxy import ForwardedPrefixMiddleware, forwarded_prefix
 

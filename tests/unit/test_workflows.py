@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 
 WORKFLOWS_DIR = REPO_ROOT / ".github/workflows"
 WORKFLOW_FILES = sorted([*WORKFLOWS_DIR.glob("*.yml"), *WORKFLOWS_DIR.glob("*.yaml")])

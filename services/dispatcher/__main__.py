@@ -1,4 +1,4 @@
-"""`python -m jobs.dispatcher`: run a dispatcher; `list`, `show`, `requeue` for operators."""
+"""`python -m services.dispatcher`: run a dispatcher; `list`, `show`, `requeue` for operators."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from uuid import UUID
 
 import typer
 
-from cluster.logs import configure_logging
-from cluster.settings import Settings, get_settings
-from cluster.telemetry import init_tracing, shutdown_tracing
-from jobs.dispatcher.core import Dispatcher, dispatcher_name
-from jobs.dispatcher.ray_jobs import RayJobs
-from jobs.training_jobs.broker import Publisher, Topology, connect
-from jobs.training_jobs.models import JobState
-from jobs.training_jobs.store import JobStore
+from core.logs import configure_logging
+from core.settings import Settings, get_settings
+from core.telemetry import init_tracing, shutdown_tracing
+from services.dispatcher.core import Dispatcher, dispatcher_name
+from services.dispatcher.ray_jobs import RayJobs
+from services.training_jobs.broker import Publisher, Topology, connect
+from services.training_jobs.models import JobState
+from services.training_jobs.store import JobStore
 
 T = TypeVar("T")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=False)

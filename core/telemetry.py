@@ -23,8 +23,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRat
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from cluster import tracecontext
-from cluster.settings import Settings, get_settings
+from core import tracecontext
+from core.settings import Settings, get_settings
 
 SERVICE_NAMESPACE = "ray-cluster"
 _PROPAGATOR = TraceContextTextMapPropagator()

@@ -10,21 +10,18 @@ waits on the database; while PostgreSQL is away the replica keeps the last set i
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
-from cluster.settings import get_settings
-from jobs.database import PostgresStore
-
-if TYPE_CHECKING:  # the CLI imports this module and needs no FastAPI
-    from serve_apps.auth import KeyStore
+from core.database import PostgresStore
 
 log = logging.getLogger("ray.serve")
 
@@ -62,6 +59,39 @@ class ApiKeyRecord:
 class TableHashes:
     active: frozenset[str]
     revoked: frozenset[str]
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class KeyStore:
+    """The digests a replica accepts. Keys are held as SHA-256 digests only, so a memory dump gives
+    no key away; the set can be replaced while the replica serves, and a check is one digest and
+    one set lookup: no database access per request."""
+
+    def __init__(self, key_hashes: Iterable[str]) -> None:
+        hashes = frozenset(key_hashes)
+        if not hashes:
+            raise ValueError("no API keys configured")
+        self._hashes = hashes
+
+    @property
+    def hashes(self) -> frozenset[str]:
+        return self._hashes
+
+    def replace(self, key_hashes: frozenset[str]) -> None:
+        """Swap in a new set at once: a request sees either the old set or the new one. An empty
+        set (every key revoked) refuses every request."""
+        self._hashes = key_hashes
+
+    def verify(self, presented: str | None) -> bool:
+        if not presented:
+            return False
+        # A set lookup compares digests, not keys. Its timing can at most tell a caller how much of
+        # the digest of their own guess matches a stored digest, which brings them no closer to a
+        # key (SHA-256 is preimage resistant), so no constant-time loop over every key is needed.
+        return hash_api_key(presented) in self._hashes
 
 
 def new_api_key() -> str:
@@ -222,12 +252,13 @@ class KeyRefresher:
 FIRST_REFRESH_TIMEOUT_S = 5.0
 
 
-async def start_key_refresher(store: KeyStore, bootstrap: Iterable[str]) -> KeyRefresher | None:
-    """The replica's refresher; None without DATABASE_URL, where API_KEYS are the only keys."""
-    settings = get_settings()
-    if settings.database_url is None:
+async def start_key_refresher(
+    store: KeyStore, bootstrap: Iterable[str], database_url: str | None, interval_s: float
+) -> KeyRefresher | None:
+    """The replica's refresher; None without a database, where API_KEYS are the only keys."""
+    if database_url is None:
         return None
-    table = ApiKeyTable(settings.database_url.get_secret_value())
-    refresher = KeyRefresher(table, store, bootstrap, settings.api_key_refresh_s)
+    table = ApiKeyTable(database_url)
+    refresher = KeyRefresher(table, store, bootstrap, interval_s)
     await refresher.start(FIRST_REFRESH_TIMEOUT_S)
     return refresher

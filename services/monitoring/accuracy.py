@@ -11,8 +11,8 @@ import logging
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from cluster.settings import Settings
-from jobs.feedback.store import FeedbackStore, VersionAccuracy
+from core.settings import Settings
+from services.feedback.store import FeedbackStore, VersionAccuracy
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import logging
 from datetime import datetime
 from uuid import UUID
 
-from cluster.settings import Settings
-from jobs.training_jobs.broker import Publisher, Topology
-from jobs.training_jobs.models import JobDetail, JobRecord, JobSpec, JobState
-from jobs.training_jobs.store import JobStore
+from core.settings import Settings
+from services.training_jobs.broker import Publisher, Topology
+from services.training_jobs.models import JobDetail, JobRecord, JobSpec, JobState
+from services.training_jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 

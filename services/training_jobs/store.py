@@ -18,9 +18,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from cluster.tracecontext import trace_id_of
-from jobs.database import PostgresStore
-from jobs.training_jobs.models import JobDetail, JobEvent, JobRecord, JobSpec, JobState
+from core.database import PostgresStore
+from core.tracecontext import trace_id_of
+from services.training_jobs.models import JobDetail, JobEvent, JobRecord, JobSpec, JobState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

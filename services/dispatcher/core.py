@@ -27,16 +27,16 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from opentelemetry.trace import SpanKind
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from cluster.jobs_api import training_result
-from cluster.logs import log_context
-from cluster.settings import Settings
-from cluster.telemetry import current_traceparent, span_from
-from jobs.database import TRANSIENT_DB_ERRORS
-from jobs.dispatcher.metrics import DispatcherMetrics
-from jobs.dispatcher.ray_jobs import RayJobs, RayRejectedError, RayUnavailableError, error_summary
-from jobs.feedback.monitor import AccuracyMonitor
-from jobs.feedback.store import FeedbackStore
-from jobs.training_jobs.broker import (
+from core.database import TRANSIENT_DB_ERRORS
+from core.logs import log_context
+from core.settings import Settings
+from core.telemetry import current_traceparent, span_from
+from jobs.result import training_result
+from services.dispatcher.metrics import DispatcherMetrics
+from services.dispatcher.ray_jobs import RayJobs, RayRejectedError, RayUnavailableError, error_summary
+from services.feedback.store import FeedbackStore
+from services.monitoring.accuracy import AccuracyMonitor
+from services.training_jobs.broker import (
     MalformedMessageError,
     Publisher,
     Topology,
@@ -45,8 +45,8 @@ from jobs.training_jobs.broker import (
     declare,
     decode,
 )
-from jobs.training_jobs.models import JobRecord, JobState
-from jobs.training_jobs.store import JobStore
+from services.training_jobs.models import JobRecord, JobState
+from services.training_jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 

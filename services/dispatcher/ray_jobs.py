@@ -16,8 +16,9 @@ from uuid import UUID
 
 import requests
 
-from cluster.jobs_api import RESULT_MARKER, training_runtime_env
-from jobs.training_jobs.models import JobSpec
+from jobs.result import RESULT_MARKER
+from services.ray_submission import training_runtime_env
+from services.training_jobs.models import JobSpec
 
 T = TypeVar("T")
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from cluster import telemetry
+from core import telemetry
 
 # Per-request and per-job context that every line written inside it carries.
 _context: ContextVar[dict[str, Any] | None] = ContextVar("log_context", default=None)
@@ -113,8 +113,9 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
-def configure_logging(service: str, level: str = "INFO") -> None:
-    """Route the root logger to stderr as JSON lines; `cluster up` sends stderr to a log file."""
+def configure_logging(service: str, level: str = "INFO", with_ray: bool = True) -> None:
+    """Route the root logger to stderr as JSON lines; `cluster up` sends stderr to a log file.
+    `with_ray`: the process uses Ray, whose own logger is routed the same way."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
@@ -122,6 +123,14 @@ def configure_logging(service: str, level: str = "INFO") -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    if with_ray:
+        _route_ray_logger()
+    # Client libraries log every connection attempt at INFO; their warnings are what matters.
+    for noisy in ("aiormq", "aio_pika", "httpx", "urllib3", "psycopg.pool"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _route_ray_logger() -> None:
     # Ray gives its logger a plain-text handler when first imported; import it now so that the
     # handler exists to be removed, and Ray's lines go through ours instead.
     import ray  # noqa: F401
@@ -130,9 +139,6 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     for existing in list(ray_logger.handlers):
         ray_logger.removeHandler(existing)
     ray_logger.propagate = True
-    # Client libraries log every connection attempt at INFO; their warnings are what matters.
-    for noisy in ("aiormq", "aio_pika", "httpx", "urllib3", "psycopg.pool"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def add_context_filter(logger_name: str, service: str) -> None:

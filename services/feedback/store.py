@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from jobs.database import PostgresStore
+from core.database import PostgresStore
 
 MIGRATIONS: list[str] = [
     """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from jobs.training_jobs.models import JobState
+from services.training_jobs.models import JobState
 
 DEAD_LETTER_REASONS = ("attempts_exhausted", "malformed", "unknown_job")
 _DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)

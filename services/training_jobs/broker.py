@@ -17,7 +17,7 @@ from uuid import UUID
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
 
-from cluster.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

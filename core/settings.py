@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -357,10 +356,6 @@ class Settings(BaseSettings):
             return []
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
-    def api_key_hashes(self) -> list[str]:
-        """Keys are held only as SHA-256 digests once they leave the settings object."""
-        return [hash_api_key(k) for k in self.api_key_list()]
-
     def s3_client_kwargs(self) -> dict[str, str]:
         kwargs: dict[str, str] = {"region_name": self.s3_region}
         if self.s3_endpoint_url:
@@ -412,10 +407,6 @@ class Settings(BaseSettings):
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(self.serve_fallback_proxy_port),
             "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(self.serve_fallback_proxy_grpc_port),
         }
-
-
-def hash_api_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 @lru_cache(maxsize=1)

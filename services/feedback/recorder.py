@@ -13,8 +13,8 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from jobs.database import TRANSIENT_DB_ERRORS
-from jobs.feedback.store import FeedbackStore, PredictionRow
+from core.database import TRANSIENT_DB_ERRORS
+from services.feedback.store import FeedbackStore, PredictionRow
 
 log = logging.getLogger("ray.serve")
 

@@ -1,20 +1,19 @@
-"""Submitting and following training jobs through the Ray Jobs API (the path of `ray job submit`)."""
+"""Submitting and following training jobs through the Ray Jobs API (the path of `ray job submit`):
+the dispatcher, the demo and the tests all ship the code and follow the job the same way."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import shlex
 import subprocess
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cluster.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-RESULT_MARKER = "TRAINING_RESULT "
 # Never ship local state, environments or caches to the cluster with the working dir.
 WORKING_DIR_EXCLUDES = [
     ".venv/",
@@ -82,11 +81,3 @@ def follow_job(settings: Settings, job_id: str, echo: Callable[[str], None] | No
 
     asyncio.run(tail())
     return str(client.get_job_status(job_id).value), client.get_job_logs(job_id)
-
-
-def training_result(logs: str) -> dict[str, Any] | None:
-    for line in reversed(logs.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            parsed: dict[str, Any] = json.loads(line[len(RESULT_MARKER) :])
-            return parsed
-    return None

@@ -15,7 +15,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cluster.settings import REPO_ROOT
+from core.settings import REPO_ROOT
 from jobs.config import JobConfig, load_config, operator_only
 
 CONFIG_DIR = REPO_ROOT / "jobs" / "configs"

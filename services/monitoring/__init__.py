@@ -1,0 +1,1 @@
+"""Live model quality from what production sent: accuracy from feedback labels."""
