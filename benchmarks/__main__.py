@@ -34,7 +34,7 @@ def _platform(quick: bool, out: Path, skip: set[str]) -> dict[str, Any]:
         overrides = {"train.epochs": 1} if quick else {}
         results["loop"] = retrain_loop(client, overrides)
         if "serving" not in skip:
-            uri = f"models:/{stack.settings.model_name}/{results['loop']['version_after']}"
+            uri = f"models:/{stack.settings.model.name}/{results['loop']['version_after']}"
             plan = Plan.quick() if quick else Plan()
             serving = run_serving(stack.settings, stack.api_key, uri, plan, out / "serving", stack.ca_file)
             results["profile"] = serving.pop("profile")

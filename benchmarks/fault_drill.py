@@ -33,7 +33,7 @@ QUICK = {"train.epochs": 1, "train.patience": 1, "promotion.enabled": False}
 
 class Drill:
     def __init__(self, settings: Settings) -> None:
-        keys = settings.api_key_list()
+        keys = settings.api.key_list()
         if not settings.training_jobs_enabled or not keys:
             raise SystemExit("the stack needs API_KEYS, DATABASE_URL and AMQP_URL (run `make demo` first)")
         self.settings = settings
@@ -45,7 +45,7 @@ class Drill:
     def submit(self, count: int, phase: str) -> None:
         for index in range(count):
             response = httpx.post(
-                f"{self.settings.serve_url}/v1/training-jobs",
+                f"{self.settings.serve.url}/v1/training-jobs",
                 json={"overrides": QUICK},
                 headers={**self.headers, "Idempotency-Key": f"drill-{self.run}-{phase}-{index}"},
                 timeout=30,
@@ -57,7 +57,7 @@ class Drill:
             typer.echo(f"  {phase}: POST -> {response.status_code}")
 
     def job(self, job_id: str) -> dict[str, Any]:
-        response = httpx.get(f"{self.settings.serve_url}/v1/training-jobs/{job_id}", headers=self.headers, timeout=30)
+        response = httpx.get(f"{self.settings.serve.url}/v1/training-jobs/{job_id}", headers=self.headers, timeout=30)
         response.raise_for_status()
         body: dict[str, Any] = response.json()
         return body

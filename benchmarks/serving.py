@@ -109,7 +109,7 @@ def platform_targets(settings: Settings, api_key: str, ca_file: Path | None) -> 
     if ca_file is not None:
         edge = f"{local_edge_url(settings)}/v1/predict"
         targets.append(Target(EDGE, edge, headers, "instances", _platform_labels(edge, headers, str(ca_file))))
-    ingress = f"{settings.serve_url}/v1/predict"
+    ingress = f"{settings.serve.url}/v1/predict"
     targets.append(Target(INGRESS, ingress, headers, "instances", _platform_labels(ingress, headers, True)))
     return targets
 
@@ -159,7 +159,7 @@ def platform_cpu_s(settings: Settings) -> Callable[[], float]:
 def platform_processes(settings: Settings) -> list[psutil.Process]:
     """The ingress replicas, HAProxy and Nginx of this stack (under its Ray temp dir and state dir),
     with their children."""
-    markers = (str(settings.resolved_ray_temp_dir), str(settings.state_dir))
+    markers = (str(settings.ray.resolved_temp_dir), str(settings.state_dir))
     roots = set(replica_pids(settings))
     for process in psutil.process_iter(["name", "cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
@@ -221,7 +221,7 @@ def same_answers(targets: Sequence[Target], rows: list[dict[str, Any]]) -> dict[
 
 def replica_pids(settings: Settings) -> list[int]:
     """The ingress replicas of this stack (their Ray temp dir tells stacks apart)."""
-    temp = str(settings.resolved_ray_temp_dir)
+    temp = str(settings.ray.resolved_temp_dir)
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
@@ -330,7 +330,7 @@ def run_serving(
     rows = sample_rows(max(plan.bulk_rows, 100))
     targets = platform_targets(settings, api_key, ca_file)
     results: list[dict[str, Any]] = []
-    tracking = settings.mlflow_tracking_uri
+    tracking = settings.mlflow.tracking_uri
     with (
         # The peers' logs and model downloads are scratch, not results.
         tempfile.TemporaryDirectory(prefix="bench-peers-") as scratch,

@@ -21,7 +21,7 @@ import httpx
 import psycopg
 
 from cluster.edge import bearer_headers, local_ca_file, local_edge_url
-from core.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings, environment_variables
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -74,7 +74,7 @@ def inherited_environment() -> dict[str, str]:
     """The caller's environment without the platform's own settings: a stack running beside this
     one (a test session's, a developer's) may have set them in this process, and its database,
     limits or ports must not leak into the benchmark's stack."""
-    own = {name.upper() for name in Settings.model_fields}
+    own = {name for name, _, _ in environment_variables()}
     return {k: v for k, v in os.environ.items() if k not in own}
 
 

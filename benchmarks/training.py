@@ -125,8 +125,8 @@ def bench_settings(directory: Path) -> Settings:
     """Checkpoints, Tune results and MLflow runs all go to a throwaway directory."""
     return Settings(
         state_dir=directory,
-        ray_storage_path=str(directory / "ray_results"),
-        mlflow_tracking_uri=f"sqlite:///{directory / 'mlflow.db'}",
+        ray={"storage_path": str(directory / "ray_results")},
+        mlflow={"tracking_uri": f"sqlite:///{directory / 'mlflow.db'}"},
     )
 
 
@@ -195,7 +195,7 @@ def local_ray(settings: Settings) -> Iterator[float]:
     with environment({"RAY_GCS_SERVER_PORT": str(port)}):  # read once, when Ray starts its GCS
         ray.init(
             address="local",
-            num_cpus=settings.ray_num_cpus,
+            num_cpus=settings.ray.num_cpus,
             include_dashboard=False,
             log_to_driver=False,
             _temp_dir=temp_dir,
@@ -293,7 +293,7 @@ def run_tune(inputs: Inputs, settings: Settings, plan: Plan) -> dict[str, Any]:
     from jobs.tune import TrialContext, _results, _tuner
 
     config = tune_config(plan)
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow.tracking_uri)
     experiment = client.create_experiment("bench-tune", artifact_location=(settings.state_dir / "mlartifacts").as_uri())
     parent = client.create_run(experiment, run_name="bench-tune").info.run_id
     schema = inputs.pre.schema.model_dump_json()

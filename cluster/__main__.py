@@ -92,7 +92,7 @@ def deploy_serve_command() -> None:
     settings = get_settings()
     settings.state_dir.mkdir(parents=True, exist_ok=True)  # the rendered config is written there
     try:
-        typer.echo(f"serve: {deploy_serve(settings, child_environment(settings))} at {settings.serve_url}")
+        typer.echo(f"serve: {deploy_serve(settings, child_environment(settings))} at {settings.serve.url}")
     except StartupError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from exc

@@ -9,6 +9,7 @@ import shlex
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def _append_env(env_file: Path, comment: str, values: dict[str, str]) -> None:
 
 def ensure_api_key(env_file: Path = REPO_ROOT / ".env") -> str:
     """Reuse a configured key; otherwise generate one into .env (never into code)."""
-    existing = get_settings().api_key_list()
+    existing = get_settings().api.key_list()
     if existing:
         return existing[0]
     key = secrets.token_urlsafe(32)
@@ -45,19 +46,22 @@ def ensure_api_key(env_file: Path = REPO_ROOT / ".env") -> str:
 
 
 # Secrets the demo generates when they are not configured: what each protects.
-GENERATED_SECRETS = {
-    "alert_webhook_token": "Alertmanager's token for the retraining webhook",
-    "ray_auth_token": "Ray's token authentication (dashboard, Jobs API, GCS)",
-    "mlflow_basic_auth_password": "MLflow through Nginx (user MLFLOW_BASIC_AUTH_USER)",
+GENERATED_SECRETS: dict[str, tuple[Callable[[Settings], object], str]] = {
+    "ALERT_WEBHOOK_TOKEN": (lambda s: s.alert.webhook_token, "Alertmanager's token for the retraining webhook"),
+    "RAY_AUTH_TOKEN": (lambda s: s.ray.auth_token, "Ray's token authentication (dashboard, Jobs API, GCS)"),
+    "MLFLOW_BASIC_AUTH_PASSWORD": (
+        lambda s: s.mlflow.basic_auth_password,
+        "MLflow through Nginx (user MLFLOW_BASIC_AUTH_USER)",
+    ),
 }
 
 
 def ensure_secrets(env_file: Path = REPO_ROOT / ".env") -> None:
     """Generate each missing secret into .env, like the API key; configured ones are kept."""
     settings = get_settings()
-    for field, purpose in GENERATED_SECRETS.items():
-        if getattr(settings, field) is None:
-            _append_env(env_file, f": {purpose}", {field.upper(): secrets.token_urlsafe(32)})
+    for variable, (configured, purpose) in GENERATED_SECRETS.items():
+        if configured(settings) is None:
+            _append_env(env_file, f": {purpose}", {variable: secrets.token_urlsafe(32)})
 
 
 LOCAL_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/ray_cluster"
@@ -90,7 +94,7 @@ def ensure_async_training(env_file: Path = REPO_ROOT / ".env") -> str:
 def wait_for_version(settings: Settings, version: str, timeout_s: float) -> bool:
     def serving() -> bool:
         try:
-            body = httpx.get(f"{settings.serve_url}/readyz", timeout=5).json()
+            body = httpx.get(f"{settings.serve.url}/readyz", timeout=5).json()
         except (httpx.HTTPError, ValueError):
             return False
         return bool(body.get("model")) and str(body["model"].get("version")) == version
@@ -99,15 +103,15 @@ def wait_for_version(settings: Settings, version: str, timeout_s: float) -> bool
 
 
 def edge_running(settings: Settings) -> bool:
-    return nginx_binary(settings) is not None and _listening(settings.nginx_host, settings.nginx_https_port)
+    return nginx_binary(settings) is not None and _listening(settings.nginx.host, settings.nginx.https_port)
 
 
 def api_base(settings: Settings) -> tuple[str, bool | str, str]:
     """Where users call the API: Nginx over https when it runs (with the CA to trust), else Serve."""
     if edge_running(settings):
         ca = local_ca_file(settings)
-        return settings.edge_url, str(ca), f" --cacert {shlex.quote(str(ca))}"
-    return settings.serve_url, True, ""
+        return settings.nginx.edge_url, str(ca), f" --cacert {shlex.quote(str(ca))}"
+    return settings.serve.url, True, ""
 
 
 def predict(settings: Settings, key: str, rows: list[dict[str, Any]]) -> httpx.Response:
@@ -142,12 +146,12 @@ def training_job_example(settings: Settings, key: str) -> str:
 def ray_submit_example(settings: Settings) -> str:
     """`ray job submit` as a user outside the machine runs it: through Nginx, with the token."""
     ray = shlex.quote(str(Path(sys.executable).parent / "ray"))
-    if not (settings.ray_auth_enabled and edge_running(settings)):
-        return f"{ray} job submit --address {settings.ray_dashboard_url} --working-dir . -- python -m jobs.train"
+    if not (settings.ray.auth_enabled and edge_running(settings)):
+        return f"{ray} job submit --address {settings.ray.dashboard_url} --working-dir . -- python -m jobs.train"
     ca = shlex.quote(str(local_ca_file(settings)))
     return (
         "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(grep ^RAY_AUTH_TOKEN= .env | tail -1 | cut -d= -f2-) "
-        f"{ray} job submit --address {settings.edge_url}/ray --verify {ca} --working-dir . -- "
+        f"{ray} job submit --address {settings.nginx.edge_url}/ray --verify {ca} --working-dir . -- "
         "python -m jobs.train --config jobs/configs/adult.yaml"
     )
 
@@ -155,15 +159,15 @@ def ray_submit_example(settings: Settings) -> str:
 def edge_urls(settings: Settings) -> str:
     if not edge_running(settings):
         return (
-            f"Ray dashboard : {settings.ray_dashboard_url}\nMLflow UI     : {settings.mlflow_url}\n"
-            f"API docs      : {settings.serve_url}/docs\n"
+            f"Ray dashboard : {settings.ray.dashboard_url}\nMLflow UI     : {settings.mlflow.url}\n"
+            f"API docs      : {settings.serve.url}/docs\n"
         )
-    base = settings.edge_url
+    base = settings.nginx.edge_url
     return (
         f"Everything through Nginx (TLS; trust {local_ca_file(settings)}):\n"
         f"UI            : {base}/ui/\n"
         f"API docs      : {base}/docs\n"
-        f"MLflow UI     : {base}/mlflow/   (user {settings.mlflow_basic_auth_user}, "
+        f"MLflow UI     : {base}/mlflow/   (user {settings.mlflow.basic_auth_user}, "
         "password MLFLOW_BASIC_AUTH_PASSWORD in .env)\n"
         f"Ray dashboard : {base}/ray/   (token RAY_AUTH_TOKEN in .env)\n"
     )
@@ -195,7 +199,7 @@ def run_demo(config: str = "jobs/configs/adult.yaml") -> int:
     result = training_result(logs)
     if status != "SUCCEEDED" or result is None:
         print(
-            f"training job {job_id} ended {status}; see `ray job logs {job_id} --address {settings.ray_dashboard_url}`",
+            f"training job {job_id} ended {status}; see `ray job logs {job_id} --address {settings.ray.dashboard_url}`",
             file=sys.stderr,
         )
         return 1

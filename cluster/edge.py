@@ -92,37 +92,37 @@ def tls_dir(settings: Settings) -> Path:
 
 def local_ca_file(settings: Settings) -> Path:
     """The certificate clients trust for the locally generated server certificate."""
-    if settings.tls_cert_file is not None:
-        return settings.tls_cert_file
+    if settings.tls.cert_file is not None:
+        return settings.tls.cert_file
     return tls_dir(settings) / "ca.pem"
 
 
 def local_config(settings: Settings, ui: str | None, htpasswd: Path | None, cert: Path, key: Path) -> EdgeConfig:
     directory = edge_dir(settings)
-    upstreams = {"mlflow": f"{settings.mlflow_host}:{settings.mlflow_port}"}
+    upstreams = {"mlflow": f"{settings.mlflow.host}:{settings.mlflow.port}"}
     if ui is not None:
         upstreams["ui"] = ui
-    if settings.grafana_url:
-        upstreams["grafana"] = settings.grafana_url.split("://", 1)[-1].split("/", 1)[0]
-    if settings.ray_auth_enabled:
-        upstreams["ray_dashboard"] = f"{settings.ray_dashboard_host}:{settings.ray_dashboard_port}"
+    if settings.grafana.url:
+        upstreams["grafana"] = settings.grafana.url.split("://", 1)[-1].split("/", 1)[0]
+    if settings.ray.auth_enabled:
+        upstreams["ray_dashboard"] = f"{settings.ray.dashboard_host}:{settings.ray.dashboard_port}"
     return EdgeConfig(
-        listen_prefix=f"{settings.nginx_host}:",
-        https_port=settings.nginx_https_port,
-        http_port=settings.nginx_http_port,
-        public_https_port=settings.nginx_https_port,
-        server_name=settings.nginx_server_name,
+        listen_prefix=f"{settings.nginx.host}:",
+        https_port=settings.nginx.https_port,
+        http_port=settings.nginx.http_port,
+        public_https_port=settings.nginx.https_port,
+        server_name=settings.nginx.server_name,
         tls_cert=str(cert),
         tls_key=str(key),
-        serve_upstreams=settings.nginx_serve_upstreams or [f"{settings.serve_host}:{settings.serve_port}"],
+        serve_upstreams=settings.nginx.serve_upstreams or [f"{settings.serve.host}:{settings.serve.port}"],
         serve_backup_upstreams=(
-            [f"{settings.serve_host}:{settings.serve_fallback_proxy_port}"]
-            if settings.serve_haproxy and not settings.nginx_serve_upstreams
+            [f"{settings.serve.host}:{settings.serve.fallback_proxy_port}"]
+            if settings.serve.haproxy and not settings.nginx.serve_upstreams
             else []
         ),
         upstreams=upstreams,
         htpasswd=str(htpasswd) if htpasswd else None,
-        status_listen=f"127.0.0.1:{settings.nginx_status_port}",
+        status_listen=f"127.0.0.1:{settings.nginx.status_port}",
         pid_file=str(directory / "nginx.pid"),
         error_log="stderr",
         access_log=str(settings.logs_dir / "nginx-access.log"),
@@ -130,14 +130,14 @@ def local_config(settings: Settings, ui: str | None, htpasswd: Path | None, cert
         # Run as root (CI, containers without users), the workers would drop to `nobody`, which can
         # read neither the state dir nor the htpasswd file; as any other user the line is ignored.
         worker_user=getpass.getuser() if os.geteuid() == 0 else None,
-        rate_limit_rps=settings.api_rate_limit_rps,
-        rate_limit_burst=settings.api_rate_limit_burst,
-        api_max_body_size=settings.api_max_body_size,
+        rate_limit_rps=settings.api.rate_limit_rps,
+        rate_limit_burst=settings.api.rate_limit_burst,
+        api_max_body_size=settings.api.max_body_size,
     )
 
 
 def nginx_binary(settings: Settings) -> str | None:
-    if not settings.nginx_enabled:
+    if not settings.nginx.enabled:
         return None
     # Debian puts it in /usr/sbin, which a non-root PATH often lacks.
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
@@ -145,13 +145,13 @@ def nginx_binary(settings: Settings) -> str | None:
 
 def edge_health_url(settings: Settings) -> str:
     """The API's health check through Nginx: TLS, routing and the upstream in one request."""
-    return f"https://{settings.nginx_host}:{settings.nginx_https_port}/healthz"
+    return f"https://{settings.nginx.host}:{settings.nginx.https_port}/healthz"
 
 
 def local_edge_url(settings: Settings) -> str:
     """The API through Nginx at the address it binds. Clients on this machine use this rather than
-    `settings.edge_url`, whose server name need not resolve here."""
-    return f"https://{settings.nginx_host}:{settings.nginx_https_port}"
+    `settings.nginx.edge_url`, whose server name need not resolve here."""
+    return f"https://{settings.nginx.host}:{settings.nginx.https_port}"
 
 
 def bearer_headers(api_key: str) -> dict[str, str]:
@@ -178,18 +178,18 @@ def write_local_config(settings: Settings, ui: str | None) -> Path:
 
 def write_htpasswd(settings: Settings, target: Path) -> Path | None:
     """MLflow's basic-auth credentials as a SHA-512 crypt hash (nginx checks it with crypt(3))."""
-    if settings.mlflow_basic_auth_password is None:
+    if settings.mlflow.basic_auth_password is None:
         target.unlink(missing_ok=True)
         return None
     hashed = subprocess.run(
         ["openssl", "passwd", "-6", "-stdin"],
-        input=settings.mlflow_basic_auth_password.get_secret_value(),
+        input=settings.mlflow.basic_auth_password.get_secret_value(),
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
     target.touch(mode=0o600, exist_ok=True)
-    target.write_text(f"{settings.mlflow_basic_auth_user}:{hashed}\n", encoding="utf-8")
+    target.write_text(f"{settings.mlflow.basic_auth_user}:{hashed}\n", encoding="utf-8")
     return target
 
 
@@ -202,13 +202,13 @@ def ensure_certificate(settings: Settings) -> tuple[Path, Path]:
     A CA of our own (rather than one self-signed leaf) is what clients can be told to trust once
     (`--cacert`, `ray job submit --verify`), and it survives renewing the server certificate.
     """
-    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        return settings.tls_cert_file, settings.tls_key_file
+    if settings.tls.cert_file is not None and settings.tls.key_file is not None:
+        return settings.tls.cert_file, settings.tls.key_file
     directory = tls_dir(settings)
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = directory / "server.pem", directory / "server.key"
-    if not _certificate_current(cert, settings.nginx_server_name):
-        _issue(directory, settings.nginx_server_name)
+    if not _certificate_current(cert, settings.nginx.server_name):
+        _issue(directory, settings.nginx.server_name)
     return cert, key
 
 

@@ -42,9 +42,9 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _with_table(settings: Settings, op: Callable[[ApiKeyTable], Awaitable[T]]) -> T:
-    if settings.database_url is None:
+    if settings.database.url is None:
         raise _fail("DATABASE_URL is not set: API keys are stored in the platform's PostgreSQL database", 2)
-    dsn = settings.database_url.get_secret_value()
+    dsn = settings.database.url.get_secret_value()
 
     try:
         return asyncio.run(ApiKeyTable(dsn, retry_for_s=10.0, pool_timeout_s=5.0).run_once(op))
@@ -77,7 +77,7 @@ def add_command(
         raise _fail(f"a key named {name!r} exists already (names are never reused; pick another)") from exc
     except KeyAlreadyStoredError as exc:
         raise _fail(f"this key is stored already, as {exc.args[0]!r}") from exc
-    refresh = f"the API accepts it within {settings.api_key_refresh_s:g} s"
+    refresh = f"the API accepts it within {settings.api.key_refresh_s:g} s"
     if stdin:
         typer.echo(f"registered key {name!r}; {refresh}", err=True)
         return
@@ -92,7 +92,7 @@ def revoke_command(name: str = typer.Argument(help="the key's name, as `keys lis
     record = _with_table(settings, lambda table: table.revoke(name))
     if record is None:
         raise _fail(f"no key named {name!r}")
-    typer.echo(f"revoked key {name!r} at {_when(record.revoked_at)}; refused within {settings.api_key_refresh_s:g} s")
+    typer.echo(f"revoked key {name!r} at {_when(record.revoked_at)}; refused within {settings.api.key_refresh_s:g} s")
 
 
 @keys_app.command("list")

@@ -43,20 +43,20 @@ class Targets:
 
 
 def local_targets(settings: Settings, ray_temp_dir: Path, rules_dir: Path) -> Targets:
-    host = settings.prometheus_host
+    host = settings.prometheus.host
     return Targets(
-        prometheus=f"{host}:{settings.prometheus_port}",
-        alertmanager=f"{host}:{settings.alertmanager_port}",
+        prometheus=f"{host}:{settings.prometheus.port}",
+        alertmanager=f"{host}:{settings.alertmanager.port}",
         ray_service_discovery=str(ray_temp_dir / RAY_SERVICE_DISCOVERY_FILE),
-        dispatcher=f"{settings.dispatcher_host}:{settings.dispatcher_metrics_port}"
+        dispatcher=f"{settings.dispatcher.host}:{settings.dispatcher.metrics_port}"
         if settings.training_jobs_enabled
         else None,
-        mlflow=f"{settings.mlflow_host}:{settings.mlflow_port}",
-        rabbitmq=f"127.0.0.1:{settings.rabbitmq_metrics_port}" if settings.amqp_url else None,
-        postgres_exporter=f"127.0.0.1:{settings.postgres_exporter_port}" if settings.database_url else None,
+        mlflow=f"{settings.mlflow.host}:{settings.mlflow.port}",
+        rabbitmq=f"127.0.0.1:{settings.rabbitmq.metrics_port}" if settings.amqp.url else None,
+        postgres_exporter=f"127.0.0.1:{settings.postgres.exporter_port}" if settings.database.url else None,
         rules_dir=str(rules_dir),
-        scrape_interval_s=settings.prometheus_scrape_interval_s,
-        nginx_exporter=f"127.0.0.1:{settings.nginx_exporter_port}" if nginx_exporter_enabled(settings) else None,
+        scrape_interval_s=settings.prometheus.scrape_interval_s,
+        nginx_exporter=f"127.0.0.1:{settings.nginx.exporter_port}" if nginx_exporter_enabled(settings) else None,
     )
 
 

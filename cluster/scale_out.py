@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from cluster.observability import write_files
-from core.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, RaySettings, ServeSettings
 
 KUBERAY_DIR = REPO_ROOT / "cluster" / "kuberay"
 RAYSERVICE_FILE = KUBERAY_DIR / "rayservice.yaml"
@@ -48,25 +48,22 @@ def platform_image() -> str:
     return f"{IMAGE_REPOSITORY}:{project_version()}"
 
 
-def _default(name: str) -> Any:
-    """A setting's default: the manifests describe a fresh cluster, not this machine's .env."""
-    return Settings.model_fields[name].get_default(call_default_factory=True)
-
-
 def ports() -> dict[str, int]:
+    # The groups' defaults: the manifests describe a fresh cluster, not this machine's .env.
+    ray, serve = RaySettings(), ServeSettings()
     return {
-        "gcs": _default("ray_gcs_port"),
-        "dashboard": _default("ray_dashboard_port"),
-        "client": _default("ray_client_port"),
-        "dashboard_agent": _default("ray_dashboard_agent_port"),
-        "metrics": _default("ray_metrics_export_port"),
-        "serve": _default("serve_port"),
+        "gcs": ray.gcs_port,
+        "dashboard": ray.dashboard_port,
+        "client": ray.client_port,
+        "dashboard_agent": ray.dashboard_agent_port,
+        "metrics": ray.metrics_export_port,
+        "serve": serve.port,
     }
 
 
 def serve_config() -> dict[str, Any]:
     """serve_apps/config.yaml as the pods run it."""
-    source: Path = _default("serve_config_path")
+    source = ServeSettings().config_path
     config: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
     # A pod's proxy has to listen on the pod's address for the Serve Service to reach it; that
     # Service is ClusterIP, so the API is still reachable only from inside the cluster (Nginx).

@@ -145,16 +145,16 @@ def mlflow_log_config(settings: Settings) -> Path:
 
 def start_mlflow(settings: Settings, env: dict[str, str]) -> str:
     item = managed(settings, "mlflow")
-    if read_pid(item) and check(f"{settings.mlflow_url}/health")[0]:
+    if read_pid(item) and check(f"{settings.mlflow.url}/health")[0]:
         return "already running"
-    _require_free(settings.mlflow_host, settings.mlflow_port, "mlflow", "MLFLOW_PORT")
+    _require_free(settings.mlflow.host, settings.mlflow.port, "mlflow", "MLFLOW_PORT")
     _check_backend(settings.resolved_backend_store_uri)
     _check_artifacts(settings)
     argv = [
         _bin("mlflow"), "server",
-        "--host", settings.mlflow_host,
-        "--port", str(settings.mlflow_port),
-        "--workers", str(settings.mlflow_workers),
+        "--host", settings.mlflow.host,
+        "--port", str(settings.mlflow.port),
+        "--workers", str(settings.mlflow.workers),
         "--backend-store-uri", settings.resolved_backend_store_uri,
         "--artifacts-destination", settings.resolved_artifacts_destination,
         # /metrics for Prometheus; the directory holds the workers' shared counters.
@@ -163,7 +163,7 @@ def start_mlflow(settings: Settings, env: dict[str, str]) -> str:
         "--uvicorn-opts", f"--log-config {shlex.quote(str(mlflow_log_config(settings)))}",
     ]  # fmt: skip
     proc = spawn(item, argv, env)
-    if not wait_healthy(f"{settings.mlflow_url}/health", settings.startup_timeout_s, lambda: proc.poll() is None):
+    if not wait_healthy(f"{settings.mlflow.url}/health", settings.startup_timeout_s, lambda: proc.poll() is None):
         stop(item)
         raise StartupError(f"mlflow: server did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
     return "started"
@@ -175,40 +175,40 @@ def start_mlflow(settings: Settings, env: dict[str, str]) -> str:
 def ray_metrics_environment(settings: Settings) -> dict[str, str]:
     """Where the Ray dashboard finds Prometheus (and Grafana, for its embedded charts)."""
     env = {
-        "RAY_PROMETHEUS_HOST": settings.prometheus_url,
+        "RAY_PROMETHEUS_HOST": settings.prometheus.url,
         "RAY_PROMETHEUS_NAME": "Prometheus",
         # Service name of Serve's proxy spans; replicas set their own in the Serve config.
         "OTEL_SERVICE_NAME": "ray-serve",
     }
-    if settings.grafana_url:
-        env["RAY_GRAFANA_HOST"] = settings.grafana_url
+    if settings.grafana.url:
+        env["RAY_GRAFANA_HOST"] = settings.grafana.url
     return env
 
 
 def start_ray(settings: Settings, env: dict[str, str]) -> str:
     item = managed(settings, "ray")
-    if read_pid(item) and check(f"{settings.ray_dashboard_url}/api/gcs_healthz")[0]:
+    if read_pid(item) and check(f"{settings.ray.dashboard_url}/api/gcs_healthz")[0]:
         return "already running"
-    _require_free(settings.ray_host, settings.ray_gcs_port, "ray", "RAY_GCS_PORT")
-    _require_free(settings.ray_dashboard_host, settings.ray_dashboard_port, "ray dashboard", "RAY_DASHBOARD_PORT")
+    _require_free(settings.ray.host, settings.ray.gcs_port, "ray", "RAY_GCS_PORT")
+    _require_free(settings.ray.dashboard_host, settings.ray.dashboard_port, "ray dashboard", "RAY_DASHBOARD_PORT")
     argv = [
         _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address", settings.ray_host,
-        "--port", str(settings.ray_gcs_port),
-        "--dashboard-host", settings.ray_dashboard_host,
-        "--dashboard-port", str(settings.ray_dashboard_port),
-        "--ray-client-server-port", str(settings.ray_client_port),
-        "--dashboard-agent-listen-port", str(settings.ray_dashboard_agent_port),
-        "--metrics-export-port", str(settings.ray_metrics_export_port),
-        "--num-cpus", str(settings.ray_num_cpus),
+        "--node-ip-address", settings.ray.host,
+        "--port", str(settings.ray.gcs_port),
+        "--dashboard-host", settings.ray.dashboard_host,
+        "--dashboard-port", str(settings.ray.dashboard_port),
+        "--ray-client-server-port", str(settings.ray.client_port),
+        "--dashboard-agent-listen-port", str(settings.ray.dashboard_agent_port),
+        "--metrics-export-port", str(settings.ray.metrics_export_port),
+        "--num-cpus", str(settings.ray.num_cpus),
     ]  # fmt: skip
-    if settings.ray_temp_dir:
-        argv += ["--temp-dir", str(settings.ray_temp_dir)]
+    if settings.ray.temp_dir:
+        argv += ["--temp-dir", str(settings.ray.temp_dir)]
     proc = spawn(item, argv, {**env, **ray_metrics_environment(settings)})
     alive = lambda: proc.poll() is None  # noqa: E731
-    ready = wait_healthy(f"{settings.ray_dashboard_url}/api/gcs_healthz", settings.startup_timeout_s, alive)
-    version_url = f"{settings.ray_dashboard_url}/api/version"
-    ready = ready and wait_healthy(version_url, settings.startup_timeout_s, alive, settings.ray_auth_headers())
+    ready = wait_healthy(f"{settings.ray.dashboard_url}/api/gcs_healthz", settings.startup_timeout_s, alive)
+    version_url = f"{settings.ray.dashboard_url}/api/version"
+    ready = ready and wait_healthy(version_url, settings.startup_timeout_s, alive, settings.ray.auth_headers())
     if not ready:
         stop(item)
         raise StartupError(f"ray: head node did not become healthy; see {item.log_file}: {log_tail(item, 1)}")
@@ -224,8 +224,8 @@ def ensure_jobs_database(settings: Settings) -> None:
 
     from core.database import plain_dsn
 
-    assert settings.database_url is not None
-    dsn = plain_dsn(settings.database_url.get_secret_value())
+    assert settings.database.url is not None
+    dsn = plain_dsn(settings.database.url.get_secret_value())
     try:
         with psycopg.connect(dsn, connect_timeout=5):
             return
@@ -253,8 +253,8 @@ def check_broker(settings: Settings) -> None:
 
     from services.training_jobs.broker import connect
 
-    assert settings.amqp_url is not None
-    url = settings.amqp_url.get_secret_value()
+    assert settings.amqp.url is not None
+    url = settings.amqp.url.get_secret_value()
 
     async def probe() -> None:
         connection = await asyncio.wait_for(connect(url, "cluster up"), 10)
@@ -275,9 +275,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def start_dispatcher(settings: Settings, env: dict[str, str]) -> str:
-    listener = Listener(settings.dispatcher_host, settings.dispatcher_metrics_port, "DISPATCHER_METRICS_PORT")
+    listener = Listener(settings.dispatcher.host, settings.dispatcher.metrics_port, "DISPATCHER_METRICS_PORT")
     argv = [sys.executable, "-m", "services.dispatcher", "run"]
-    return start_process(settings, "dispatcher", argv, env, f"{settings.dispatcher_url}/metrics", listener)
+    return start_process(settings, "dispatcher", argv, env, f"{settings.dispatcher.url}/metrics", listener)
 
 
 # Prometheus, Alertmanager, exporters ----------------------------------------------------------
@@ -299,12 +299,12 @@ def observability_binaries() -> dict[str, str | None]:
 
 
 def write_webhook_token(settings: Settings, directory: Path) -> Path | None:
-    if settings.alert_webhook_token is None:
+    if settings.alert.webhook_token is None:
         return None
     token_file = directory / "alert_webhook_token"
     token_file.touch(mode=0o600, exist_ok=True)
     token_file.chmod(0o600)
-    token_file.write_text(settings.alert_webhook_token.get_secret_value(), encoding="utf-8")
+    token_file.write_text(settings.alert.webhook_token.get_secret_value(), encoding="utf-8")
     return token_file
 
 
@@ -312,8 +312,8 @@ def render_alertmanager_config(settings: Settings) -> Path:
     directory = _observability_dir(settings)
     token_file = write_webhook_token(settings, directory)
     config = alertmanager_config(
-        f"{settings.serve_url}{WEBHOOK_PATH}", str(token_file or directory / "alert_webhook_token"),
-        settings.alertmanager_group_wait_s,
+        f"{settings.serve.url}{WEBHOOK_PATH}", str(token_file or directory / "alert_webhook_token"),
+        settings.alertmanager.group_wait_s,
     )  # fmt: skip
     if token_file is None:
         # No token, no webhook: the alert still shows in Alertmanager, nothing is retrained.
@@ -324,7 +324,7 @@ def render_alertmanager_config(settings: Settings) -> Path:
 
 
 def render_prometheus_config(settings: Settings) -> Path:
-    targets = local_targets(settings, settings.resolved_ray_temp_dir, settings.prometheus_rules_dir)
+    targets = local_targets(settings, settings.ray.resolved_temp_dir, settings.prometheus.rules_dir)
     target = _observability_dir(settings) / "prometheus.yml"
     target.write_text(dump(prometheus_config(targets), "# Rendered by `cluster up`.\n"), encoding="utf-8")
     return target
@@ -339,7 +339,7 @@ def _start_reloadable(
     if read_pid(item) and check(ready)[0]:
         httpx.post(f"{base_url}/-/reload", timeout=5)
         return "already running (configuration reloaded)"
-    _require_free(settings.prometheus_host, port, name, f"{name.upper()}_PORT")
+    _require_free(settings.prometheus.host, port, name, f"{name.upper()}_PORT")
     proc = spawn(item, argv, env)
     if not wait_healthy(ready, settings.startup_timeout_s, lambda: proc.poll() is None):
         stop(item)
@@ -351,11 +351,11 @@ def start_alertmanager(settings: Settings, env: dict[str, str], binary: str) -> 
     argv = [
         binary, f"--config.file={render_alertmanager_config(settings)}",
         f"--storage.path={_observability_dir(settings) / 'alertmanager-data'}",
-        f"--web.listen-address={settings.prometheus_host}:{settings.alertmanager_port}",
+        f"--web.listen-address={settings.prometheus.host}:{settings.alertmanager.port}",
         "--cluster.listen-address=",  # a single instance: no gossip port
         "--log.format=json",
     ]  # fmt: skip
-    return _start_reloadable(settings, env, "alertmanager", settings.alertmanager_url, settings.alertmanager_port, argv)
+    return _start_reloadable(settings, env, "alertmanager", settings.alertmanager_url, settings.alertmanager.port, argv)
 
 
 def start_prometheus(settings: Settings, env: dict[str, str], binary: str) -> str:
@@ -363,51 +363,51 @@ def start_prometheus(settings: Settings, env: dict[str, str], binary: str) -> st
         binary, f"--config.file={render_prometheus_config(settings)}",
         f"--storage.tsdb.path={_observability_dir(settings) / 'prometheus-data'}",
         "--storage.tsdb.retention.time=15d",
-        f"--web.listen-address={settings.prometheus_host}:{settings.prometheus_port}",
+        f"--web.listen-address={settings.prometheus.host}:{settings.prometheus.port}",
         "--web.enable-lifecycle",  # reload after `cluster up` re-renders the config
         "--log.format=json",
     ]  # fmt: skip
-    return _start_reloadable(settings, env, "prometheus", settings.prometheus_url, settings.prometheus_port, argv)
+    return _start_reloadable(settings, env, "prometheus", settings.prometheus.url, settings.prometheus.port, argv)
 
 
 def start_postgres_exporter(settings: Settings, env: dict[str, str], binary: str) -> str:
-    assert settings.database_url is not None
+    assert settings.database.url is not None
     import psycopg
 
     from core.database import plain_dsn
 
-    dsn = plain_dsn(settings.database_url.get_secret_value())
+    dsn = plain_dsn(settings.database.url.get_secret_value())
     if "sslmode=" not in dsn:
         # The exporter's driver (lib/pq) knows no "prefer" and defaults to "require".
         host = str(psycopg.conninfo.conninfo_to_dict(dsn).get("host") or "localhost")
         mode = "disable" if host in {"localhost", "127.0.0.1", "::1"} or host.startswith("/") else "require"
         dsn += ("&" if "?" in dsn else "?") + f"sslmode={mode}"
-    argv = [binary, f"--web.listen-address=127.0.0.1:{settings.postgres_exporter_port}", "--log.format=json"]
-    url = f"http://127.0.0.1:{settings.postgres_exporter_port}/metrics"
-    listener = Listener("127.0.0.1", settings.postgres_exporter_port, "POSTGRES_EXPORTER_PORT")
+    argv = [binary, f"--web.listen-address=127.0.0.1:{settings.postgres.exporter_port}", "--log.format=json"]
+    url = f"http://127.0.0.1:{settings.postgres.exporter_port}/metrics"
+    listener = Listener("127.0.0.1", settings.postgres.exporter_port, "POSTGRES_EXPORTER_PORT")
     return start_process(settings, "postgres-exporter", argv, {**env, "DATA_SOURCE_NAME": dsn}, url, listener)
 
 
 def start_nginx_exporter(settings: Settings, env: dict[str, str], binary: str) -> str:
     argv = [
-        binary, f"-nginx.scrape-uri=http://127.0.0.1:{settings.nginx_status_port}/stub_status",
-        f"-web.listen-address=127.0.0.1:{settings.nginx_exporter_port}",
+        binary, f"-nginx.scrape-uri=http://127.0.0.1:{settings.nginx.status_port}/stub_status",
+        f"-web.listen-address=127.0.0.1:{settings.nginx.exporter_port}",
     ]  # fmt: skip
-    url = f"http://127.0.0.1:{settings.nginx_exporter_port}/metrics"
-    listener = Listener("127.0.0.1", settings.nginx_exporter_port, "NGINX_EXPORTER_PORT")
+    url = f"http://127.0.0.1:{settings.nginx.exporter_port}/metrics"
+    listener = Listener("127.0.0.1", settings.nginx.exporter_port, "NGINX_EXPORTER_PORT")
     return start_process(settings, "nginx-exporter", argv, env, url, listener)
 
 
 def start_observability(settings: Settings, env: dict[str, str], report: Any) -> list[str]:
     """Exporters, Alertmanager, then Prometheus; each only where its binary is installed."""
     started: list[str] = []
-    if not settings.prometheus_enabled:
+    if not settings.prometheus.enabled:
         report("prometheus: off (PROMETHEUS_ENABLED=false)")
         return started
     binaries = observability_binaries()
     missing = [name for name, path in binaries.items() if path is None]
     exporter = binaries["postgres-exporter"]
-    if settings.database_url is not None and exporter:
+    if settings.database.url is not None and exporter:
         outcome = start_postgres_exporter(settings, env, exporter)
         started += ["postgres-exporter"] if outcome == "started" else []
         report(f"postgres-exporter: {outcome}")
@@ -422,7 +422,7 @@ def start_observability(settings: Settings, env: dict[str, str], report: Any) ->
             continue
         outcome = start(settings, env, binary)
         started += [name] if outcome == "started" else []
-        url = settings.prometheus_url if name == "prometheus" else settings.alertmanager_url
+        url = settings.prometheus.url if name == "prometheus" else settings.alertmanager_url
         report(f"{name}: {outcome} at {url}")
     if missing:
         report(
@@ -439,15 +439,15 @@ def ui_environment(settings: Settings, env: dict[str, str]) -> dict[str, str]:
     """The UI calls the API like any client, with a key. Without UI_API_KEY it gets the first of
     API_KEYS, so `cluster up` always yields a working UI; give it a key of its own (also listed
     in API_KEYS) where keys are rotated or revoked per client."""
-    if settings.ui_api_key is not None or not settings.api_key_list():
+    if settings.ui.api_key is not None or not settings.api.key_list():
         return env
-    return {**env, "UI_API_KEY": settings.api_key_list()[0]}
+    return {**env, "UI_API_KEY": settings.api.key_list()[0]}
 
 
 def start_ui(settings: Settings, env: dict[str, str]) -> str:
     argv = [sys.executable, "-m", "ui"]
-    listener = Listener(settings.ui_host, settings.ui_port, "UI_PORT")
-    return start_process(settings, "ui", argv, ui_environment(settings, env), f"{settings.ui_url}/", listener)
+    listener = Listener(settings.ui.host, settings.ui.port, "UI_PORT")
+    return start_process(settings, "ui", argv, ui_environment(settings, env), f"{settings.ui.url}/", listener)
 
 
 # Nginx (the edge) ----------------------------------------------------------------------------------
@@ -472,8 +472,8 @@ def start_nginx(settings: Settings, env: dict[str, str], binary: str, ui: str | 
             return "already running"
         os.kill(pid, signal.SIGHUP)  # graceful reload: old workers finish their requests
         return "already running (configuration reloaded)"
-    _require_free(settings.nginx_host, settings.nginx_https_port, "nginx", "NGINX_HTTPS_PORT")
-    _require_free(settings.nginx_host, settings.nginx_http_port, "nginx", "NGINX_HTTP_PORT")
+    _require_free(settings.nginx.host, settings.nginx.https_port, "nginx", "NGINX_HTTPS_PORT")
+    _require_free(settings.nginx.host, settings.nginx.http_port, "nginx", "NGINX_HTTP_PORT")
     proc = spawn(item, [*argv, "-g", "daemon off;"], env)
     if not wait_healthy(
         edge_health_url(settings), settings.startup_timeout_s, lambda: proc.poll() is None, verify=verify
@@ -485,14 +485,14 @@ def start_nginx(settings: Settings, env: dict[str, str], binary: str, ui: str | 
 
 def start_edge(settings: Settings, env: dict[str, str], report: Any, ui: str | None) -> list[str]:
     binary = nginx_binary(settings)
-    if not settings.nginx_enabled:
+    if not settings.nginx.enabled:
         report("nginx: off (NGINX_ENABLED=false)")
         return []
     if binary is None:
         report("nginx: not installed (apt-get install nginx); the API is reachable only without TLS")
         return []
     outcome = start_nginx(settings, env, binary, ui)
-    report(f"nginx: {outcome} at {settings.edge_url}")
+    report(f"nginx: {outcome} at {settings.nginx.edge_url}")
     return ["nginx"] if outcome == "started" else []
 
 
@@ -501,17 +501,17 @@ def start_edge(settings: Settings, env: dict[str, str], report: Any, ui: str | N
 
 def render_serve_config(settings: Settings) -> Path:
     """The shipped Serve config with host and port taken from the settings."""
-    config: dict[str, Any] = yaml.safe_load(settings.serve_config_path.read_text(encoding="utf-8"))
-    config.setdefault("http_options", {}).update({"host": settings.serve_host, "port": settings.serve_port})
+    config: dict[str, Any] = yaml.safe_load(settings.serve.config_path.read_text(encoding="utf-8"))
+    config.setdefault("http_options", {}).update({"host": settings.serve.host, "port": settings.serve.port})
     for app in config.get("applications", []):
         for deployment in app.get("deployments", []):
             scaling = deployment.get("autoscaling_config")
             if scaling is not None:
-                low = settings.serve_min_replicas
+                low = settings.serve.min_replicas
                 scaling.update(
                     min_replicas=low,
                     initial_replicas=low,
-                    max_replicas=max(low, settings.serve_max_replicas),
+                    max_replicas=max(low, settings.serve.max_replicas),
                 )
     if settings.tracing_enabled:
         # Serve's own tracing: spans for the proxy and every replica call, context carried
@@ -519,7 +519,7 @@ def render_serve_config(settings: Settings) -> Path:
         config["tracing_config"] = {
             "enabled": True,
             "exporter_import_path": "core.telemetry:serve_span_processors",
-            "sampling_ratio": settings.otel_traces_sampler_ratio,
+            "sampling_ratio": settings.otel.traces_sampler_ratio,
         }
     target = settings.state_dir / "serve_config.yaml"
     target.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -528,8 +528,8 @@ def render_serve_config(settings: Settings) -> Path:
 
 def serve_app_status(settings: Settings) -> tuple[str, str]:
     try:
-        url = f"{settings.ray_dashboard_url}/api/serve/applications/"
-        response = httpx.get(url, timeout=5, headers=settings.ray_auth_headers())
+        url = f"{settings.ray.dashboard_url}/api/serve/applications/"
+        response = httpx.get(url, timeout=5, headers=settings.ray.auth_headers())
         app = response.json().get("applications", {}).get(SERVE_APP, {})
     except (httpx.HTTPError, ValueError):
         return "UNKNOWN", "dashboard not reachable"
@@ -537,7 +537,7 @@ def serve_app_status(settings: Settings) -> tuple[str, str]:
 
 
 def require_api_keys(settings: Settings) -> None:
-    if not settings.api_key_list():
+    if not settings.api.key_list():
         raise StartupError(
             "serve: API_KEYS is not set; the inference API refuses to start without a key. "
             "Add API_KEYS=<key> to .env (`make demo` generates one)"
@@ -551,7 +551,7 @@ def deploy_serve(settings: Settings, env: dict[str, str]) -> str:
 
     def deployed() -> bool:
         # The dashboard answers before its Serve module does; a refused deploy is retried.
-        argv = [_bin("serve"), "deploy", str(config), "--address", settings.ray_dashboard_url]
+        argv = [_bin("serve"), "deploy", str(config), "--address", settings.ray.dashboard_url]
         attempts.append(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False))
         return attempts[-1].returncode == 0
 
@@ -563,7 +563,7 @@ def deploy_serve(settings: Settings, env: dict[str, str]) -> str:
     def settled() -> bool:
         status, _ = serve_app_status(settings)
         return status in {"RUNNING", "DEPLOY_FAILED", "UNHEALTHY"} and (
-            status != "RUNNING" or check(f"{settings.serve_url}/healthz")[0]
+            status != "RUNNING" or check(f"{settings.serve.url}/healthz")[0]
         )
 
     wait_until(settled, settings.startup_timeout_s)
@@ -589,21 +589,21 @@ def up(settings: Settings, report: Any = print) -> None:
     try:
         outcome = start_mlflow(settings, env)
         started += ["mlflow"] if outcome == "started" else []
-        report(f"mlflow: {outcome} at {settings.mlflow_url}")
+        report(f"mlflow: {outcome} at {settings.mlflow.url}")
         outcome = start_ray(settings, env)
         started += ["ray"] if outcome == "started" else []
-        report(f"ray: {outcome}, dashboard at {settings.ray_dashboard_url}")
+        report(f"ray: {outcome}, dashboard at {settings.ray.dashboard_url}")
         if settings.training_jobs_enabled:
             outcome = start_dispatcher(settings, env)
             started += ["dispatcher"] if outcome == "started" else []
-            report(f"dispatcher: {outcome}, metrics at {settings.dispatcher_url}/metrics")
+            report(f"dispatcher: {outcome}, metrics at {settings.dispatcher.url}/metrics")
         else:
             report("dispatcher: off (set DATABASE_URL and AMQP_URL for asynchronous training)")
-        report(f"serve: {deploy_serve(settings, env)} at {settings.serve_url}")
+        report(f"serve: {deploy_serve(settings, env)} at {settings.serve.url}")
         outcome = start_ui(settings, env)
         started += ["ui"] if outcome == "started" else []
-        report(f"ui: {outcome} at {settings.ui_url}")
-        started += start_edge(settings, env, report, ui=settings.ui_url.removeprefix("http://"))
+        report(f"ui: {outcome} at {settings.ui.url}")
+        started += start_edge(settings, env, report, ui=settings.ui.url.removeprefix("http://"))
         started += start_observability(settings, env, report)
     except StartupError:
         # A half-started stack helps nobody: stop what this call started, keep what was running.

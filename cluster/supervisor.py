@@ -41,15 +41,15 @@ def child_environment(settings: Settings) -> dict[str, str]:
     env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{python_path}" if python_path else str(REPO_ROOT)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["STATE_DIR"] = str(settings.state_dir)
-    env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    env["MLFLOW_TRACKING_URI"] = settings.mlflow.tracking_uri
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.update(settings.s3_environment())
     env.update(settings.serve_environment())
-    if settings.ray_auth_token is not None:
+    if settings.ray.auth_token is not None:
         # Every Ray process and client of the stack (head, workers, job drivers, `serve deploy`,
         # the dispatcher) presents the cluster's token; Ray refuses anyone without it.
         env["RAY_AUTH_MODE"] = "token"
-        env["RAY_AUTH_TOKEN"] = settings.ray_auth_token.get_secret_value()
+        env["RAY_AUTH_TOKEN"] = settings.ray.auth_token.get_secret_value()
     return env
 
 

@@ -1,16 +1,360 @@
-"""The platform's one typed settings object, read from the environment and `.env`."""
+"""The platform's one typed settings object, read from the environment and `.env`.
+
+Settings are grouped by component, one group per prefix of their environment variables:
+`settings.ray.gcs_port` is `RAY_GCS_PORT`, `settings.database.url` is `DATABASE_URL`. A process
+builds them once at its entry point (`get_settings()`) and hands them down.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _blank_is_unset(value: object) -> object:
+    # `DATABASE_URL=` in a .env or the environment switches the feature off explicitly.
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _in_repo(value: Path) -> Path:
+    return value if value.is_absolute() else (REPO_ROOT / value).resolve()
+
+
+Unset = BeforeValidator(_blank_is_unset)
+OptionalSecret = Annotated[SecretStr | None, Unset]
+OptionalText = Annotated[str | None, Unset]
+OptionalPath = Annotated[Path | None, Unset]
+RepoPath = Annotated[Path, AfterValidator(_in_repo)]
+
+
+class Group(BaseModel):
+    """The variables of one component: `<GROUP>_<FIELD>` in the environment. Other variables with
+    the same prefix (Ray's own `RAY_*`, say) are not ours and are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class RaySettings(Group):
+    # Ray head. 6379 belongs to Redis on the dev machines, hence 6380.
+    host: str = "127.0.0.1"
+    # Address drivers connect to; unset means a running local cluster, else a fresh local one.
+    address: str | None = None
+    gcs_port: int = 6380
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    client_port: int = 10001
+    # The head's HTTP agent (Jobs API back end); fixed so that Prometheus and firewalls can name it.
+    dashboard_agent_port: int = 52365
+    metrics_export_port: int = 8090
+    # Logical CPUs the head advertises. Training workers and Ray Data tasks mostly wait on each
+    # other, so advertising more than the physical cores avoids resource deadlocks on small boxes.
+    num_cpus: int = Field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))
+    # Short temp dir: Ray's unix sockets must fit in 107 characters.
+    temp_dir: OptionalPath = None
+    # Where Ray Train keeps checkpoints; a shared URI (s3://...) once there are several nodes.
+    storage_path: str | None = None
+    # Ray token authentication (RAY_AUTH_MODE=token, Ray >= 2.52) for the whole cluster: GCS,
+    # dashboard, Jobs API. Without a token the dashboard is not routed through Nginx at all.
+    auth_token: OptionalSecret = None
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{self.host}:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.dashboard_host}:{self.dashboard_port}"
+
+    @property
+    def resolved_temp_dir(self) -> Path:
+        return self.temp_dir or Path("/tmp/ray")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_token is not None
+
+    def auth_headers(self) -> dict[str, str]:
+        """What a client of the dashboard and Jobs API sends when token authentication is on."""
+        if self.auth_token is None:
+            return {}
+        return {"Authorization": f"Bearer {self.auth_token.get_secret_value()}"}
+
+
+class ServeSettings(Group):
+    """Ray Serve: where it listens, and every knob of the inference deployment (the Serve config
+    `cluster up` deploys is rendered from these: serve_apps/app.py)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    config_path: RepoPath = REPO_ROOT / "serve_apps" / "config.yaml"
+    max_batch_size: int = Field(default=64, ge=1)
+    # No waiting for a batch to fill: under load, requests queue while the previous batch runs
+    # and join the next one anyway; at low load a wait only adds latency (benchmarks/README.md).
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0)
+    torch_threads: int = Field(default=1, ge=1)
+    # The ingress deployment's autoscaling bounds. One replica per core is the useful scale on a
+    # small machine; two or more keep answering when a replica or its node is lost.
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=2, ge=1)
+    # Requests one replica takes at once before Serve queues them elsewhere.
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    # Serve's HAProxy ingress instead of its Python proxy actor, with Serve's throughput settings
+    # (uvloop, no per-request actor hop through the proxy); measured in benchmarks/README.md.
+    haproxy: bool = True
+    # Ray's default of 4 threads contends with the replicas on small machines (benchmarks/README.md).
+    haproxy_threads: int = Field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) // 2)), ge=1)
+    # Serve's access-log lines are written this many at a time. Ray's throughput profile buffers
+    # 1,000, and formatting them at once stalls the replica's event loop (benchmarks/README.md).
+    access_log_buffer_lines: int = Field(default=50, ge=1)
+    haproxy_stats_port: int = 8404
+    haproxy_metrics_port: int = 9101
+    # Serve's Python proxy behind HAProxy, for what HAProxy does not route itself.
+    fallback_proxy_port: int = 8500
+    fallback_proxy_grpc_port: int = 9500
+    # Each ingress replica listens on its own port, which HAProxy balances across: HTTP ports
+    # come from [base, base + count), the replicas' gRPC ports from the block after it.
+    replica_port_base: int = Field(default=30000, ge=1024, le=63000)
+    replica_port_count: int = Field(default=1000, ge=4, le=1000)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class ModelSettings(Group):
+    # The registered model the API serves. Training never reads it: a job registers under its
+    # config's `name` (or `model_name`).
+    name: str = "adult-income"
+    # How often each replica looks at the champion alias.
+    poll_interval_s: float = Field(default=5.0, gt=0)
+
+
+class MlflowSettings(Group):
+    """The MLflow tracking server and the clients that talk to it."""
+
+    host: str = "127.0.0.1"
+    port: int = 5000
+    # Default: the server `cluster up` starts, at host:port (so moving the port moves both).
+    tracking_uri: str = ""
+    backend_store_uri: str | None = None  # default: SQLite under state_dir
+    artifacts_destination: str | None = None  # default: S3 bucket if set, else state_dir
+    experiment: str = "adult-income"
+    workers: int = 2
+    # MLflow's UI and API behind Nginx need these (basic auth); without a password the route is closed.
+    basic_auth_user: str = "mlflow"
+    basic_auth_password: OptionalSecret = None
+
+    @model_validator(mode="after")
+    def _local_tracking_server(self) -> MlflowSettings:
+        if not self.tracking_uri:
+            self.tracking_uri = self.url
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class S3Settings(Group):
+    """The object store (MinIO in compose, any S3-compatible server elsewhere)."""
+
+    endpoint_url: str | None = None
+    bucket: str | None = None
+    region: str = "us-east-1"
+
+
+class AwsSettings(Group):
+    access_key_id: OptionalSecret = None
+    secret_access_key: OptionalSecret = None
+
+
+class ApiSettings(Group):
+    """The inference API's keys and the edge's limits on it."""
+
+    keys: OptionalSecret = None  # comma-separated; no default on purpose
+    # How often each ingress replica re-reads the key table (`python -m cluster keys`, needs
+    # DATABASE_URL): an added key is accepted, a revoked one refused, within this many seconds.
+    key_refresh_s: float = Field(default=5.0, gt=0)
+    # Requests per second per API key (and per client address without one) on the inference API,
+    # with this much burst; beyond it, 429.
+    rate_limit_rps: int = Field(default=500, ge=1)
+    rate_limit_burst: int = Field(default=1000, ge=0)
+    # Largest request body the inference API accepts (nginx size syntax); 1,000 rows are ~400 KB.
+    max_body_size: str = "2m"
+
+    def key_list(self) -> list[str]:
+        if self.keys is None:
+            return []
+        return [k.strip() for k in self.keys.get_secret_value().split(",") if k.strip()]
+
+
+class UrlSettings(Group):
+    """A connection URL; it may carry a password, hence a secret without a default."""
+
+    url: OptionalSecret = None
+
+    def value(self) -> str | None:
+        return None if self.url is None else self.url.get_secret_value()
+
+
+class TrainingQueueSettings(Group):
+    exchange: str = "training"
+    queue: str = "training.requests"
+    dead_letter_queue: str = "training.requests.dead"
+
+
+class DispatcherSettings(Group):
+    # Training jobs one dispatcher runs at once (its RabbitMQ prefetch).
+    concurrency: int = Field(default=1, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    backoff_base_s: float = Field(default=5.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    # A job whose follower has not written a heartbeat for this long is handed to another dispatcher.
+    heartbeat_timeout_s: float = Field(default=60.0, gt=0)
+    # How long a running Ray job may be unreachable before its attempt counts as failed.
+    ray_unreachable_s: float = Field(default=60.0, gt=0)
+    host: str = "127.0.0.1"
+    metrics_port: int = 9102
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}"
+
+
+class PredictionSettings(Group):
+    # Predictions are written to PostgreSQL in batches, at most this long after their response went out.
+    flush_interval_s: float = Field(default=0.2, gt=0)
+    buffer_rows: int = Field(default=100_000, ge=1)
+
+
+class FeedbackSettings(Group):
+    # Feedback for a prediction older than this is refused (422).
+    max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+
+
+class AccuracySettings(Group):
+    """Live accuracy: feedback of the last window, per model version, published once at least
+    `min_feedback` labels are in the window; the alert fires below the threshold."""
+
+    window_s: float = Field(default=3600.0, gt=0)
+    min_feedback: int = Field(default=50, ge=1)
+    threshold: float = Field(default=0.8, ge=0, le=1)
+    refresh_s: float = Field(default=15.0, gt=0)
+
+
+class RetrainSettings(Group):
+    """What the accuracy alert's webhook enqueues."""
+
+    kind: Literal["train", "tune"] = "train"
+    config: str = "adult"
+    overrides: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class AlertSettings(Group):
+    # Bearer token Alertmanager presents to the webhook; the webhook is off without one.
+    webhook_token: OptionalSecret = None
+
+
+class OtelSettings(Group):
+    # Traces go over OTLP/HTTP to this endpoint (the collector or Tempo, e.g.
+    # http://otel-collector:4318); unset, spans are neither recorded nor exported.
+    exporter_otlp_endpoint: OptionalText = None
+    traces_sampler_ratio: float = Field(default=1.0, ge=0, le=1)
+
+
+class PrometheusSettings(Group):
+    """Prometheus (a Debian binary), started by `cluster up` when installed."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9090
+    scrape_interval_s: float = Field(default=15.0, gt=0)
+    rules_dir: RepoPath = REPO_ROOT / "cluster" / "prometheus" / "rules"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class AlertmanagerSettings(Group):
+    port: int = 9093
+    # How long Alertmanager gathers alerts of a group before its first notification.
+    group_wait_s: float = Field(default=30.0, ge=0)
+
+
+class RabbitmqSettings(Group):
+    # RabbitMQ's prometheus plugin, scraped when it listens.
+    metrics_port: int = 15692
+
+
+class PostgresSettings(Group):
+    # prometheus-postgres-exporter, started by `cluster up` when installed and DATABASE_URL is set.
+    exporter_port: int = 9187
+
+
+class GrafanaSettings(Group):
+    # Grafana for the Ray dashboard's embedded charts (compose runs one; none locally).
+    url: OptionalText = None
+
+
+class NginxSettings(Group):
+    """Nginx: the one entry point (TLS termination, auth for the operator UIs, rate limits).
+    `cluster up` runs it when the Debian package is installed; the tests go through it."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    https_port: int = 8443
+    http_port: int = 8080  # redirects to https
+    # Public name in certificates and redirects; a certificate for it is generated under
+    # state_dir/tls unless TLS_CERT_FILE and TLS_KEY_FILE are given.
+    server_name: str = "localhost"
+    # Serve ingress endpoints Nginx balances across (host:port); default the local Serve proxy.
+    serve_upstreams: list[str] = Field(default_factory=list)
+    # Nginx's connection counters (stub_status) on loopback, read by prometheus-nginx-exporter.
+    status_port: int = 8081
+    exporter_port: int = 9113
+
+    @property
+    def edge_url(self) -> str:
+        """What users reach: Nginx over https (the port is left out when it is 443)."""
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        return f"https://{self.server_name}{port}"
+
+
+class TlsSettings(Group):
+    cert_file: OptionalPath = None
+    key_file: OptionalPath = None
+
+
+class UiSettings(Group):
+    """The Gradio UI (`python -m ui`). It reaches the inference API over HTTP only, with its own
+    key; `cluster up` hands it the first of API_KEYS when UI_API_KEY is unset."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    # Public path prefix, for a proxy that sends no X-Forwarded-Prefix. Nginx sends one: leave
+    # this empty there, and the same process still answers correctly when reached directly.
+    root_path: str = ""
+    api_url: OptionalText = None  # default: the Serve URL
+    api_key: OptionalSecret = None
+    username: str = "admin"
+    password: OptionalSecret = None  # the UI's login is on whenever this is set
+    request_timeout_s: float = Field(default=30.0, gt=0)
+
+    @property
+    def url(self) -> str:
+        # A wildcard bind is reached over loopback from this machine.
+        host = "127.0.0.1" if self.host in {"0.0.0.0", "::", ""} else self.host
+        return f"http://{host}:{self.port}"
 
 
 class Settings(BaseSettings):
@@ -21,255 +365,62 @@ class Settings(BaseSettings):
     """
 
     # The repository's .env, then one in the working directory (which wins), so the CLI reads the
-    # same values wherever it is started from.
-    model_config = SettingsConfigDict(env_file=(REPO_ROOT / ".env", ".env"), env_file_encoding="utf-8", extra="ignore")
+    # same values wherever it is started from. `RAY_GCS_PORT` fills `ray.gcs_port`: the first `_`
+    # separates the group from its field.
+    model_config = SettingsConfigDict(
+        env_file=(REPO_ROOT / ".env", ".env"),
+        env_file_encoding="utf-8",
+        extra="ignore",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        nested_model_default_partial_update=True,
+    )
 
     # Where `cluster up` keeps pid files, logs, the SQLite store and local artifacts.
-    state_dir: Path = REPO_ROOT / ".state"
-
-    # Ray head. 6379 belongs to Redis on the dev machines, hence 6380.
-    ray_host: str = "127.0.0.1"
-    # Address drivers connect to; unset means a running local cluster, else a fresh local one.
-    ray_address: str | None = None
-    ray_gcs_port: int = 6380
-    ray_dashboard_host: str = "127.0.0.1"
-    ray_dashboard_port: int = 8265
-    ray_client_port: int = 10001
-    # The head's HTTP agent (Jobs API back end); fixed so that Prometheus and firewalls can name it.
-    ray_dashboard_agent_port: int = 52365
-    ray_metrics_export_port: int = 8090
-    # Logical CPUs the head advertises. Training workers and Ray Data tasks mostly wait on each
-    # other, so advertising more than the physical cores avoids resource deadlocks on small boxes.
-    ray_num_cpus: int = Field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))
-    # Short temp dir: Ray's unix sockets must fit in 107 characters.
-    ray_temp_dir: Path | None = None
-    # Where Ray Train keeps checkpoints; a shared URI (s3://...) once there are several nodes.
-    ray_storage_path: str | None = None
-
-    # Ray Serve HTTP proxy.
-    serve_host: str = "127.0.0.1"
-    serve_port: int = 8000
-    serve_config_path: Path = REPO_ROOT / "serve_apps" / "config.yaml"
-
-    # MLflow tracking server and the clients that talk to it.
-    mlflow_host: str = "127.0.0.1"
-    mlflow_port: int = 5000
-    # Default: the server `cluster up` starts, at mlflow_host:mlflow_port (so moving the port moves both).
-    mlflow_tracking_uri: str = ""
-    mlflow_backend_store_uri: str | None = None  # default: SQLite under state_dir
-    mlflow_artifacts_destination: str | None = None  # default: S3 bucket if set, else state_dir
-    mlflow_experiment: str = "adult-income"
-    mlflow_workers: int = 2
-
+    state_dir: RepoPath = REPO_ROOT / ".state"
     # How long `cluster up` waits for each component to report healthy.
     startup_timeout_s: float = 180.0
-
-    # Object store (MinIO in compose, any S3-compatible server elsewhere).
-    s3_endpoint_url: str | None = None
-    s3_bucket: str | None = None
-    s3_region: str = "us-east-1"
-    aws_access_key_id: SecretStr | None = None
-    aws_secret_access_key: SecretStr | None = None
-
     # Recorded on every run; set when the code travels without its .git (containers, Ray jobs).
     git_commit: str | None = None
-
-    # Inference API.
-    api_keys: SecretStr | None = None  # comma-separated; no default on purpose
-    # How often each ingress replica re-reads the key table (`python -m cluster keys`, needs
-    # DATABASE_URL): an added key is accepted, a revoked one refused, within this many seconds.
-    api_key_refresh_s: float = Field(default=5.0, gt=0)
-    # The registered model the API serves. Training never reads it: a job registers under its
-    # config's `name` (or `model_name`).
-    model_name: str = "adult-income"
-    champion_alias: str = "champion"
-    model_poll_interval_s: float = 5.0
-    max_batch_rows: int = 1000
-    serve_max_batch_size: int = 64
-    # No waiting for a batch to fill: under load, requests queue while the previous batch runs
-    # and join the next one anyway; at low load a wait only adds latency (a 5 ms wait capped
-    # one connection at 118 req/s, see benchmarks/README.md).
-    serve_batch_wait_timeout_s: float = Field(default=0.0, ge=0)
-    serve_torch_threads: int = Field(default=1, ge=1)
-    # The ingress deployment's autoscaling bounds. One replica per core is the useful scale on a
-    # small machine; two or more keep answering when a replica or its node is lost.
-    serve_min_replicas: int = Field(default=1, ge=1)
-    serve_max_replicas: int = Field(default=2, ge=1)
-    # Serve's HAProxy ingress instead of its Python proxy actor, with Serve's throughput
-    # settings (uvloop, no per-request actor hop through the proxy): about 3x the requests per
-    # second on 2 cores (benchmarks/README.md).
-    serve_haproxy: bool = True
-    # Ray's default of 4 threads contends with the replicas on small machines: on 2 cores one
-    # thread gave 1,790 req/s against 1,460 (benchmarks/README.md).
-    serve_haproxy_threads: int = Field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 2) // 2)), ge=1)
-    # Serve's access-log lines are written this many at a time. Ray's throughput profile buffers
-    # 1,000, and formatting them at once stalled the replica's event loop for ~20 ms (the p99 of
-    # single-row requests went from 24 ms to 5 ms with 50).
-    serve_access_log_buffer_lines: int = Field(default=50, ge=1)
-    serve_haproxy_stats_port: int = 8404
-    serve_haproxy_metrics_port: int = 9101
-    # Serve's Python proxy behind HAProxy, for what HAProxy does not route itself.
-    serve_fallback_proxy_port: int = 8500
-    serve_fallback_proxy_grpc_port: int = 9500
-    # Each ingress replica listens on its own port, which HAProxy balances across: HTTP ports
-    # come from [base, base + count), the replicas' gRPC ports from the block after it.
-    serve_replica_port_base: int = Field(default=30000, ge=1024, le=63000)
-    serve_replica_port_count: int = Field(default=1000, ge=4, le=1000)
-
-    # Asynchronous training (off unless both are set): job records in PostgreSQL, requests on
-    # RabbitMQ. URLs may carry passwords, hence secrets without defaults.
-    database_url: SecretStr | None = None  # postgresql://user@host:5432/db
-    amqp_url: SecretStr | None = None  # amqp://user:password@host:5672/%2F
-    training_exchange: str = "training"
-    training_queue: str = "training.requests"
-    training_dead_letter_queue: str = "training.requests.dead"
-    # Training jobs one dispatcher runs at once (its RabbitMQ prefetch).
-    dispatcher_concurrency: int = Field(default=1, ge=1)
-    dispatcher_max_attempts: int = Field(default=3, ge=1)
-    dispatcher_backoff_base_s: float = Field(default=5.0, gt=0)
-    dispatcher_backoff_max_s: float = Field(default=300.0, gt=0)
-    dispatcher_poll_interval_s: float = Field(default=2.0, gt=0)
-    # A job whose follower has not written a heartbeat for this long is handed to another dispatcher.
-    dispatcher_heartbeat_timeout_s: float = Field(default=60.0, gt=0)
-    # How long a running Ray job may be unreachable before its attempt counts as failed.
-    dispatcher_ray_unreachable_s: float = Field(default=60.0, gt=0)
-    dispatcher_host: str = "127.0.0.1"
-    dispatcher_metrics_port: int = 9102
-
-    # Feedback and live accuracy (needs DATABASE_URL). Predictions are written to PostgreSQL in
-    # batches, at most this long after their response went out.
-    prediction_flush_interval_s: float = Field(default=0.2, gt=0)
-    prediction_buffer_rows: int = Field(default=100_000, ge=1)
-    # Feedback for a prediction older than this is refused (422).
-    feedback_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
-    # Live accuracy: feedback of the last window, per model version, published once at least
-    # `accuracy_min_feedback` labels are in the window; the alert fires below the threshold.
-    accuracy_window_s: float = Field(default=3600.0, gt=0)
-    accuracy_min_feedback: int = Field(default=50, ge=1)
-    accuracy_threshold: float = Field(default=0.8, ge=0, le=1)
-    accuracy_refresh_s: float = Field(default=15.0, gt=0)
-    # What the accuracy alert's webhook enqueues.
-    retrain_kind: Literal["train", "tune"] = "train"
-    retrain_config: str = "adult"
-    retrain_overrides: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    # Bearer token Alertmanager presents to the webhook; the webhook is off without one.
-    alert_webhook_token: SecretStr | None = None
-
-    # Telemetry. Traces go over OTLP/HTTP to this endpoint (the collector or Tempo, e.g.
-    # http://otel-collector:4318); unset, spans are neither recorded nor exported.
-    otel_exporter_otlp_endpoint: str | None = None
-    otel_traces_sampler_ratio: float = Field(default=1.0, ge=0, le=1)
     log_level: str = "INFO"
     # The W3C traceparent a Ray job continues (set by the dispatcher in the job's environment).
     traceparent: str | None = None
-    # Prometheus and Alertmanager (Debian binaries), started by `cluster up` when installed.
-    prometheus_enabled: bool = True
-    prometheus_host: str = "127.0.0.1"
-    prometheus_port: int = 9090
-    prometheus_scrape_interval_s: float = Field(default=15.0, gt=0)
-    prometheus_rules_dir: Path = REPO_ROOT / "cluster" / "prometheus" / "rules"
-    alertmanager_port: int = 9093
-    # How long Alertmanager gathers alerts of a group before its first notification.
-    alertmanager_group_wait_s: float = Field(default=30.0, ge=0)
-    # Exporters scraped when they listen: RabbitMQ's prometheus plugin, prometheus-postgres-exporter
-    # (started by `cluster up` when installed and DATABASE_URL is set).
-    rabbitmq_metrics_port: int = 15692
-    postgres_exporter_port: int = 9187
-    # Grafana for the Ray dashboard's embedded charts (compose runs one; none locally).
-    grafana_url: str | None = None
-
-    # Nginx: the one entry point (TLS termination, auth for the operator UIs, rate limits).
-    # `cluster up` runs it when the Debian package is installed; the tests go through it.
-    nginx_enabled: bool = True
-    nginx_host: str = "127.0.0.1"
-    nginx_https_port: int = 8443
-    nginx_http_port: int = 8080  # redirects to https
-    # Public name in certificates and redirects; a certificate for it is generated under
-    # state_dir/tls unless both files below are given.
-    nginx_server_name: str = "localhost"
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    # Serve ingress endpoints Nginx balances across (host:port); default the local Serve proxy.
-    nginx_serve_upstreams: list[str] = Field(default_factory=list)
-    # Nginx's connection counters (stub_status) on loopback, read by prometheus-nginx-exporter.
-    nginx_status_port: int = 8081
-    nginx_exporter_port: int = 9113
-    # Requests per second per API key (and per client address without one) on the inference API,
-    # with this much burst; beyond it, 429.
-    api_rate_limit_rps: int = Field(default=500, ge=1)
-    api_rate_limit_burst: int = Field(default=1000, ge=0)
-    # Largest request body the inference API accepts (nginx size syntax); 1,000 rows are ~400 KB.
-    api_max_body_size: str = "2m"
-    # MLflow's UI and API behind Nginx need these (basic auth); without a password the route is closed.
-    mlflow_basic_auth_user: str = "mlflow"
-    mlflow_basic_auth_password: SecretStr | None = None
-    # Ray token authentication (RAY_AUTH_MODE=token, Ray >= 2.52) for the whole cluster: GCS,
-    # dashboard, Jobs API. Without a token the dashboard is not routed through Nginx at all.
-    ray_auth_token: SecretStr | None = None
-
-    # Gradio UI (`python -m ui`). It reaches the inference API over HTTP only, with its own key;
-    # `cluster up` hands it the first of API_KEYS when UI_API_KEY is unset.
-    ui_host: str = "127.0.0.1"
-    ui_port: int = 7860
-    # Public path prefix, for a proxy that sends no X-Forwarded-Prefix. Nginx sends one: leave
-    # this empty there, and the same process still answers correctly when reached directly.
-    ui_root_path: str = ""
-    ui_api_url: str | None = None  # default: serve_url
-    ui_api_key: SecretStr | None = None
-    ui_username: str = "admin"
-    ui_password: SecretStr | None = None  # the UI's login is on whenever this is set
-    ui_request_timeout_s: float = Field(default=30.0, gt=0)
     # Anywhere but "development" the UI refuses to start without UI_PASSWORD (compose sets it too).
     deployment_environment: str = "development"
+    # The registry alias every served model follows.
+    champion_alias: str = "champion"
+    # Rows one prediction request may carry.
+    max_batch_rows: int = Field(default=1000, ge=1)
 
-    @model_validator(mode="after")
-    def _local_tracking_server(self) -> Settings:
-        if not self.mlflow_tracking_uri:
-            self.mlflow_tracking_uri = self.mlflow_url
-        return self
+    ray: RaySettings = Field(default_factory=RaySettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    aws: AwsSettings = Field(default_factory=AwsSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    # Asynchronous training (off unless both are set): job records, predictions, feedback and API
+    # keys in PostgreSQL (postgresql://user@host:5432/db); requests on RabbitMQ (amqp://...).
+    database: UrlSettings = Field(default_factory=UrlSettings)
+    amqp: UrlSettings = Field(default_factory=UrlSettings)
+    training: TrainingQueueSettings = Field(default_factory=TrainingQueueSettings)
+    dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    prediction: PredictionSettings = Field(default_factory=PredictionSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    accuracy: AccuracySettings = Field(default_factory=AccuracySettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    alert: AlertSettings = Field(default_factory=AlertSettings)
+    otel: OtelSettings = Field(default_factory=OtelSettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
+    alertmanager: AlertmanagerSettings = Field(default_factory=AlertmanagerSettings)
+    rabbitmq: RabbitmqSettings = Field(default_factory=RabbitmqSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    grafana: GrafanaSettings = Field(default_factory=GrafanaSettings)
+    nginx: NginxSettings = Field(default_factory=NginxSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
 
-    @field_validator(
-        "database_url",
-        "amqp_url",
-        "alert_webhook_token",
-        "otel_exporter_otlp_endpoint",
-        "grafana_url",
-        "mlflow_basic_auth_password",
-        "ray_auth_token",
-        "tls_cert_file",
-        "tls_key_file",
-        "ui_api_url",
-        "ui_api_key",
-        "ui_password",
-        mode="before",
-    )
-    @classmethod
-    def _blank_is_unset(cls, value: object) -> object:
-        # `DATABASE_URL=` in a .env or the environment switches the feature off explicitly.
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("state_dir", "serve_config_path", "prometheus_rules_dir")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        return value if value.is_absolute() else (REPO_ROOT / value).resolve()
-
-    # Derived values -----------------------------------------------------------------------
-
-    @property
-    def ray_gcs_address(self) -> str:
-        return f"{self.ray_host}:{self.ray_gcs_port}"
-
-    @property
-    def ray_dashboard_url(self) -> str:
-        return f"http://{self.ray_dashboard_host}:{self.ray_dashboard_port}"
-
-    @property
-    def serve_url(self) -> str:
-        return f"http://{self.serve_host}:{self.serve_port}"
-
-    @property
-    def mlflow_url(self) -> str:
-        return f"http://{self.mlflow_host}:{self.mlflow_port}"
+    # Derived values that span groups ------------------------------------------------------
 
     @property
     def logs_dir(self) -> Path:
@@ -277,114 +428,72 @@ class Settings(BaseSettings):
 
     @property
     def resolved_backend_store_uri(self) -> str:
-        if self.mlflow_backend_store_uri:
-            return self.mlflow_backend_store_uri
+        if self.mlflow.backend_store_uri:
+            return self.mlflow.backend_store_uri
         return f"sqlite:///{self.state_dir / 'mlflow.db'}"
 
     @property
     def resolved_artifacts_destination(self) -> str:
-        if self.mlflow_artifacts_destination:
-            return self.mlflow_artifacts_destination
-        if self.s3_bucket:
-            return f"s3://{self.s3_bucket}/mlflow"
+        if self.mlflow.artifacts_destination:
+            return self.mlflow.artifacts_destination
+        if self.s3.bucket:
+            return f"s3://{self.s3.bucket}/mlflow"
         return str(self.state_dir / "mlartifacts")
 
     @property
     def resolved_storage_path(self) -> str:
-        return self.ray_storage_path or str(self.state_dir / "ray_results")
+        return self.ray.storage_path or str(self.state_dir / "ray_results")
 
     @property
     def training_jobs_enabled(self) -> bool:
-        return self.database_url is not None and self.amqp_url is not None
-
-    @property
-    def dispatcher_url(self) -> str:
-        return f"http://{self.dispatcher_host}:{self.dispatcher_metrics_port}"
-
-    @property
-    def feedback_enabled(self) -> bool:
-        return self.database_url is not None
+        return self.database.url is not None and self.amqp.url is not None
 
     @property
     def tracing_enabled(self) -> bool:
-        return self.otel_exporter_otlp_endpoint is not None
-
-    @property
-    def prometheus_url(self) -> str:
-        return f"http://{self.prometheus_host}:{self.prometheus_port}"
+        return self.otel.exporter_otlp_endpoint is not None
 
     @property
     def alertmanager_url(self) -> str:
-        return f"http://{self.prometheus_host}:{self.alertmanager_port}"
-
-    @property
-    def edge_url(self) -> str:
-        """What users reach: Nginx over https (the port is left out when it is 443)."""
-        port = "" if self.nginx_https_port == 443 else f":{self.nginx_https_port}"
-        return f"https://{self.nginx_server_name}{port}"
-
-    @property
-    def ray_auth_enabled(self) -> bool:
-        return self.ray_auth_token is not None
-
-    def ray_auth_headers(self) -> dict[str, str]:
-        """What a client of the dashboard and Jobs API sends when token authentication is on."""
-        if self.ray_auth_token is None:
-            return {}
-        return {"Authorization": f"Bearer {self.ray_auth_token.get_secret_value()}"}
-
-    @property
-    def ui_url(self) -> str:
-        # A wildcard bind is reached over loopback from this machine.
-        host = "127.0.0.1" if self.ui_host in {"0.0.0.0", "::", ""} else self.ui_host
-        return f"http://{host}:{self.ui_port}"
+        return f"http://{self.prometheus.host}:{self.alertmanager.port}"
 
     @property
     def resolved_ui_api_url(self) -> str:
-        return (self.ui_api_url or self.serve_url).rstrip("/")
+        return (self.ui.api_url or self.serve.url).rstrip("/")
 
     @property
     def ui_login_required(self) -> bool:
         return self.deployment_environment.strip().lower() != "development"
 
-    @property
-    def resolved_ray_temp_dir(self) -> Path:
-        return self.ray_temp_dir or Path("/tmp/ray")
-
-    def api_key_list(self) -> list[str]:
-        if self.api_keys is None:
-            return []
-        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
-
     def s3_client_kwargs(self) -> dict[str, str]:
-        kwargs: dict[str, str] = {"region_name": self.s3_region}
-        if self.s3_endpoint_url:
-            kwargs["endpoint_url"] = self.s3_endpoint_url
-        if self.aws_access_key_id is not None:
-            kwargs["aws_access_key_id"] = self.aws_access_key_id.get_secret_value()
-        if self.aws_secret_access_key is not None:
-            kwargs["aws_secret_access_key"] = self.aws_secret_access_key.get_secret_value()
+        kwargs: dict[str, str] = {"region_name": self.s3.region}
+        if self.s3.endpoint_url:
+            kwargs["endpoint_url"] = self.s3.endpoint_url
+        if self.aws.access_key_id is not None:
+            kwargs["aws_access_key_id"] = self.aws.access_key_id.get_secret_value()
+        if self.aws.secret_access_key is not None:
+            kwargs["aws_secret_access_key"] = self.aws.secret_access_key.get_secret_value()
         return kwargs
 
     def s3_environment(self) -> dict[str, str]:
         """The variables that boto3 inside MLflow's server and clients read."""
         env: dict[str, str] = {}
-        if self.s3_endpoint_url:
-            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
-        if self.aws_access_key_id is not None:
-            env["AWS_ACCESS_KEY_ID"] = self.aws_access_key_id.get_secret_value()
-        if self.aws_secret_access_key is not None:
-            env["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_access_key.get_secret_value()
-        env["AWS_DEFAULT_REGION"] = self.s3_region
+        if self.s3.endpoint_url:
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3.endpoint_url
+        if self.aws.access_key_id is not None:
+            env["AWS_ACCESS_KEY_ID"] = self.aws.access_key_id.get_secret_value()
+        if self.aws.secret_access_key is not None:
+            env["AWS_SECRET_ACCESS_KEY"] = self.aws.secret_access_key.get_secret_value()
+        env["AWS_DEFAULT_REGION"] = self.s3.region
         return env
 
     def serve_environment(self) -> dict[str, str]:
         """Ray Serve's ingress mode, read by the Serve controller and replicas at start."""
-        if not self.serve_haproxy:
+        serve = self.serve
+        if not serve.haproxy:
             return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-        base, count = self.serve_replica_port_base, self.serve_replica_port_count
+        base, count = serve.replica_port_base, serve.replica_port_count
         # Under Ray's temp dir, which is short: HAProxy's unix sockets must fit in 108 bytes.
-        haproxy = self.resolved_ray_temp_dir / "haproxy"
+        haproxy = self.ray.resolved_temp_dir / "haproxy"
         return {
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             # Serve's throughput profile: direct ingress into the replicas, uvloop, buffered
@@ -400,15 +509,27 @@ class Settings(BaseSettings):
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(haproxy / "metrics.sock"),
-            "RAY_SERVE_HAPROXY_NBTHREAD": str(self.serve_haproxy_threads),
-            "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": str(self.serve_access_log_buffer_lines),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(self.serve_haproxy_stats_port),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.serve_haproxy_metrics_port),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(self.serve_fallback_proxy_port),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(self.serve_fallback_proxy_grpc_port),
+            "RAY_SERVE_HAPROXY_NBTHREAD": str(serve.haproxy_threads),
+            "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": str(serve.access_log_buffer_lines),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(serve.haproxy_stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(serve.haproxy_metrics_port),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(serve.fallback_proxy_port),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(serve.fallback_proxy_grpc_port),
         }
+
+
+def environment_variables() -> Iterator[tuple[str, str, Any]]:
+    """Every setting as (environment variable, dotted path, field info), in declaration order."""
+    for name, field in Settings.model_fields.items():
+        group = field.annotation
+        if isinstance(group, type) and issubclass(group, Group):
+            for leaf, info in group.model_fields.items():
+                yield f"{name}_{leaf}".upper(), f"{name}.{leaf}", info
+        else:
+            yield name.upper(), name, field
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
+    """The settings of this process, read once; entry points call it and hand the result down."""
     return Settings()

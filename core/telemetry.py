@@ -33,11 +33,11 @@ _initialised: str | None = None
 
 
 def span_processors(settings: Settings) -> list[SpanProcessor]:
-    if not settings.otel_exporter_otlp_endpoint:
+    if not settings.otel.exporter_otlp_endpoint:
         return []
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
+    endpoint = settings.otel.exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
     # Batching keeps export off the request path; a dead collector drops spans, never requests.
     return [BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, timeout=5), schedule_delay_millis=1000)]
 
@@ -56,7 +56,7 @@ def init_tracing(service: str, settings: Settings | None = None) -> None:
             return
         resource = Resource.create({"service.name": service, "service.namespace": SERVICE_NAMESPACE})
         processors = span_processors(settings)
-        sampler = ParentBased(TraceIdRatioBased(settings.otel_traces_sampler_ratio)) if processors else ALWAYS_OFF
+        sampler = ParentBased(TraceIdRatioBased(settings.otel.traces_sampler_ratio)) if processors else ALWAYS_OFF
         provider = TracerProvider(resource=resource, sampler=sampler)
         for processor in processors:
             provider.add_span_processor(processor)

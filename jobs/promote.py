@@ -246,8 +246,8 @@ def promote_version(
 ) -> Decision:
     """Run the gate for an already registered version, using the config its run logged."""
     settings = settings or get_settings()
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+    client = MlflowClient(settings.mlflow.tracking_uri)
     mv = client.get_model_version(model_name, version)
     if not mv.run_id:
         raise ValueError(f"{model_name} version {version} has no run to read its config from")

@@ -32,7 +32,7 @@ class ArtifactStoreError(RuntimeError):
 
 def require_tracking_server(settings: Settings, timeout_s: float = 30.0) -> None:
     """Wait for the tracking server's health endpoint; fail with a fix-it message."""
-    uri = settings.mlflow_tracking_uri
+    uri = settings.mlflow.tracking_uri
     if not uri.startswith(("http://", "https://")):
         return  # a file or database store needs no server
     health = f"{uri.rstrip('/')}/health"

@@ -173,7 +173,7 @@ def loop_config(config: JobConfig, settings: Settings, pre: Preprocessor, run_id
         "lr_patience": tc.lr_patience,
         "seed": tc.seed,
         "torch_threads": int(tc.cpus_per_worker),
-        "tracking_uri": settings.mlflow_tracking_uri,
+        "tracking_uri": settings.mlflow.tracking_uri,
         "run_id": run_id,
         "ddp_broadcast_buffers": DDP_BROADCAST_BUFFERS,
     }
@@ -237,8 +237,8 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
     started = time.perf_counter()
     require_tracking_server(settings)
     bound_request_retries()
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_experiment(settings.mlflow_experiment)
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+    mlflow.set_experiment(settings.mlflow.experiment)
     model_name = config.registered_model_name
 
     splits = load_splits(config, settings)
@@ -246,7 +246,7 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
     pre = Preprocessor.fit(splits.train, schema)
     digest = combined_digest(splits.digests)
     if not ray.is_initialized():
-        ray.init(address=settings.ray_address, log_to_driver=True)
+        ray.init(address=settings.ray.address, log_to_driver=True)
 
     with mlflow.start_run(run_name=f"train-{config.name}") as run:
         mlflow.set_tags({"job.kind": "train", **provenance_tags(settings, splits, digest)})

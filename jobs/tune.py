@@ -187,7 +187,7 @@ def run_trial(params: dict[str, Any], context: TrialContext, datasets: dict[str,
 
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(context.base, params)
-    client = MlflowClient(context.settings.mlflow_tracking_uri)
+    client = MlflowClient(context.settings.mlflow.tracking_uri)
     run_id = _start_child_run(client, context, config, trial_id)
     try:
         fit(
@@ -222,8 +222,8 @@ def _connect(settings: Settings) -> None:
     # placement-group cleaner must free the workers' CPUs. The cleaner finds the cluster through
     # RAY_ADDRESS; without it, a second Ray instance on the host (a test stack next to the dev
     # stack) makes it fail, the CPUs stay reserved and the next trials wait forever.
-    env_vars = {"RAY_ADDRESS": settings.ray_address} if settings.ray_address else {}
-    ray.init(address=settings.ray_address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+    env_vars = {"RAY_ADDRESS": settings.ray.address} if settings.ray.address else {}
+    ray.init(address=settings.ray.address, log_to_driver=True, runtime_env={"env_vars": env_vars})
 
 
 def _tuner(context: TrialContext, datasets: dict[str, Any]) -> Tuner:
@@ -353,8 +353,8 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
     tc = _tune_section(config)
     require_tracking_server(settings)
     bound_request_retries()
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    experiment_id = mlflow.set_experiment(settings.mlflow_experiment).experiment_id
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+    experiment_id = mlflow.set_experiment(settings.mlflow.experiment).experiment_id
     model_name = config.registered_model_name
 
     splits = load_splits(config, settings)

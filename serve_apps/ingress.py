@@ -255,9 +255,9 @@ class Ingress:
         add_context_filter("ray.serve", "inference-api")
         # Keys added or revoked with `python -m cluster keys` take effect without a restart.
         settings = get_settings()
-        database_url = settings.database_url.get_secret_value() if settings.database_url else None
+        database_url = settings.database.url.get_secret_value() if settings.database.url else None
         self._key_refresher = await start_key_refresher(
-            api.state.key_store, key_hashes, database_url, settings.api_key_refresh_s
+            api.state.key_store, key_hashes, database_url, settings.api.key_refresh_s
         )
         self._metrics = IngressMetrics()
         self._jobs: TrainingJobs | None = None
@@ -274,14 +274,14 @@ class Ingress:
         """Created on first use in the serving loop; connects and migrates in the background so
         that predictions never wait on PostgreSQL."""
         settings = get_settings()
-        if settings.database_url is None:
+        if settings.database.url is None:
             return None
         if self._recorder is None:
-            store = FeedbackStore(settings.database_url.get_secret_value())
+            store = FeedbackStore(settings.database.url.get_secret_value())
             self._recorder = PredictionRecorder(
                 store,
-                settings.prediction_flush_interval_s,
-                settings.prediction_buffer_rows,
+                settings.prediction.flush_interval_s,
+                settings.prediction.buffer_rows,
                 on_dropped=lambda n: self._metrics.records_dropped.inc(n),
             )
             self._recorder.start()
@@ -425,13 +425,13 @@ class Ingress:
             details = [{"loc": ["body", "label"], "msg": message, "type": "value_error"}]
             return error_response(request, 422, "validation_error", message, details)
         settings = get_settings()
-        result = await recorder.store.add_feedback(body.request_id, body.index, body.label, settings.feedback_max_age_s)
+        result = await recorder.store.add_feedback(body.request_id, body.index, body.label, settings.feedback.max_age_s)
         if result.outcome is FeedbackOutcome.UNKNOWN:
             # The prediction may still sit in this replica's write buffer, or in a flush under way:
             # flush() waits for that one and writes what is left.
             await recorder.flush()
             result = await recorder.store.add_feedback(
-                body.request_id, body.index, body.label, settings.feedback_max_age_s
+                body.request_id, body.index, body.label, settings.feedback.max_age_s
             )
         self._metrics.feedback.inc(tags={"outcome": result.outcome.value, "model_version": result.model_version or ""})
         if result.outcome is FeedbackOutcome.UNKNOWN:
@@ -439,7 +439,7 @@ class Ingress:
                 request, 404, "not_found", f"no prediction {body.request_id!r} with index {body.index}"
             )
         if result.outcome is FeedbackOutcome.EXPIRED:
-            age = settings.feedback_max_age_s
+            age = settings.feedback.max_age_s
             details = [{"loc": ["body", "request_id"], "msg": f"prediction older than {age:.0f} s", "type": "expired"}]
             return error_response(request, 422, "feedback_expired", "the prediction is too old for feedback", details)
         log.info(
@@ -485,9 +485,9 @@ class Ingress:
             jobs = await self._training_jobs()
             name = alert.labels.get("alertname", "alert")
             spec = JobSpec(
-                kind=settings.retrain_kind,
-                config=settings.retrain_config,
-                overrides=settings.retrain_overrides,
+                kind=settings.retrain.kind,
+                config=settings.retrain.config,
+                overrides=settings.retrain.overrides,
                 idempotency_key=f"alert:{name}:{alert.fingerprint}:{alert.episode}"[:200],
             )
             # The overrides come from the cluster's own settings (RETRAIN_OVERRIDES): an operator's.

@@ -49,7 +49,7 @@ def jobs_client(settings: Settings) -> JobSubmissionClient:
     """A Jobs API client that presents the cluster's token when token authentication is on."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(settings.ray_dashboard_url, headers=settings.ray_auth_headers())
+    return JobSubmissionClient(settings.ray.dashboard_url, headers=settings.ray.auth_headers())
 
 
 def submit_training(

@@ -142,7 +142,7 @@ class Stack(BenchStack):
     def api_url(self) -> str:
         if self.edge:
             return local_edge_url(self.settings)
-        return self.settings.serve_url
+        return self.settings.serve.url
 
     @property
     def verify(self) -> bool | str:

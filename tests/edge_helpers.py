@@ -24,7 +24,7 @@ def require_edge(stack: Stack) -> Stack:
 
 def openssl_s_client(edge: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     """One TLS handshake with the edge; exit status 0 when it succeeded."""
-    address = f"{edge.settings.nginx_host}:{edge.settings.nginx_https_port}"
+    address = f"{edge.settings.nginx.host}:{edge.settings.nginx.https_port}"
     argv = ["openssl", "s_client", "-connect", address, "-CAfile", str(edge.verify), "-brief", *args]
     return subprocess.run(argv, input="", capture_output=True, text=True, timeout=30, check=False)
 
@@ -52,7 +52,7 @@ def spare_edge(edge: Stack, state_dir: Path, **updates: Any) -> Iterator[Stack]:
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     running = Stack(settings=settings, env=edge.env, api_key=edge.api_key)
     try:
-        health = f"https://127.0.0.1:{settings.nginx_https_port}/healthz"
+        health = f"https://127.0.0.1:{settings.nginx.https_port}/healthz"
         assert wait_healthy(health, 30, lambda: proc.poll() is None, verify=str(local_ca_file(settings)))
         yield running
     finally:

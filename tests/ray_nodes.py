@@ -48,7 +48,7 @@ def state(stack: Stack, resource: str, filters: list[tuple[str, str, str]] | Non
     from ray.util.state.api import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
-    client = StateApiClient(address=stack.settings.ray_dashboard_url, headers=stack.settings.ray_auth_headers())
+    client = StateApiClient(address=stack.settings.ray.dashboard_url, headers=stack.settings.ray.auth_headers())
     options = ListApiOptions(filters=list(filters or []), detail=True)
     return list(client.list(StateResource(resource), options=options, raise_on_missing_output=True))
 
@@ -78,7 +78,7 @@ def running(process: psutil.Process) -> bool:
 
 
 def discovered_targets(stack: Stack) -> list[str]:
-    path = stack.settings.resolved_ray_temp_dir / RAY_SERVICE_DISCOVERY_FILE
+    path = stack.settings.ray.resolved_temp_dir / RAY_SERVICE_DISCOVERY_FILE
     try:
         groups = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -91,12 +91,12 @@ def start_node(stack: Stack, name: str, resources: dict[str, float], cpus: int) 
     settings = stack.settings
     item = managed(settings, name)
     # Short: Ray's socket paths are limited. One per node name: a killed node leaves its sockets behind.
-    temp_dir = Path(f"/tmp/rn{settings.ray_gcs_port}{name.rsplit('-', 1)[-1]}")
+    temp_dir = Path(f"/tmp/rn{settings.ray.gcs_port}{name.rsplit('-', 1)[-1]}")
     metrics_port, serve_port = free_port(), free_port()
     low, high = worker_port_range()
     argv = [
         str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
-        "--address", settings.ray_gcs_address,
+        "--address", settings.ray.gcs_address,
         "--node-ip-address", NODE_IP,
         "--num-cpus", str(cpus),
         "--resources", json.dumps(resources),

@@ -24,7 +24,7 @@ def until(what: str, probe: Callable[[], Any], timeout_s: float = 120) -> Any:
 
 def firing_alerts(stack: Stack, alertname: str, **labels: str) -> list[dict[str, Any]]:
     """Alerts named `alertname` firing in the stack's Prometheus whose labels include `labels`."""
-    alerts = httpx.get(f"{stack.settings.prometheus_url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    alerts = httpx.get(f"{stack.settings.prometheus.url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
     return [
         a for a in alerts
         if a["labels"]["alertname"] == alertname and a["state"] == "firing"

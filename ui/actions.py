@@ -61,8 +61,8 @@ class UiActions:
     def from_settings(cls, settings: Settings) -> UiActions:
         return cls(
             InferenceApi.from_settings(settings),
-            MlflowRest(settings.mlflow_tracking_uri, settings.ui_request_timeout_s),
-            settings.model_name,
+            MlflowRest(settings.mlflow.tracking_uri, settings.ui.request_timeout_s),
+            settings.model.name,
         )
 
     def close(self) -> None:

@@ -82,8 +82,8 @@ class InferenceApi(_JsonHttp):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InferenceApi:
-        key = settings.ui_api_key.get_secret_value() if settings.ui_api_key is not None else None
-        return cls(settings.resolved_ui_api_url, key, settings.ui_request_timeout_s)
+        key = settings.ui.api_key.get_secret_value() if settings.ui.api_key is not None else None
+        return cls(settings.resolved_ui_api_url, key, settings.ui.request_timeout_s)
 
     @property
     def has_key(self) -> bool:

@@ -23,11 +23,11 @@ class UiConfigError(RuntimeError):
 
 def login_credentials(settings: Settings) -> list[tuple[str, str]] | None:
     """The accounts of Gradio's login, or None for no login (local development only)."""
-    if settings.ui_password is not None:
-        password = settings.ui_password.get_secret_value()
-        if not password.strip() or not settings.ui_username.strip():
+    if settings.ui.password is not None:
+        password = settings.ui.password.get_secret_value()
+        if not password.strip() or not settings.ui.username.strip():
             raise UiConfigError("ui: UI_USERNAME and UI_PASSWORD must not be blank")
-        return [(settings.ui_username, password)]
+        return [(settings.ui.username, password)]
     if settings.ui_login_required:
         raise UiConfigError(
             f"ui: DEPLOYMENT_ENVIRONMENT={settings.deployment_environment} needs a login; set UI_PASSWORD "
@@ -39,9 +39,9 @@ def login_credentials(settings: Settings) -> list[tuple[str, str]] | None:
 def launch_options(settings: Settings, credentials: list[tuple[str, str]] | None) -> dict[str, Any]:
     """`Blocks.launch` arguments: address, login, and the prefix handling for Nginx."""
     return {
-        "server_name": settings.ui_host,
-        "server_port": settings.ui_port,
-        "root_path": settings.ui_root_path,
+        "server_name": settings.ui.host,
+        "server_port": settings.ui.port,
+        "root_path": settings.ui.root_path,
         "auth": credentials,
         "auth_message": "Sign in to the Ray cluster platform" if credentials else None,
         "app_kwargs": {"middleware": [Middleware(ForwardedPrefixMiddleware)]},
@@ -64,7 +64,7 @@ def serve(settings: Settings) -> None:
     demo.queue(default_concurrency_limit=8)
     log.info(
         "UI on %s for the inference API at %s (key %s, login %s)",
-        settings.ui_url,
+        settings.ui.url,
         actions.api.base_url,
         "configured" if actions.api.has_key else "MISSING",
         "on" if credentials else "off",

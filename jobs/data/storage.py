@@ -75,22 +75,22 @@ def push_file(path: Path, name: str | None = None, settings: Settings | None = N
     and a different version can never overwrite it.
     """
     settings = settings or get_settings()
-    if not settings.s3_bucket:
+    if not settings.s3.bucket:
         raise ValueError("S3_BUCKET is not set: configure the object store before pushing data")
     data = path.read_bytes()
     digest = sha256_bytes(data)
     dataset = name or path.name.split(".")[0]
     key = f"datasets/{dataset}/{digest}/{path.name}"
     client = s3_client(settings)
-    _ensure_bucket(client, settings.s3_bucket)
+    _ensure_bucket(client, settings.s3.bucket)
     client.put_object(
-        Bucket=settings.s3_bucket,
+        Bucket=settings.s3.bucket,
         Key=key,
         Body=data,
         ChecksumAlgorithm="SHA256",
         Metadata={"sha256": digest},
     )
-    return f"s3://{settings.s3_bucket}/{key}"
+    return f"s3://{settings.s3.bucket}/{key}"
 
 
 def _ensure_bucket(client: S3Client, bucket: str) -> None:

@@ -26,12 +26,12 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 
 
 def _require_enabled(settings: Settings) -> tuple[str, str]:
-    if settings.database_url is None or settings.amqp_url is None:
+    if settings.database.url is None or settings.amqp.url is None:
         typer.echo(
             "dispatcher: set DATABASE_URL (PostgreSQL) and AMQP_URL (RabbitMQ) in .env or the environment", err=True
         )
         raise typer.Exit(2)
-    return settings.database_url.get_secret_value(), settings.amqp_url.get_secret_value()
+    return settings.database.url.get_secret_value(), settings.amqp.url.get_secret_value()
 
 
 def _with_store(fn: Callable[[JobStore], Awaitable[T]]) -> T:
@@ -58,9 +58,9 @@ def run() -> None:
     dsn, amqp = _require_enabled(settings)
     store = JobStore(dsn)
     publisher = Publisher(amqp, Topology.from_settings(settings), f"dispatcher-relay {dispatcher_name()}")
-    ray_jobs = RayJobs(settings.ray_dashboard_url, settings.ray_auth_headers())
+    ray_jobs = RayJobs(settings.ray.dashboard_url, settings.ray.auth_headers())
     dispatcher = Dispatcher(settings, store, publisher, ray_jobs)
-    dispatcher.metrics.serve(settings.dispatcher_host, settings.dispatcher_metrics_port)
+    dispatcher.metrics.serve(settings.dispatcher.host, settings.dispatcher.metrics_port)
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -109,7 +109,7 @@ def requeue(job_id: UUID) -> None:
     topology = Topology.from_settings(settings)
 
     async def go(store: JobStore) -> None:
-        job = await store.requeue(job_id, settings.dispatcher_max_attempts)
+        job = await store.requeue(job_id, settings.dispatcher.max_attempts)
         if job is None:
             current = await store.get(job_id)
             state = current.state.value if current else "not found"

@@ -85,7 +85,7 @@ def dispatcher_name() -> str:
 
 class Dispatcher:
     def __init__(self, settings: Settings, store: JobStore, publisher: Publisher, ray: RayJobs) -> None:
-        if settings.amqp_url is None:
+        if settings.amqp.url is None:
             raise RuntimeError("the dispatcher needs AMQP_URL")
         self.settings = settings
         self.store = store
@@ -93,12 +93,12 @@ class Dispatcher:
         self.ray = ray
         self.metrics = DispatcherMetrics()
         self.accuracy: AccuracyMonitor | None = None
-        if settings.database_url is not None:
-            feedback = FeedbackStore(settings.database_url.get_secret_value(), retry_for_s=10.0)
+        if settings.database.url is not None:
+            feedback = FeedbackStore(settings.database.url.get_secret_value(), retry_for_s=10.0)
             self.accuracy = AccuracyMonitor(settings, feedback, self.metrics.registry)
         self.name = dispatcher_name()
         self.topology = Topology.from_settings(settings)
-        self._amqp_url = settings.amqp_url.get_secret_value()
+        self._amqp_url = settings.amqp.url.get_secret_value()
         self._active: dict[UUID, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._connection: AbstractRobustConnection | None = None
@@ -113,14 +113,14 @@ class Dispatcher:
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         channel = await self._connection.channel()
         self._channel = channel
-        await channel.set_qos(prefetch_count=self.settings.dispatcher_concurrency)
+        await channel.set_qos(prefetch_count=self.settings.dispatcher.concurrency)
         _, queue = await declare(channel, self.topology)
         await queue.consume(self._on_message, no_ack=False)
         log.info(
             "dispatcher %s consuming %s (prefetch %d)",
             self.name,
             self.topology.queue,
-            self.settings.dispatcher_concurrency,
+            self.settings.dispatcher.concurrency,
         )
         loops = [asyncio.create_task(self._relay_loop()), asyncio.create_task(self._metrics_loop(queue))]
         if self.accuracy is not None:
@@ -267,7 +267,7 @@ class Dispatcher:
             except RayUnavailableError as exc:
                 now = time.monotonic()
                 unreachable_since = unreachable_since or now
-                if now - unreachable_since > self.settings.dispatcher_ray_unreachable_s:
+                if now - unreachable_since > self.settings.dispatcher.ray_unreachable_s:
                     return Outcome("unavailable", str(exc))
                 log.warning("job %s: %s; retrying", job.id, exc)
                 await asyncio.sleep(min(10.0, 1.0 + (now - unreachable_since) / 2))
@@ -276,11 +276,11 @@ class Dispatcher:
                 marked_running = await self.store.mark_running(job.id, job.attempts) or marked_running
             if status.terminal:
                 return await self._ended(job, status.status, status.message, time.monotonic() - started)
-            if time.monotonic() - last_heartbeat >= self.settings.dispatcher_poll_interval_s:
+            if time.monotonic() - last_heartbeat >= self.settings.dispatcher.poll_interval_s:
                 if not await self.store.heartbeat(job.id, job.attempts):
                     return Outcome("superseded")
                 last_heartbeat = time.monotonic()
-            await asyncio.sleep(self.settings.dispatcher_poll_interval_s)
+            await asyncio.sleep(self.settings.dispatcher.poll_interval_s)
 
     async def _ended(self, job: JobRecord, status: str, message: str, elapsed_s: float) -> Outcome:
         assert job.ray_job_id is not None
@@ -317,7 +317,7 @@ class Dispatcher:
         elif outcome.status in {"failed", "unavailable"}:
             if job.attempts < job.max_attempts:
                 delay = backoff_s(
-                    job.attempts, self.settings.dispatcher_backoff_base_s, self.settings.dispatcher_backoff_max_s
+                    job.attempts, self.settings.dispatcher.backoff_base_s, self.settings.dispatcher.backoff_max_s
                 )
                 await self.store.schedule_retry(job.id, job.attempts, outcome.error, delay)
                 log.warning("job %s attempt %d failed; retry in %.0fs: %s", job.id, job.attempts, delay, outcome.error)
@@ -370,7 +370,7 @@ class Dispatcher:
                 sent = await self.store.publish_due(self._publish_record)
                 if sent:
                     self.metrics.relayed.labels("due").inc(sent)
-                for job, traceparent in await self.store.orphaned(self.settings.dispatcher_heartbeat_timeout_s):
+                for job, traceparent in await self.store.orphaned(self.settings.dispatcher.heartbeat_timeout_s):
                     if job.id not in self._active:
                         await self.publisher.publish(job.id, traceparent)
                         self.metrics.relayed.labels("orphaned").inc()
@@ -379,7 +379,7 @@ class Dispatcher:
                 raise
             except Exception as exc:
                 log.warning("relay round failed: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(self.settings.dispatcher_poll_interval_s)
+            await asyncio.sleep(self.settings.dispatcher.poll_interval_s)
 
     async def _publish_record(self, job: JobRecord, traceparent: str | None) -> None:
         await asyncio.wait_for(self.publisher.publish(job.id, traceparent), 10)

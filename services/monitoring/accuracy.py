@@ -52,13 +52,13 @@ class AccuracyMonitor:
         self._settings = settings
         self.store = store
         self.gauges = AccuracyGauges(registry)
-        self.gauges.threshold.set(settings.accuracy_threshold)
-        self.gauges.min_feedback.set(settings.accuracy_min_feedback)
-        self.gauges.window.set(settings.accuracy_window_s)
+        self.gauges.threshold.set(settings.accuracy.threshold)
+        self.gauges.min_feedback.set(settings.accuracy.min_feedback)
+        self.gauges.window.set(settings.accuracy.window_s)
 
     async def refresh(self) -> list[VersionAccuracy]:
-        rows = await self.store.live_accuracy(self._settings.accuracy_window_s)
-        self.gauges.publish(rows, self._settings.accuracy_min_feedback)
+        rows = await self.store.live_accuracy(self._settings.accuracy.window_s)
+        self.gauges.publish(rows, self._settings.accuracy.min_feedback)
         return rows
 
     async def run(self) -> None:
@@ -69,7 +69,7 @@ class AccuracyMonitor:
                 break
             except Exception as exc:
                 log.warning("feedback tables not ready (%s: %s); retrying", type(exc).__name__, exc)
-                await asyncio.sleep(self._settings.accuracy_refresh_s)
+                await asyncio.sleep(self._settings.accuracy.refresh_s)
         while True:
             try:
                 await self.refresh()
@@ -78,4 +78,4 @@ class AccuracyMonitor:
             except Exception as exc:
                 # Stale gauges would hide an outage; the `up`-style alerts cover the database.
                 log.warning("live accuracy not refreshed: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(self._settings.accuracy_refresh_s)
+            await asyncio.sleep(self._settings.accuracy.refresh_s)

@@ -41,10 +41,10 @@ class Topology:
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
         return cls(
-            exchange=settings.training_exchange,
-            queue=settings.training_queue,
-            dead_letter_exchange=f"{settings.training_exchange}.dead",
-            dead_letter_queue=settings.training_dead_letter_queue,
+            exchange=settings.training.exchange,
+            queue=settings.training.queue,
+            dead_letter_exchange=f"{settings.training.exchange}.dead",
+            dead_letter_queue=settings.training.dead_letter_queue,
         )
 
 

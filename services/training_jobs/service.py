@@ -28,11 +28,11 @@ class TrainingJobs:
 
     @classmethod
     def from_settings(cls, settings: Settings, name: str, store_retry_s: float = 2.0) -> TrainingJobs:
-        if settings.database_url is None or settings.amqp_url is None:
+        if settings.database.url is None or settings.amqp.url is None:
             raise RuntimeError("asynchronous training needs DATABASE_URL and AMQP_URL")
-        store = JobStore(settings.database_url.get_secret_value(), retry_for_s=store_retry_s, pool_timeout_s=2.0)
-        publisher = Publisher(settings.amqp_url.get_secret_value(), Topology.from_settings(settings), name)
-        return cls(store, publisher, settings.dispatcher_max_attempts, publish_timeout_s=3.0)
+        store = JobStore(settings.database.url.get_secret_value(), retry_for_s=store_retry_s, pool_timeout_s=2.0)
+        publisher = Publisher(settings.amqp.url.get_secret_value(), Topology.from_settings(settings), name)
+        return cls(store, publisher, settings.dispatcher.max_attempts, publish_timeout_s=3.0)
 
     async def start(self) -> None:
         await self.store.open()

@@ -20,11 +20,11 @@ def test_status_lists_each_component_healthy(stack, trained):
 
 
 def test_ray_job_submit_adds_a_model_version(stack, trained):
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     before = {v.version for v in client.search_model_versions("name='adult-income'")}
     ray = str(Path(sys.executable).parent / "ray")
     result = subprocess.run(
-        [ray, "job", "submit", "--address", stack.settings.ray_dashboard_url, "--working-dir", ".", "--",
+        [ray, "job", "submit", "--address", stack.settings.ray.dashboard_url, "--working-dir", ".", "--",
          "python", "-m", "jobs.train", "--config", "jobs/configs/adult.yaml",
          "--set", "train.epochs=1", "--set", "promotion.enabled=false"],
         cwd=REPO_ROOT, env=stack.env, capture_output=True, text=True, timeout=600,

@@ -44,7 +44,7 @@ def _alert_jobs(stack: Stack) -> list[dict[str, Any]]:
 
 
 def _serve_log_lines(stack: Stack, deployment: str, trace_id: str) -> list[dict[str, Any]]:
-    temp = stack.settings.resolved_ray_temp_dir
+    temp = stack.settings.ray.resolved_temp_dir
     lines = []
     for path in glob.glob(f"{temp}/session_latest/logs/serve/replica_inference_{deployment}_*.log"):
         lines += [json.loads(line) for line in Path(path).read_text().splitlines() if trace_id in line]
@@ -94,7 +94,7 @@ def wrong_feedback_removed_afterwards(stack):
     """The wrong labels would keep the accuracy alert up for the window; the tests after this one
     must not see alerts or retraining they did not cause."""
     yield
-    with psycopg.connect(stack.settings.database_url.get_secret_value()) as conn:
+    with psycopg.connect(stack.settings.database.url.get_secret_value()) as conn:
         conn.execute("DELETE FROM feedback")
 
 
@@ -112,7 +112,7 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
 
     # 1. Live accuracy, computed from the stored feedback, drops below the threshold in Prometheus.
     accuracy = wait_for(stack, f'model_live_accuracy{{model_version="{version}"}}', 60)
-    assert float(accuracy[0]["value"][1]) < stack.settings.accuracy_threshold
+    assert float(accuracy[0]["value"][1]) < stack.settings.accuracy.threshold
     # 2. The rule fires, 3. Alertmanager holds it, 4. the webhook queued exactly one retraining job.
     fired = until(
         "ModelAccuracyLow firing in Prometheus",
@@ -127,8 +127,8 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
     assert job["kind"] == "train" and job["overrides"] == {"train.epochs": 3, "train.patience": 2}
 
     # 5. A new version is registered by the job's run, which carries the trace id of the webhook call.
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
-    new = client.get_model_version(stack.settings.model_name, job["model_version"])
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
+    new = client.get_model_version(stack.settings.model.name, job["model_version"])
     assert int(new.version) > int(version)
     run = client.get_run(str(new.run_id))
     assert run.data.tags["trace_id"] == job["trace_id"]
@@ -174,7 +174,7 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
 
 def test_dashboards_and_rules_use_only_metrics_prometheus_scraped(stack):
     # Run after the loop, so feedback and retrain series exist.
-    names = set(httpx.get(f"{stack.settings.prometheus_url}/api/v1/label/__name__/values", timeout=10).json()["data"])
+    names = set(httpx.get(f"{stack.settings.prometheus.url}/api/v1/label/__name__/values", timeout=10).json()["data"])
     used: dict[str, set[str]] = {}
     for dashboard in DASHBOARDS:
         for expr in dashboard_exprs(dashboard):
@@ -190,7 +190,7 @@ def test_dashboards_and_rules_use_only_metrics_prometheus_scraped(stack):
 
 def test_rays_generated_dashboards_resolve_to_the_provisioned_prometheus(stack):
     generated = sorted(
-        Path(stack.settings.resolved_ray_temp_dir).glob("session_latest/metrics/grafana/dashboards/*.json")
+        Path(stack.settings.ray.resolved_temp_dir).glob("session_latest/metrics/grafana/dashboards/*.json")
     )
     assert generated, "Ray wrote no Grafana dashboards"
     for path in generated:

@@ -68,7 +68,7 @@ def _versions(client: MlflowClient, name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def adult_served(stack: Stack, trained: dict[str, Any]) -> str:
     """Adult's champion, answering through Nginx before anything here starts."""
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     version = _champion(client, ADULT)
     assert version is not None
     assert wait_for_version(stack.settings, version, 60)
@@ -76,7 +76,7 @@ def adult_served(stack: Stack, trained: dict[str, Any]) -> str:
 
 
 def test_a_second_task_registers_under_its_own_name_while_adult_answers(stack, adult_served, tmp_path, figures):
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     adult_versions = _versions(client, ADULT)
     config = _fleet_config(_fleet_data(tmp_path / "fleet.csv"))
     assert "model_name" not in config
@@ -116,7 +116,7 @@ def reuse_job(stack: Stack, adult_served: str, tmp_path_factory: pytest.TempPath
 
 
 def test_reusing_adults_name_with_another_schema_is_refused_and_nothing_moves(stack, adult_served, reuse_job, figures):
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     logs, result = reuse_job["logs"], reuse_job["result"]
 
     assert reuse_job["status"] == "FAILED", logs[-3000:]
@@ -142,7 +142,7 @@ def test_reusing_adults_name_with_another_schema_is_refused_and_nothing_moves(st
 
 
 def test_an_alias_moved_around_the_gate_is_refused_by_the_replica_and_alerts(stack, adult_served, reuse_job, figures):
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     assert reuse_job["result"] is not None, reuse_job["logs"][-3000:]
     incompatible = str(reuse_job["result"]["model_version"])  # registered, rejected by the gate
     try:
@@ -185,7 +185,7 @@ def test_training_requests_cannot_retarget_a_model_or_loosen_its_gate(stack, ove
 def test_a_queued_job_the_gate_refuses_fails_once_with_its_reason_and_is_not_retried(stack, adult_served):
     """Overrides may still change the data: a request that retrains Adult's model on another
     target trains, is refused by the gate, and ends at once; a retry would train the same refusal."""
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     overrides = {**QUICK, "data.target": "sex"}
     response = post_job(stack, {"kind": "train", "overrides": overrides})
     assert response.status_code == 202, response.text

@@ -22,9 +22,9 @@ def edge(stack: Stack) -> Stack:
 
 
 def test_plain_http_redirects_to_https(edge):
-    response = httpx.get(f"http://127.0.0.1:{edge.settings.nginx_http_port}/v1/predict?x=1")
+    response = httpx.get(f"http://127.0.0.1:{edge.settings.nginx.http_port}/v1/predict?x=1")
     assert response.status_code == 301
-    assert response.headers["location"] == f"https://127.0.0.1:{edge.settings.nginx_https_port}/v1/predict?x=1"
+    assert response.headers["location"] == f"https://127.0.0.1:{edge.settings.nginx.https_port}/v1/predict?x=1"
 
 
 def test_prediction_through_the_edge_keeps_ids_and_sets_security_headers(edge, trained):
@@ -65,7 +65,7 @@ def test_api_errors_from_the_edge_are_json(edge):
 def second_edge(edge: Stack, tmp_path: Path) -> Iterator[Stack]:
     """Another Nginx from the same template: two Serve upstreams of which the first is down, and a
     rate limit of 2 requests per second."""
-    upstreams = [f"127.0.0.1:{free_port()}", f"{edge.settings.serve_host}:{edge.settings.serve_port}"]
+    upstreams = [f"127.0.0.1:{free_port()}", f"{edge.settings.serve.host}:{edge.settings.serve.port}"]
     with spare_edge(
         edge, tmp_path / "state", nginx_serve_upstreams=upstreams, api_rate_limit_rps=2, api_rate_limit_burst=3
     ) as running:

@@ -45,7 +45,7 @@ def test_feedback_is_recorded_once_and_stored(api, stack):
     again = api.post("/v1/feedback", json={"request_id": rid, "index": 1, "label": label}, headers=stack.auth)
     assert again.status_code == 200 and again.json()["outcome"] == "duplicate"
     assert again.json()["label"] == _other(label)
-    dsn = stack.settings.database_url.get_secret_value()
+    dsn = stack.settings.database.url.get_secret_value()
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             "SELECT p.row_index, p.label, f.label, f.correct FROM predictions p "

@@ -62,7 +62,7 @@ def test_training_workers_run_on_both_nodes(stack, second_node):
     ]
     result = train_job(stack, "jobs/configs/adult.yaml", overrides)
     assert result["model_name"] == MODEL_NAME and result["promotion"] is None
-    jobs = JobSubmissionClient(stack.settings.ray_dashboard_url, headers=stack.settings.ray_auth_headers())
+    jobs = JobSubmissionClient(stack.settings.ray.dashboard_url, headers=stack.settings.ray.auth_headers())
     ray_job_id = jobs.get_job_info(result["job_id"]).job_id
     assert ray_job_id is not None
     workers = state(stack, "actors", [("class_name", "=", "RayTrainWorker"), ("job_id", "=", ray_job_id)])
@@ -100,15 +100,15 @@ else:
 
 
 def serve_driver(stack: Stack, action: str) -> None:
-    argv = [sys.executable, "-c", SERVE_DRIVER, action, stack.settings.ray_gcs_address, APP, ROUTE]
+    argv = [sys.executable, "-c", SERVE_DRIVER, action, stack.settings.ray.gcs_address, APP, ROUTE]
     env = child_environment(stack.settings)
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def serve_applications(stack: Stack) -> dict[str, Any]:
-    url = f"{stack.settings.ray_dashboard_url}/api/serve/applications/"
-    response = httpx.get(url, headers=stack.settings.ray_auth_headers(), timeout=10)
+    url = f"{stack.settings.ray.dashboard_url}/api/serve/applications/"
+    response = httpx.get(url, headers=stack.settings.ray.auth_headers(), timeout=10)
     response.raise_for_status()
     applications: dict[str, Any] = response.json()["applications"]
     return applications
@@ -147,7 +147,7 @@ def test_serve_replicas_run_on_both_nodes(stack, second_node, spread_app):
                 answers[port] = response.text
         return port in answers
 
-    assert wait_until(lambda: answered(stack.settings.serve_port), 30)
+    assert wait_until(lambda: answered(stack.settings.serve.port), 30)
     assert wait_until(lambda: answered(second_node.serve_port), 60)
-    assert answers[stack.settings.serve_port] in {second_node.head_node_id, second_node.node_id}
+    assert answers[stack.settings.serve.port] in {second_node.head_node_id, second_node.node_id}
     assert answers[second_node.serve_port] == second_node.node_id

@@ -14,7 +14,7 @@ from serve_apps.schemas import EXAMPLE_ROW
 
 
 def query(stack, promql: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{stack.settings.prometheus_url}/api/v1/query", params={"query": promql}, timeout=10)
+    response = httpx.get(f"{stack.settings.prometheus.url}/api/v1/query", params={"query": promql}, timeout=10)
     assert response.status_code == 200, response.text
     result: list[dict[str, Any]] = response.json()["data"]["result"]
     return result
@@ -50,7 +50,7 @@ def test_every_component_is_a_healthy_target(stack, served):
     deadline = time.monotonic() + 60
     health: dict[str, set[str]] = {}
     while time.monotonic() < deadline:
-        targets = httpx.get(f"{stack.settings.prometheus_url}/api/v1/targets", timeout=10).json()["data"]
+        targets = httpx.get(f"{stack.settings.prometheus.url}/api/v1/targets", timeout=10).json()["data"]
         health = {}
         for target in targets["activeTargets"]:
             health.setdefault(target["labels"]["job"], set()).add(target["health"])
@@ -84,7 +84,7 @@ def test_queries_return_the_application_metrics(stack, served):
     serving = wait_for(stack, f"max(ray_model_serving_version) >= {version}")
     assert float(serving[0]["value"][1]) >= float(version)
     assert wait_for(stack, 'training_jobs{state="succeeded"}')
-    assert float(wait_for(stack, "model_live_accuracy_threshold")[0]["value"][1]) == stack.settings.accuracy_threshold
+    assert float(wait_for(stack, "model_live_accuracy_threshold")[0]["value"][1]) == stack.settings.accuracy.threshold
     assert wait_for(stack, "pg_up")[0]["value"][1] == "1"
     assert wait_for(stack, "rabbitmq_queue_messages_ready")
     # Nginx in front: its connection counters grow with the predictions that went through it.

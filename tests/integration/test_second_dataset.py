@@ -33,7 +33,7 @@ def test_regression_on_a_parquet_data_set(stack, tmp_path):
         "train": {"num_workers": 2, "epochs": 3, "batch_size": 64, "lr": 0.01},
     }
     result = train_job(stack, config)
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     run = client.get_run(result["run_id"])
     assert {"test_rmse", "test_mae", "test_r2"} <= set(run.data.metrics)
     assert run.data.metrics["test_r2"] > 0.5  # it learned the price, not just the mean

@@ -10,7 +10,7 @@ from jobs.data.loading import combined_digest
 
 
 def test_run_records_params_metrics_tags_and_model(stack, trained, pg_database):
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     run = client.get_run(trained["run_id"])
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
 
@@ -47,7 +47,7 @@ def test_version_is_registered_promoted_and_loadable(stack, trained):
 
     from serve_apps.schemas import EXAMPLE_ROW
 
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     name, version = trained["model_name"], str(trained["model_version"])
     mv = client.get_model_version(name, version)
     assert mv.run_id is not None and mv.run_id == trained["run_id"]
@@ -57,7 +57,7 @@ def test_version_is_registered_promoted_and_loadable(stack, trained):
     assert client.get_run(mv.run_id).data.tags["promotion.decision"] == "promoted"
 
     # The logged pyfunc carries its preprocessing: raw feature rows in, labels out.
-    mlflow.set_tracking_uri(stack.settings.mlflow_tracking_uri)
+    mlflow.set_tracking_uri(stack.settings.mlflow.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     out = model.predict(pd.DataFrame([EXAMPLE_ROW]))
     assert out["label"].iloc[0] in {"<=50K", ">50K"}

@@ -58,14 +58,14 @@ def test_job_runs_once_per_idempotency_key_and_registers_a_model(stack, trained)
     assert done["model_name"] == "adult-income" and done["model_version"]
     assert isinstance(done["promoted"], bool) and 0.5 < done["test_metrics"]["roc_auc"] <= 1
     assert [e["state"] for e in done["events"]] == ["queued", "submitted", "running", "succeeded"]
-    version = MlflowClient(stack.settings.mlflow_tracking_uri).get_model_version("adult-income", done["model_version"])
+    version = MlflowClient(stack.settings.mlflow.tracking_uri).get_model_version("adult-income", done["model_version"])
     assert version.run_id == done["mlflow_run_id"]
 
     def metric(text: str, name: str) -> float:
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
     def counted() -> bool:
-        text = httpx.get(f"{stack.settings.dispatcher_url}/metrics", timeout=10).text
+        text = httpx.get(f"{stack.settings.dispatcher.url}/metrics", timeout=10).text
         return (
             metric(text, 'training_jobs{state="succeeded"}') >= 1
             and metric(text, 'training_job_attempts_total{kind="train",outcome="succeeded"}') >= 1
@@ -85,9 +85,9 @@ def test_permanent_failure_is_dead_lettered_and_can_be_requeued(stack):
     overrides = {**QUICK, "data.train_uri": "/nonexistent/adult.data.gz", "promotion.enabled": False}
     job = post_job(stack, {"overrides": overrides}).json()
     dead = wait_job(stack, job["id"], {"dead_lettered"}, timeout_s=300)
-    assert dead["attempts"] == stack.settings.dispatcher_max_attempts == 2
+    assert dead["attempts"] == stack.settings.dispatcher.max_attempts == 2
     assert "gave up after 2 attempts" in dead["last_error"] and "nonexistent" in dead["last_error"]
-    queue = stack.settings.training_dead_letter_queue
+    queue = stack.settings.training.dead_letter_queue
     copies = [m for m in dead_letters(queue) if m.get("x-job-id") == job["id"]]
     assert len(copies) == 1 and "nonexistent" in copies[0]["x-error"]
 
@@ -107,14 +107,14 @@ def test_permanent_failure_is_dead_lettered_and_can_be_requeued(stack):
 
 def test_malformed_message_is_dead_lettered_and_the_dispatcher_keeps_running(stack):
     marker = f"garbage-{uuid.uuid4().hex}".encode()
-    publish_raw(stack.settings.training_exchange, marker)
+    publish_raw(stack.settings.training.exchange, marker)
     deadline = time.monotonic() + 60
     found: list[dict[str, object]] = []
     while time.monotonic() < deadline and not found:
-        found = [m for m in dead_letters(stack.settings.training_dead_letter_queue) if m["body"] == marker]
+        found = [m for m in dead_letters(stack.settings.training.dead_letter_queue) if m["body"] == marker]
         time.sleep(0.5)
     assert found and "malformed message" in str(found[0]["x-error"])
-    metrics = httpx.get(f"{stack.settings.dispatcher_url}/metrics", timeout=10).text
+    metrics = httpx.get(f"{stack.settings.dispatcher.url}/metrics", timeout=10).text
     assert 'training_dead_lettered_messages_total{reason="malformed"}' in metrics
     # Still consuming: the next request is claimed and attempted.
     job = post_job(stack, {"overrides": {**QUICK, "data.train_uri": "/nonexistent.csv"}}).json()

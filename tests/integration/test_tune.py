@@ -34,7 +34,7 @@ def test_tune_job_tracks_trials_and_registers_the_best(stack):
     tune = load_config(CONFIG).tune
     assert tune is not None and set(result["best_params"]) == set(tune.search_space)
 
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     parent = client.get_run(result["run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["job.kind"] == "tune" and parent.data.tags["data.sha256"]

@@ -45,18 +45,18 @@ def ui_client(stack: Stack, password: str) -> Client:
     verify: bool | ssl.SSLContext = True
     if isinstance(stack.verify, str):
         verify = ssl.create_default_context(cafile=stack.verify)
-    auth = (stack.settings.ui_username, password)
+    auth = (stack.settings.ui.username, password)
     return Client(ui_url(stack), auth=auth, verbose=False, ssl_verify=verify)
 
 
 def ui_url(stack: Stack) -> str:
     """Where people reach the UI: under /ui/ through Nginx (https) when the edge runs."""
-    return f"{stack.api_url}/ui" if stack.edge else stack.settings.ui_url
+    return f"{stack.api_url}/ui" if stack.edge else stack.settings.ui.url
 
 
 @pytest.fixture(scope="module")
 def ui(stack: Stack, served: dict[str, Any]) -> Client:
-    assert check(f"{stack.settings.ui_url}/")[0], "cluster up did not start the UI"
+    assert check(f"{stack.settings.ui.url}/")[0], "cluster up did not start the UI"
     return ui_client(stack, UI_PASSWORD)
 
 
@@ -216,7 +216,7 @@ def browser(tmp_path: Path, stack: Stack) -> Iterator[Browser]:
 def _sign_in(browser: Browser, stack: Stack) -> None:
     """Gradio's login sets its session cookies; the browser gets the same ones."""
     url = ui_url(stack)
-    credentials = {"username": stack.settings.ui_username, "password": UI_PASSWORD}
+    credentials = {"username": stack.settings.ui.username, "password": UI_PASSWORD}
     login = httpx.post(f"{url}/login", data=credentials, verify=stack.verify)
     assert login.status_code == 200, login.text
     for name, value in login.cookies.items():

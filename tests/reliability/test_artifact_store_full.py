@@ -74,7 +74,7 @@ def test_full_artifact_store_fails_the_job_and_the_champion_keeps_serving(
         pytest.skip("the stack's artifact store is S3; this test fills a local one")
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    mlflow = MlflowClient(stack.settings.mlflow_tracking_uri)
+    mlflow = MlflowClient(stack.settings.mlflow.tracking_uri)
     model_name, alias = trained["model_name"], stack.settings.champion_alias
     champion = mlflow.get_model_version_by_alias(model_name, alias).version
     versions_before = {v.version for v in mlflow.search_model_versions(f"name='{model_name}'")}

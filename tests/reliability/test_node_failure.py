@@ -51,7 +51,7 @@ def test_training_resumes_on_a_replacement_node_after_its_node_is_lost(
     stack: Stack, trained: dict[str, Any], figures: dict[str, Any]
 ) -> None:
     jobs = jobs_client(stack.settings)
-    mlflow = MlflowClient(stack.settings.mlflow_tracking_uri)
+    mlflow = MlflowClient(stack.settings.mlflow.tracking_uri)
     # Read now, not taken from `trained`: another test of the session may have promoted since.
     champion = mlflow.get_model_version_by_alias(trained["model_name"], stack.settings.champion_alias).version
     resources = {RESOURCE: float(WORKERS)}

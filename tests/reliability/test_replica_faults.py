@@ -31,8 +31,8 @@ AFTER = 1700  # requests after it: 20 s in all at 100 req/s, so 0.1 % is 2 reque
 
 def running_replicas(stack: Stack) -> list[int]:
     """Pids of the ingress replicas Serve reports RUNNING (the dashboard's Serve API)."""
-    url = f"{stack.settings.ray_dashboard_url}/api/serve/applications/"
-    response = httpx.get(url, headers=stack.settings.ray_auth_headers(), timeout=10)
+    url = f"{stack.settings.ray.dashboard_url}/api/serve/applications/"
+    response = httpx.get(url, headers=stack.settings.ray.auth_headers(), timeout=10)
     deployment = response.json()["applications"]["inference"]["deployments"]["Ingress"]
     return [int(r["pid"]) for r in deployment["replicas"] if r["state"] == "RUNNING" and r.get("pid")]
 
@@ -46,8 +46,10 @@ def ready_replicas(stack: Stack, count: int) -> bool:
 def scale_to(stack: Stack, low: int, high: int | None = None) -> None:
     """Redeploy with other autoscaling bounds: Serve updates them in place, without restarting
     the running replicas (a lower maximum stops the extra ones at once)."""
-    update = {"serve_min_replicas": low, "serve_max_replicas": high or stack.settings.serve_max_replicas}
-    settings = stack.settings.model_copy(update=update)
+    serve = stack.settings.serve.model_copy(
+        update={"min_replicas": low, "max_replicas": high or stack.settings.serve.max_replicas}
+    )
+    settings = stack.settings.model_copy(update={"serve": serve})
     deploy_serve(settings, child_environment(settings))
 
 

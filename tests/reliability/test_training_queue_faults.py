@@ -26,7 +26,7 @@ NO_PROMOTION = {**QUICK, "promotion.enabled": False}
 
 
 def _versions(stack: Stack) -> set[str]:
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     return {v.version for v in client.search_model_versions("name='adult-income'")}
 
 
@@ -108,8 +108,8 @@ def _predicted_label(stack: Stack) -> str:
 
 
 def _stored(stack: Stack, table: str, request_ids: list[str]) -> dict[str, int]:
-    assert stack.settings.database_url is not None
-    dsn = stack.settings.database_url.get_secret_value()
+    assert stack.settings.database.url is not None
+    dsn = stack.settings.database.url.get_secret_value()
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             f"SELECT request_id, count(*) FROM {table} WHERE request_id = ANY(%s) GROUP BY request_id",

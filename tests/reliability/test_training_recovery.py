@@ -46,7 +46,7 @@ def test_killed_worker_resumes_from_checkpoint(stack, trained):
     result = training_result(logs)
     assert result is not None and result["epochs_run"] == EPOCHS
 
-    history = MlflowClient(stack.settings.mlflow_tracking_uri).get_metric_history(result["run_id"], "val_loss")
+    history = MlflowClient(stack.settings.mlflow.tracking_uri).get_metric_history(result["run_id"], "val_loss")
     steps = sorted(m.step for m in history)
     assert steps[-1] == EPOCHS - 1
     # Resumed, not restarted: at most the epoch in flight at the kill is logged twice.

@@ -14,7 +14,7 @@ def test_promoting_a_version_swaps_it_in_without_failed_requests(stack, trained,
     # A second version, registered but not promoted by its own job.
     outcome = train_job(stack, "jobs/configs/adult.yaml", ["train.epochs=1", "train.seed=7", "promotion.enabled=false"])
     new_version = str(outcome["model_version"])
-    client = MlflowClient(stack.settings.mlflow_tracking_uri)
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
     # Whichever version earlier tests left as champion; the new one is not it.
     old_version = str(client.get_model_version_by_alias("adult-income", "champion").version)
     assert old_version != new_version
@@ -41,7 +41,7 @@ def test_promoting_a_version_swaps_it_in_without_failed_requests(stack, trained,
     # Each replica swaps by one reference on its next alias poll: a request sent a poll interval
     # after the first new answer gets the new version from every replica.
     first_new = next(o.sent_at for o in outcomes if o.version == new_version)
-    settled = first_new + stack.settings.model_poll_interval_s + 1
+    settled = first_new + stack.settings.model.poll_interval_s + 1
     assert {o.version for o in outcomes if o.sent_at > settled} == {new_version}
     mv = client.get_model_version("adult-income", new_version)
     assert mv.tags["promotion.rule"] == "forced" and mv.tags["promotion.force_reason"] == "swap under load"

@@ -110,7 +110,7 @@ def revoked_key(edge: Stack) -> str:
 
 def refresh_deadline(stack: Stack) -> float:
     """API_KEY_REFRESH_S (1 s in the tests) and a margin for a loaded machine."""
-    return 3 * stack.settings.api_key_refresh_s + 5
+    return 3 * stack.settings.api.key_refresh_s + 5
 
 
 def call(stack: Stack, op: Operation, headers: dict[str, str]) -> httpx.Response:

@@ -129,8 +129,8 @@ def schema(stack, trained) -> schemathesis.BaseSchema:
     """The schema as users read it, from /openapi.json through Nginx; a model is loaded so that
     predictions and /v1/models/current answer."""
     # Whichever version earlier tests left as champion (the session's first one, or a later one).
-    champion = MlflowClient(stack.settings.mlflow_tracking_uri).get_model_version_by_alias(
-        stack.settings.model_name, stack.settings.champion_alias
+    champion = MlflowClient(stack.settings.mlflow.tracking_uri).get_model_version_by_alias(
+        stack.settings.model.name, stack.settings.champion_alias
     )
     assert wait_for_version(stack.settings, str(champion.version), 60), "the champion was not picked up"
     # Security schemes stay out of generation: each run sets (or leaves out) the credentials itself.

@@ -22,8 +22,8 @@ ROW_JSON = json.dumps(EXAMPLE_ROW)
 @pytest.fixture(scope="module")
 def api(stack, trained) -> Iterator[httpx.Client]:
     # Whichever version earlier tests left as champion (the session's first one, or a later one).
-    champion = MlflowClient(stack.settings.mlflow_tracking_uri).get_model_version_by_alias(
-        stack.settings.model_name, stack.settings.champion_alias
+    champion = MlflowClient(stack.settings.mlflow.tracking_uri).get_model_version_by_alias(
+        stack.settings.model.name, stack.settings.champion_alias
     )
     assert wait_for_version(stack.settings, str(champion.version), 60), "the champion was not picked up"
     with httpx.Client(base_url=stack.api_url, verify=stack.verify, timeout=60, headers=stack.auth) as client:
@@ -72,7 +72,7 @@ def raw(api: httpx.Client, body: str | bytes, content_type: str | None = "applic
 
 
 def test_body_over_the_edge_limit_is_a_413_in_the_error_shape(api, stack, replica):
-    limit = stack.settings.api_max_body_size  # "2m" unless configured otherwise
+    limit = stack.settings.api.max_body_size  # "2m" unless configured otherwise
     padding = "x" * (3 * 1024 * 1024)
     response = api.post("/v1/predict", json={"instances": [{**EXAMPLE_ROW, "native_country": padding}]})
     error = refused(response, 413, code="payload_too_large", says=limit)

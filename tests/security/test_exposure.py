@@ -33,7 +33,7 @@ def test_the_dashboard_and_jobs_api_listen_on_loopback_only(stack: Stack) -> Non
     """Nginx is the way in. Ray 2.60's GCS binds every interface whatever `--node-ip-address`
     says, so the GCS relies on token authentication instead (test_operator_auth.py checks that
     it refuses a driver without the token) and on the host's firewall (docs/operations.md)."""
-    port = stack.settings.ray_dashboard_port
+    port = stack.settings.ray.dashboard_port
     addresses = listening_addresses(port)
     assert addresses, f"nothing listens on the dashboard port {port}"
     public = [a for a in addresses if not ipaddress.ip_address(a).is_loopback]

@@ -31,10 +31,10 @@ def test_mlflow_only_with_its_credentials(edge: Stack) -> None:
         assert refused.headers["www-authenticate"].startswith("Basic"), path
         assert edge.http.get(path, params=params, auth=("mlflow", "wrong")).status_code == 401, path
         assert edge.http.get(path, params=params, headers=edge.auth).status_code == 401, "an API key is not a login"
-    allowed = edge.http.get(MLFLOW_API, params=params, auth=(edge.settings.mlflow_basic_auth_user, MLFLOW_PASSWORD))
+    allowed = edge.http.get(MLFLOW_API, params=params, auth=(edge.settings.mlflow.basic_auth_user, MLFLOW_PASSWORD))
     assert allowed.status_code == 200, allowed.text
     assert "experiments" in allowed.json()
-    ui = edge.http.get("/mlflow/", auth=(edge.settings.mlflow_basic_auth_user, MLFLOW_PASSWORD))
+    ui = edge.http.get("/mlflow/", auth=(edge.settings.mlflow.basic_auth_user, MLFLOW_PASSWORD))
     assert ui.status_code == 200 and "static-files" in ui.text
 
 
@@ -56,7 +56,7 @@ def test_submitting_a_job_without_the_token_is_refused(edge: Stack) -> None:
 
 def test_the_gcs_refuses_a_driver_without_the_token(edge: Stack, tmp_path: Path) -> None:
     """Token auth covers Ray's gRPC too, not only the HTTP front Nginx exposes."""
-    code = f"import ray; ray.init(address='{edge.settings.ray_gcs_address}'); print('connected')"
+    code = f"import ray; ray.init(address='{edge.settings.ray.gcs_address}'); print('connected')"
     env = {k: v for k, v in edge.env.items() if k not in {"RAY_AUTH_TOKEN", "RAY_AUTH_MODE"}}
     env["HOME"] = str(tmp_path)
     refused = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -24,7 +24,7 @@ def edge(stack: Stack) -> Stack:
 def log_files(stack: Stack) -> list[Path]:
     """The state dir's logs (every managed process, Nginx's access and error logs) and Ray's
     session logs (GCS, raylet, dashboard, Serve controller and replicas, job drivers)."""
-    roots = [stack.settings.logs_dir, *stack.settings.resolved_ray_temp_dir.glob("session_*/logs")]
+    roots = [stack.settings.logs_dir, *stack.settings.ray.resolved_temp_dir.glob("session_*/logs")]
     files = [path for root in roots for path in root.rglob("*") if path.is_file() and not path.is_symlink()]
     # Anything else the state dir holds that is a log by its name (MLflow's, Prometheus's).
     files += [p for p in stack.settings.state_dir.rglob("*.log") if p.is_file() and p not in files]
@@ -44,7 +44,7 @@ def exercise(edge: Stack, extra_key: str) -> None:
     mlflow = edge.http.get(
         "/mlflow/api/2.0/mlflow/experiments/search",
         params={"max_results": "1"},
-        auth=(edge.settings.mlflow_basic_auth_user, MLFLOW_PASSWORD),
+        auth=(edge.settings.mlflow.basic_auth_user, MLFLOW_PASSWORD),
     )
     assert mlflow.status_code == 200
     assert edge.http.get("/mlflow/", auth=("mlflow", UI_PASSWORD)).status_code == 401
@@ -59,9 +59,9 @@ def exercise(edge: Stack, extra_key: str) -> None:
     )
     assert webhook.status_code == 200, webhook.text
     ui_login = f"{edge.api_url}/ui/login"
-    credentials = {"username": edge.settings.ui_username, "password": UI_PASSWORD}
+    credentials = {"username": edge.settings.ui.username, "password": UI_PASSWORD}
     assert httpx.post(ui_login, data=credentials, verify=edge.verify, timeout=30).status_code == 200
-    wrong_login = {"username": edge.settings.ui_username, "password": edge.api_key}
+    wrong_login = {"username": edge.settings.ui.username, "password": edge.api_key}
     assert httpx.post(ui_login, data=wrong_login, verify=edge.verify, timeout=30).status_code == 400
 
 
@@ -72,7 +72,7 @@ def test_no_secret_in_any_log(edge: Stack, trained: dict[str, Any]) -> None:
     extra_key = added.stdout.strip()
     assert wait_until(
         lambda: edge.http.get("/v1/models/current", headers={"X-API-Key": extra_key}).status_code == 200,
-        3 * edge.settings.api_key_refresh_s + 5,
+        3 * edge.settings.api.key_refresh_s + 5,
     )
     marker = f"log-marker-{uuid.uuid4().hex}"
     exercise(edge, extra_key)

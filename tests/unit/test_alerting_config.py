@@ -179,9 +179,9 @@ def _settings(tmp_path: Path) -> Settings:
     return Settings(
         _env_file=None,
         state_dir=tmp_path,
-        database_url="postgresql://u@db/x",
-        amqp_url="amqp://g:g@mq/%2F",
-        alert_webhook_token="t",
+        database={"url": "postgresql://u@db/x"},
+        amqp={"url": "amqp://g:g@mq/%2F"},
+        alert={"webhook_token": "t"},
     )
 
 
@@ -195,8 +195,9 @@ def test_local_prometheus_config_passes_promtool_and_scrapes_every_component(tmp
     # Nginx's exporter joins when the stack runs Nginx and the exporter is installed.
     edge = {"nginx"} if nginx_exporter_enabled(_settings(tmp_path)) else set()
     assert jobs == {"prometheus", "alertmanager", "ray", "dispatcher", "mlflow", "rabbitmq", "postgres"} | edge
-    without = prometheus_config(local_targets(_settings(tmp_path).model_copy(update={"nginx_enabled": False}),
-                                              Path("/tmp/ray"), RULES_DIR))  # fmt: skip
+    settings = _settings(tmp_path)
+    no_edge = settings.model_copy(update={"nginx": settings.nginx.model_copy(update={"enabled": False})})
+    without = prometheus_config(local_targets(no_edge, Path("/tmp/ray"), RULES_DIR))
     assert "nginx" not in {job["job_name"] for job in without["scrape_configs"]}
     ray = next(job for job in config["scrape_configs"] if job["job_name"] == "ray")
     assert ray["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]

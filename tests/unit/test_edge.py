@@ -27,11 +27,19 @@ NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")  
 needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (make tools installs it)")
 
 
-def _settings(tmp_path: Path, **overrides: Any) -> Settings:
+def _settings(tmp_path: Path, **groups: dict[str, Any]) -> Settings:
     # Secrets from the environment (the test session sets a Ray token) must not leak in.
-    secrets = {"ray_auth_token": None, "mlflow_basic_auth_password": None}
-    values: dict[str, Any] = {"state_dir": tmp_path / "state", "api_keys": "k", **secrets, **overrides}
-    return Settings(_env_file=None, **values)
+    ray = {"auth_token": None, **groups.pop("ray", {})}
+    mlflow = {"basic_auth_password": None, **groups.pop("mlflow", {})}
+    return Settings(
+        _env_file=None,
+        state_dir=tmp_path / "state",
+        api={"keys": "k"},
+        ray=ray,
+        mlflow=mlflow,
+        serve=groups.get("serve", {}),
+        nginx=groups.get("nginx", {}),
+    )
 
 
 def _nginx_test(config_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -42,8 +50,8 @@ def _nginx_test(config_text: str, tmp_path: Path) -> subprocess.CompletedProcess
     return subprocess.run(argv, capture_output=True, text=True, check=False)
 
 
-def _local(tmp_path: Path, **overrides: object) -> tuple[Settings, str]:
-    settings = _settings(tmp_path, **overrides)
+def _local(tmp_path: Path, **groups: dict[str, Any]) -> tuple[Settings, str]:
+    settings = _settings(tmp_path, **groups)
     cert, key = ensure_certificate(settings)
     htpasswd = write_htpasswd(settings, tmp_path / "htpasswd")
     prepare_dirs(settings)
@@ -52,7 +60,7 @@ def _local(tmp_path: Path, **overrides: object) -> tuple[Settings, str]:
 
 @needs_nginx
 def test_local_rendering_passes_nginx_t(tmp_path):
-    _, text = _local(tmp_path, ray_auth_token="t" * 20, mlflow_basic_auth_password="pw")
+    _, text = _local(tmp_path, ray={"auth_token": "t" * 20}, mlflow={"basic_auth_password": "pw"})
     result = _nginx_test(text, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
@@ -65,7 +73,7 @@ def test_protected_routes_close_without_their_credentials(tmp_path):
     assert "proxy_pass http://mlflow/" not in text
     assert '"error": "ray_closed"' in text
     assert '"error": "mlflow_closed"' in text
-    _, opened = _local(tmp_path / "open", ray_auth_token="t" * 20, mlflow_basic_auth_password="pw")
+    _, opened = _local(tmp_path / "open", ray={"auth_token": "t" * 20}, mlflow={"basic_auth_password": "pw"})
     assert "proxy_pass http://ray_dashboard/" in opened
     mlflow_block = opened.split("location ^~ /mlflow/", 1)[1].split("}", 1)[0]
     assert "auth_basic_user_file" in mlflow_block
@@ -85,14 +93,14 @@ def test_tls_settings_are_modern(tmp_path):
 
 def test_listens_on_loopback_locally_and_everywhere_in_compose(tmp_path):
     settings, text = _local(tmp_path)
-    assert f"listen 127.0.0.1:{settings.nginx_https_port} ssl" in text
-    assert f"listen 127.0.0.1:{settings.nginx_http_port};" in text
+    assert f"listen 127.0.0.1:{settings.nginx.https_port} ssl" in text
+    assert f"listen 127.0.0.1:{settings.nginx.http_port};" in text
     compose = render(compose_config())
     assert "listen 443 ssl;" in compose and "listen 80;" in compose
 
 
 def test_certificate_is_issued_by_the_local_ca_and_reused(tmp_path):
-    settings = _settings(tmp_path, nginx_server_name="platform.test")
+    settings = _settings(tmp_path, nginx={"server_name": "platform.test"})
     cert_path, key_path = ensure_certificate(settings)
     ca_path = settings.state_dir / "tls" / "ca.pem"
     chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
@@ -111,14 +119,14 @@ def test_certificate_is_issued_by_the_local_ca_and_reused(tmp_path):
     before = cert_path.read_bytes()
     ensure_certificate(settings)
     assert cert_path.read_bytes() == before, "a current certificate must not be reissued on every `up`"
-    renamed = _settings(tmp_path, nginx_server_name="other.test")
+    renamed = _settings(tmp_path, nginx={"server_name": "other.test"})
     ensure_certificate(renamed)
     assert cert_path.read_bytes() != before, "a new server name needs a new certificate"
     assert ca_path.read_bytes() == ca.public_bytes(Encoding.PEM), "renewal keeps the CA clients already trust"
 
 
 def test_htpasswd_holds_a_salted_sha512_crypt_hash(tmp_path):
-    settings = _settings(tmp_path, mlflow_basic_auth_password="s3cret", mlflow_basic_auth_user="ops")
+    settings = _settings(tmp_path, mlflow={"basic_auth_password": "s3cret", "basic_auth_user": "ops"})
     target = write_htpasswd(settings, tmp_path / "htpasswd")
     assert target is not None
     user, hashed = target.read_text().strip().split(":", 1)
@@ -160,16 +168,16 @@ def _serve_upstream_block(text: str) -> list[str]:
 
 
 def test_predictions_fall_back_to_serves_own_proxy_when_haproxy_fails_them(tmp_path):
-    settings, text = _local(tmp_path, serve_port=8000, serve_fallback_proxy_port=8500)
+    settings, text = _local(tmp_path, serve={"port": 8000, "fallback_proxy_port": 8500})
     assert _serve_upstream_block(text) == [
-        f"server {settings.serve_host}:8000 max_fails=2 fail_timeout=5s;",
-        f"server {settings.serve_host}:8500 backup;",
+        f"server {settings.serve.host}:8000 max_fails=2 fail_timeout=5s;",
+        f"server {settings.serve.host}:8500 backup;",
     ]
     assert "server ray-head:8500 backup resolve;" in _serve_upstream_block(render(compose_config()))
 
 
 def test_no_fallback_upstream_without_haproxy_or_with_upstreams_given(tmp_path):
-    _, python_proxy = _local(tmp_path, serve_haproxy=False)
+    _, python_proxy = _local(tmp_path, serve={"haproxy": False})
     assert not any("backup" in line for line in _serve_upstream_block(python_proxy))
-    _, explicit = _local(tmp_path, nginx_serve_upstreams=["10.0.0.5:8000"])
+    _, explicit = _local(tmp_path, nginx={"serve_upstreams": ["10.0.0.5:8000"]})
     assert _serve_upstream_block(explicit) == ["server 10.0.0.5:8000 max_fails=2 fail_timeout=5s;"]

@@ -15,15 +15,14 @@ import yaml
 from pydantic import ValidationError
 
 from cluster import scale_out
-from core.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, RaySettings, ServeSettings
 from jobs.config import load_config
 
 LAUNCHER = REPO_ROOT / "ray-cluster.yaml"
 KUSTOMIZATION = scale_out.KUBERAY_DIR / "kustomization.yaml"
 
 
-def default(name: str) -> Any:
-    return Settings.model_fields[name].get_default(call_default_factory=True)
+RAY, SERVE = RaySettings(), ServeSettings()  # the defaults, not this machine's environment
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +90,17 @@ def test_launcher_config_is_valid_for_ray_up(launcher):
 def test_launcher_starts_ray_with_the_local_stack_flags(launcher):
     head = ray_start(launcher["head_start_ray_commands"])
     assert "head" in head
-    assert int(head["port"]) == default("ray_gcs_port") != 6379  # Redis owns 6379 on our machines
-    assert int(head["dashboard-port"]) == default("ray_dashboard_port")
+    assert int(head["port"]) == RAY.gcs_port != 6379  # Redis owns 6379 on our machines
+    assert int(head["dashboard-port"]) == RAY.dashboard_port
     assert head["dashboard-host"] == "127.0.0.1"  # dashboard and Jobs API never public
-    assert int(head["ray-client-server-port"]) == default("ray_client_port")
-    assert int(head["dashboard-agent-listen-port"]) == default("ray_dashboard_agent_port")
-    assert int(head["metrics-export-port"]) == default("ray_metrics_export_port")
+    assert int(head["ray-client-server-port"]) == RAY.client_port
+    assert int(head["dashboard-agent-listen-port"]) == RAY.dashboard_agent_port
+    assert int(head["metrics-export-port"]) == RAY.metrics_export_port
     assert head["autoscaling-config"] == "~/ray_bootstrap_config.yaml"
     worker = ray_start(launcher["worker_start_ray_commands"])
-    assert worker["address"] == f"$RAY_HEAD_IP:{default('ray_gcs_port')}"
-    assert int(worker["metrics-export-port"]) == default("ray_metrics_export_port")
-    assert int(worker["dashboard-agent-listen-port"]) == default("ray_dashboard_agent_port")
+    assert worker["address"] == f"$RAY_HEAD_IP:{RAY.gcs_port}"
+    assert int(worker["metrics-export-port"]) == RAY.metrics_export_port
+    assert int(worker["dashboard-agent-listen-port"]) == RAY.dashboard_agent_port
     # No rule of ours opens a port to the world; the launcher adds SSH and intra-cluster traffic.
     assert launcher["provider"]["security_group"]["IpPermissions"] == []
 
@@ -131,7 +130,7 @@ def test_launcher_head_deploys_the_shared_serve_config(launcher):
     assert commands[-1] == "SERVE_HOST=0.0.0.0 python -m cluster deploy-serve"
     assert "deploy-serve" in {c.name for c in app.registered_commands}
     # deploy-serve renders the image's own serve_apps/config.yaml; there is no copy to drift.
-    assert default("serve_config_path") == REPO_ROOT / "serve_apps" / "config.yaml"
+    assert SERVE.config_path == REPO_ROOT / "serve_apps" / "config.yaml"
 
 
 # KubeRay ----------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ def test_kustomization_applies_every_manifest():
 def test_serve_config_is_the_shared_one():
     (service,) = [d for d in manifests() if d["kind"] == "RayService"]
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
-    source = yaml.safe_load(default("serve_config_path").read_text())
+    source = yaml.safe_load(SERVE.config_path.read_text())
     assert embedded["applications"] == source["applications"]
     assert {k: v for k, v in embedded.items() if k != "http_options"} == {
         k: v for k, v in source.items() if k != "http_options"
@@ -194,9 +193,9 @@ def test_images_and_ports_match_the_launcher_and_the_stack(launcher):
             assert params[flag] == head_flags[flag], flag
         assert params["metrics-export-port"] == head_flags["metrics-export-port"]
         head_ports = {p["name"]: p["containerPort"] for p in containers(spec)[0]["ports"]}
-        assert head_ports["gcs-server"] == default("ray_gcs_port")
-        assert head_ports["dashboard"] == default("ray_dashboard_port")
-        assert head_ports["serve"] == default("serve_port")
+        assert head_ports["gcs-server"] == RAY.gcs_port
+        assert head_ports["dashboard"] == RAY.dashboard_port
+        assert head_ports["serve"] == SERVE.port
         for container in containers(spec):
             assert container["envFrom"] == [{"secretRef": {"name": scale_out.ENV_SECRET}}]
 

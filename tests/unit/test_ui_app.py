@@ -83,10 +83,10 @@ def _serve(key: str | None) -> Iterator[str]:
     api = InferenceApi("http://api", key, transport=httpx.MockTransport(fake_api))
     mlflow = MlflowRest("http://mlflow", transport=httpx.MockTransport(fake_mlflow))
     demo = build_app(UiActions(api, mlflow, "adult-income"))
-    settings = Settings(_env_file=None, ui_port=_free_port(), ui_username="u", ui_password="p")
+    settings = Settings(_env_file=None, ui={"port": _free_port(), "username": "u", "password": "p"})
     demo.launch(**launch_options(settings, login_credentials(settings)), prevent_thread_lock=True)
     try:
-        yield settings.ui_url
+        yield settings.ui.url
     finally:
         demo.close()
 

@@ -7,22 +7,22 @@ import sys
 import pytest
 
 from cluster.stack import ui_environment
-from core.settings import REPO_ROOT, Settings
+from core.settings import REPO_ROOT, Settings, environment_variables
 from ui.launch import UiConfigError, login_credentials
 from ui.proxy import ForwardedPrefixMiddleware, forwarded_prefix
 
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch):
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
+    for name, _, _ in environment_variables():
+        monkeypatch.delenv(name, raising=False)
 
 
 def test_defaults():
     settings = Settings(_env_file=None)
-    assert settings.ui_url == "http://127.0.0.1:7860"
-    assert settings.resolved_ui_api_url == settings.serve_url
-    assert settings.ui_root_path == "" and settings.ui_api_key is None and settings.ui_username == "admin"
+    assert settings.ui.url == "http://127.0.0.1:7860"
+    assert settings.resolved_ui_api_url == settings.serve.url
+    assert settings.ui.root_path == "" and settings.ui.api_key is None and settings.ui.username == "admin"
     assert not settings.ui_login_required
 
 
@@ -32,8 +32,8 @@ def test_blank_secrets_are_unset_and_wildcard_binds_are_reached_over_loopback(mo
     monkeypatch.setenv("UI_HOST", "0.0.0.0")
     monkeypatch.setenv("UI_API_URL", "https://edge:8443/")
     settings = Settings(_env_file=None)
-    assert settings.ui_password is None and settings.ui_api_key is None
-    assert settings.ui_url == "http://127.0.0.1:7860" and settings.resolved_ui_api_url == "https://edge:8443"
+    assert settings.ui.password is None and settings.ui.api_key is None
+    assert settings.ui.url == "http://127.0.0.1:7860" and settings.resolved_ui_api_url == "https://edge:8443"
 
 
 def test_no_login_in_local_development():
@@ -41,7 +41,7 @@ def test_no_login_in_local_development():
 
 
 def test_login_whenever_a_password_is_set():
-    settings = Settings(_env_file=None, ui_password="pw", ui_username="ops")
+    settings = Settings(_env_file=None, ui={"password": "pw", "username": "ops"})
     assert login_credentials(settings) == [("ops", "pw")]
     assert "pw" not in repr(settings)
 
@@ -51,7 +51,7 @@ def test_outside_development_a_password_is_required():
     assert settings.ui_login_required
     with pytest.raises(UiConfigError, match="DEPLOYMENT_ENVIRONMENT=production needs a login; set UI_PASSWORD"):
         login_credentials(settings)
-    assert login_credentials(Settings(_env_file=None, deployment_environment="production", ui_password="x"))
+    assert login_credentials(Settings(_env_file=None, deployment_environment="production", ui={"password": "x"}))
 
 
 def test_the_ui_refuses_to_start_without_a_login_in_production(tmp_path):
@@ -69,8 +69,8 @@ def test_the_ui_refuses_to_start_without_a_login_in_production(tmp_path):
 
 def test_cluster_up_gives_the_ui_the_first_api_key_unless_it_has_its_own():
     env = {"X": "1"}
-    assert ui_environment(Settings(_env_file=None, api_keys="k1,k2"), env) == {"X": "1", "UI_API_KEY": "k1"}
-    assert ui_environment(Settings(_env_file=None, api_keys="k1", ui_api_key="own"), env) == env
+    assert ui_environment(Settings(_env_file=None, api={"keys": "k1,k2"}), env) == {"X": "1", "UI_API_KEY": "k1"}
+    assert ui_environment(Settings(_env_file=None, api={"keys": "k1"}, ui={"api_key": "own"}), env) == env
 
 
 @pytest.mark.parametrize(
