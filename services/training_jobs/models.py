@@ -172,7 +172,10 @@ class JobSpec(BaseModel):
         return resolved
 
     def _check_not_operator_only(self) -> None:
-        for key in self.overrides:
+        for key, value in self.overrides.items():
+            # Turning promotion off can only keep the champion where it is: anyone may.
+            if key == "promotion.enabled" and value is False:
+                continue
             if operator_only(key):
                 raise InvalidJobSpecError(
                     ["body", "overrides", key],

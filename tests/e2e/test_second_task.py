@@ -171,7 +171,7 @@ def test_an_alias_moved_around_the_gate_is_refused_by_the_replica_and_alerts(sta
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"model_name": "someone-else"}, {"name": "x"}, {"promotion.enabled": False}, {"promotion": {"margin": -1}}],
+    [{"model_name": "someone-else"}, {"name": "x"}, {"promotion.enabled": True}, {"promotion": {"margin": -1}}],
 )
 def test_training_requests_cannot_retarget_a_model_or_loosen_its_gate(stack, overrides):
     response = stack.http.post("/v1/training-jobs", json={"kind": "train", "overrides": overrides}, headers=stack.auth)
