@@ -17,7 +17,6 @@ import socket
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
-import mlflow
 import pandas as pd
 import typer
 from mlflow.exceptions import MlflowException
@@ -147,11 +146,11 @@ def _metric_of(predictor: TabularPredictor, metric: str, test: pd.DataFrame) -> 
 
 
 def check_champion(
-    model_name: str, version: str, candidate: TabularPredictor, metric: str, test: pd.DataFrame
+    client: MlflowClient, model_name: str, version: str, candidate: TabularPredictor, metric: str, test: pd.DataFrame
 ) -> ChampionCheck:
     """Load the champion, compare contracts, score it; every failure is a finding, never a pass."""
     try:
-        champion = load_predictor(f"models:/{model_name}/{version}")
+        champion = load_predictor(f"models:/{model_name}/{version}", client.tracking_uri)
     except Exception as exc:  # any failure to load means it cannot be compared
         return ChampionCheck(version, problem=f"it cannot be loaded ({type(exc).__name__}: {exc})")
     changes = contract_changes(champion.schema, candidate.schema)
@@ -186,7 +185,9 @@ def gate(
         return Decision(
             False, metric, margin, candidate_score, candidate_score, version, "already champion", Rule.ALREADY_CHAMPION
         )
-    champion = None if current is None else check_champion(model_name, str(current.version), candidate, metric, test)
+    champion = (
+        None if current is None else check_champion(client, model_name, str(current.version), candidate, metric, test)
+    )
     decision = decide(metric, candidate_score, margin, champion, approval)
     # Recorded before the alias moves: a replica that sees the move finds the approval already there.
     _record(client, model_name, version, decision, approval)
@@ -246,13 +247,12 @@ def promote_version(
 ) -> Decision:
     """Run the gate for an already registered version, using the config its run logged."""
     settings = settings or get_settings()
-    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     client = MlflowClient(settings.mlflow.tracking_uri)
     mv = client.get_model_version(model_name, version)
     if not mv.run_id:
         raise ValueError(f"{model_name} version {version} has no run to read its config from")
-    config = JobConfig.model_validate(run_config(mv.run_id))
-    candidate = load_predictor(f"models:/{model_name}/{version}")
+    config = JobConfig.model_validate(run_config(client, mv.run_id))
+    candidate = load_predictor(f"models:/{model_name}/{version}", settings.mlflow.tracking_uri)
     test = load_test_frame(config, settings)
     return gate(client, model_name, settings.champion_alias, version, candidate, config, test, margin, approval)
 

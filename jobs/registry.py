@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import warnings
@@ -48,8 +49,11 @@ def _inference_package(directory: Path) -> Path:
     return package
 
 
-def log_and_register(predictor: TabularPredictor, example: pd.DataFrame, model_name: str) -> ModelVersion:
-    """Log the model (weights, preprocessing, signature, input example) and register a version."""
+def log_and_register(
+    predictor: TabularPredictor, example: pd.DataFrame, model_name: str, client: MlflowClient
+) -> ModelVersion:
+    """Log the model (weights, preprocessing, signature, input example) into the active run and
+    register a version with `client`'s registry."""
     features = example[predictor.schema.feature_names].head(5).reset_index(drop=True)
     # The signature keeps the data's own column types: MLflow will not cast int64 to a double
     # column, so declaring doubles would reject the integer rows that callers actually send.
@@ -76,11 +80,14 @@ def log_and_register(predictor: TabularPredictor, example: pd.DataFrame, model_n
     version = info.registered_model_version
     if version is None:
         raise RuntimeError(f"model {model_name} was logged but not registered")
-    return MlflowClient().get_model_version(model_name, str(version))
+    return client.get_model_version(model_name, str(version))
 
 
-def download_model(model_uri: str, dst: Path) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+def download_model(model_uri: str, dst: Path, tracking_uri: str) -> Path:
+    path = mlflow.artifacts.download_artifacts(
+        artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
+    )
+    return Path(path)
 
 
 def predictor_dir(model_dir: Path) -> Path:
@@ -90,9 +97,9 @@ def predictor_dir(model_dir: Path) -> Path:
     return model_dir / artifacts[PREDICTOR_ARTIFACT]["path"]
 
 
-def load_predictor(model_uri: str) -> TabularPredictor:
+def load_predictor(model_uri: str, tracking_uri: str) -> TabularPredictor:
     with tempfile.TemporaryDirectory() as tmp:
-        return TabularPredictor.load(predictor_dir(download_model(model_uri, Path(tmp))))
+        return TabularPredictor.load(predictor_dir(download_model(model_uri, Path(tmp), tracking_uri)))
 
 
 def champion_version(client: MlflowClient, model_name: str, alias: str) -> ModelVersion | None:
@@ -104,7 +111,9 @@ def champion_version(client: MlflowClient, model_name: str, alias: str) -> Model
         return None
 
 
-def run_config(run_id: str) -> dict[str, Any]:
+def run_config(client: MlflowClient, run_id: str) -> dict[str, Any]:
     """The job config a run was trained with, as it logged it."""
-    loaded = mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFIG_ARTIFACT}")
-    return dict(loaded)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp))
+        loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return loaded

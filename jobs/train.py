@@ -224,12 +224,18 @@ def fit(
 
 
 def promote_if_enabled(
-    config: JobConfig, settings: Settings, model_name: str, version: str, predictor: TabularPredictor, splits: Splits
+    client: MlflowClient,
+    config: JobConfig,
+    settings: Settings,
+    model_name: str,
+    version: str,
+    predictor: TabularPredictor,
+    splits: Splits,
 ) -> Decision | None:
     """The promotion gate, shared by training and tuning; None when the config turns it off."""
     if not config.promotion.enabled:
         return None
-    return gate(MlflowClient(), model_name, settings.champion_alias, version, predictor, config, splits.test)
+    return gate(client, model_name, settings.champion_alias, version, predictor, config, splits.test)
 
 
 def run_training(config: JobConfig, settings: Settings | None = None) -> TrainingOutcome:
@@ -237,8 +243,11 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
     started = time.perf_counter()
     require_tracking_server(settings)
     bound_request_retries()
+    # The fluent API (runs, params, the model's upload) reads the process's tracking URI; every
+    # client below is given it explicitly.
     mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     mlflow.set_experiment(settings.mlflow.experiment)
+    client = MlflowClient(settings.mlflow.tracking_uri)
     model_name = config.registered_model_name
 
     splits = load_splits(config, settings)
@@ -254,7 +263,7 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
         mlflow.log_params(
             {"data.train_rows": len(splits.train), "data.val_rows": len(splits.val), "data.test_rows": len(splits.test)}
         )
-        log_job_files(MlflowClient(), run.info.run_id, config.model_dump(mode="json"), schema.model_dump_json(indent=2))
+        log_job_files(client, run.info.run_id, config.model_dump(mode="json"), schema.model_dump_json(indent=2))
         log_inputs(splits, config, digest)
 
         best_state, epochs_run = fit(config, settings, pre, ray_datasets(pre, splits), run.info.run_id)
@@ -263,8 +272,8 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
         mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
         mlflow.log_metric("epochs_run", epochs_run)
 
-        version = log_and_register(predictor, splits.test, model_name)
-        decision = promote_if_enabled(config, settings, model_name, version.version, predictor, splits)
+        version = log_and_register(predictor, splits.test, model_name, client)
+        decision = promote_if_enabled(client, config, settings, model_name, version.version, predictor, splits)
         return TrainingOutcome(
             run_id=run.info.run_id,
             model_name=model_name,

@@ -339,12 +339,17 @@ def _open_parent(
 
 
 def _register_from_trial(
-    run_id: str, predictor: TabularPredictor, splits: Splits, model_name: str, metrics: dict[str, float]
+    client: MlflowClient,
+    run_id: str,
+    predictor: TabularPredictor,
+    splits: Splits,
+    model_name: str,
+    metrics: dict[str, float],
 ) -> ModelVersion:
     # Registered from the trial's run, so the version points at the run that trained it.
     with mlflow.start_run(run_id=run_id, nested=True):
         mlflow.log_metrics(metrics)
-        return log_and_register(predictor, splits.test, model_name)
+        return log_and_register(predictor, splits.test, model_name, client)
 
 
 def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOutcome:
@@ -363,7 +368,7 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
     digest = combined_digest(splits.digests)
     _connect(settings)
     datasets = ray_datasets(pre, splits)
-    client = MlflowClient()
+    client = MlflowClient(settings.mlflow.tracking_uri)
 
     schema_json = schema.model_dump_json(indent=2)
 
@@ -392,8 +397,10 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
         test_metrics = evaluate(predictor, splits.test)
         scores = {f"test_{k}": v for k, v in test_metrics.items()}
         mlflow.log_metrics({**scores, "epochs_run": epochs_run, "tune.trials": len(grid)})
-        version = _register_from_trial(best_run_id, predictor, splits, model_name, {**scores, "epochs_run": epochs_run})
-        decision = promote_if_enabled(best_config, settings, model_name, version.version, predictor, splits)
+        version = _register_from_trial(
+            client, best_run_id, predictor, splits, model_name, {**scores, "epochs_run": epochs_run}
+        )
+        decision = promote_if_enabled(client, best_config, settings, model_name, version.version, predictor, splits)
         _record_on_parent(best_run_id, best_params, decision)
         return TuningOutcome(
             run_id=parent.info.run_id,

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
@@ -92,7 +91,7 @@ class Poll:
 
 def load_version(client: MlflowClient, model_name: str, version: str, run_id: str | None) -> LoadedModel:
     """Blocking download of one version, with its test metrics."""
-    predictor = load_predictor(f"models:/{model_name}/{version}")
+    predictor = load_predictor(f"models:/{model_name}/{version}", client.tracking_uri)
     metrics: dict[str, float] = {}
     if run_id:
         run = client.get_run(run_id)
@@ -148,7 +147,6 @@ class ChampionModel:
     def __init__(self, model_name: str, alias: str, tracking_uri: str, poll_interval_s: float) -> None:
         self.model_name = model_name
         self.alias = alias
-        mlflow.set_tracking_uri(tracking_uri)  # model downloads resolve models:/ URIs through it
         self._registry = MlflowClient(tracking_uri)
         self._poll_interval_s = poll_interval_s
         self._metrics = ModelMetrics()

@@ -13,6 +13,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from benchmarks.load import run_wrk
@@ -67,7 +68,7 @@ def register(predictor: TabularPredictor, example: pd.DataFrame, directory: Path
     with _use_tracking_uri(tracking_uri):
         experiment = mlflow.create_experiment(MODEL_NAME, artifact_location=(directory / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            version = log_and_register(predictor, example, MODEL_NAME)
+            version = log_and_register(predictor, example, MODEL_NAME, MlflowClient(tracking_uri))
     return Registered(f"models:/{MODEL_NAME}/{version.version}", tracking_uri, predictor)
 
 

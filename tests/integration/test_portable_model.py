@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 from core.health import wait_healthy
 from jobs.config import DataConfig, JobConfig
@@ -40,7 +41,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         frame["income"] = np.where(frame["age"] > 45, ">50K", "<=50K")
         config = JobConfig(name="portable", data=DataConfig(train_uri="memory", target="income"))
         with mlflow.start_run():
-            version = log_and_register(untrained_predictor(frame, config), frame, "portable").version
+            version = log_and_register(
+                untrained_predictor(frame, config), frame, "portable", MlflowClient(mlflow.get_tracking_uri())
+            ).version
         path = mlflow.artifacts.download_artifacts(f"models:/portable/{version}", dst_path=str(root / "model"))
     finally:
         mlflow.set_tracking_uri(previous)

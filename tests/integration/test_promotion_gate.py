@@ -53,7 +53,7 @@ def _register(kind: str, seed: int = 0) -> Registered:
     config, frame = _task(kind, seed)
     predictor = _predictor(config, frame, seed)
     with mlflow.start_run():
-        version = log_and_register(predictor, frame, MODEL).version
+        version = log_and_register(predictor, frame, MODEL, MlflowClient(mlflow.get_tracking_uri())).version
     return str(version), predictor, config, frame
 
 
