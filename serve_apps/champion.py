@@ -148,7 +148,7 @@ class ChampionModel:
         self.model_name = model_name
         self.alias = alias
         self._registry = MlflowClient(tracking_uri)
-        self._poll_interval_s = poll_interval_s
+        self.poll_interval_s = poll_interval_s
         self._metrics = ModelMetrics()
         self.loaded: LoadedModel | None = None
         self.refused: RefusedSwap | None = None
@@ -217,7 +217,7 @@ class ChampionModel:
 
     async def _follow_alias(self) -> None:
         while True:
-            await asyncio.sleep(self._poll_interval_s)
+            await asyncio.sleep(self.poll_interval_s)
             await self.refresh()
 
     def _refused_view(self) -> dict[str, Any] | None:

@@ -383,23 +383,6 @@ class JobStore(PostgresStore):
             (state, error),
         )
 
-    async def dead_letter_queued(self, job_id: UUID, error: str) -> bool:
-        """A queued job that can no longer run (its spec stopped validating) ends here."""
-
-        async def op(conn: psycopg.AsyncConnection[Any]) -> bool:
-            async with self._transaction(conn) as cur:
-                await cur.execute(
-                    "UPDATE training_jobs SET state = 'dead_lettered', last_error = %s, finished_at = now(), "
-                    "updated_at = now() WHERE id = %s AND state = 'queued' RETURNING attempts",
-                    (error, job_id),
-                )
-                row = await cur.fetchone()
-                if row is not None:
-                    await _event(cur, job_id, JobState.DEAD_LETTERED, row["attempts"], error)
-                return row is not None
-
-        return await self._retrying(op)
-
     async def requeue(self, job_id: UUID, extra_attempts: int) -> JobRecord | None:
         """Give a dead-lettered or failed job a fresh set of attempts; None if it is in another state.
         Attempt numbers keep counting, so every Ray submission id stays unique."""

@@ -41,7 +41,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from cluster.demo import wait_for_version
-from serve_apps.ingress import api as ingress_app
+from serve_apps.api import api as ingress_app
 from serve_apps.schemas import AlertmanagerPayload
 from services.training_jobs.models import JobSpec
 from tests.conftest import ALERT_WEBHOOK_TOKEN

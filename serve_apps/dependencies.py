@@ -1,0 +1,26 @@
+"""FastAPI dependencies of the routes, as `Annotated` aliases: the replica's state, and
+authentication (applied per router)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from serve_apps.auth import require_alert_token, require_api_key
+from serve_apps.replica import Replica
+
+
+def get_replica(request: Request) -> Replica:
+    replica: Replica = request.app.state.replica
+    return replica
+
+
+# The services a replica connects to on first use (the job store, the prediction recorder) are
+# reached through the replica inside each route, after the body is validated: an invalid request
+# is a 422 whether or not PostgreSQL answers.
+ReplicaDep = Annotated[Replica, Depends(get_replica)]
+
+# Router-level: every route of a router that lists one of these requires it.
+API_KEY = Depends(require_api_key)
+ALERT_TOKEN = Depends(require_alert_token)

@@ -1,0 +1,1 @@
+"""The inference API's routes, one router per resource."""

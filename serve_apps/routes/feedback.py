@@ -1,0 +1,75 @@
+"""True labels for predicted rows: the source of live accuracy."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from psycopg_pool import PoolTimeout
+
+from serve_apps.dependencies import API_KEY, ReplicaDep
+from serve_apps.errors import FEEDBACK_RESPONSES, error_response, validation_error
+from serve_apps.schemas import FeedbackRequest, FeedbackResponse
+from services.feedback.store import FeedbackOutcome
+
+log = logging.getLogger("ray.serve")
+router = APIRouter(tags=["inference"], dependencies=[API_KEY])
+
+
+@router.post(
+    "/v1/feedback",
+    status_code=201,
+    response_model=FeedbackResponse,
+    responses={
+        200: {"model": FeedbackResponse, "description": "a label was already given for this row; the first one stays"},
+        **FEEDBACK_RESPONSES,
+    },
+)
+async def feedback(body: FeedbackRequest, request: Request, response: Response, replica: ReplicaDep) -> Any:
+    """The true label of one predicted instance (`request_id` and `index` from /v1/predict).
+    Counts towards the live accuracy of the version that made the prediction; repeats are
+    ignored (200, the first label stays)."""
+    recorder = replica.feedback_recorder()
+    if not await recorder.wait_ready(5.0):
+        raise PoolTimeout("feedback tables not ready: PostgreSQL unreachable")
+    current = replica.champion.current()
+    if current is None:
+        return error_response(request, 503, "not_ready", "no model loaded yet")
+    classes: list[str] = current.get("classes") or []
+    if current.get("task") != "classification" or body.label not in classes:
+        message = f"label: one of {classes}" if classes else "feedback needs a classification model's predictions"
+        return validation_error(request, message, ["body", "label"], message, "value_error")
+    max_age_s = replica.settings.feedback.max_age_s
+    result = await recorder.store.add_feedback(body.request_id, body.index, body.label, max_age_s)
+    if result.outcome is FeedbackOutcome.UNKNOWN:
+        # The prediction may still sit in this replica's write buffer, or in a flush under way:
+        # flush() waits for that one and writes what is left.
+        await recorder.flush()
+        result = await recorder.store.add_feedback(body.request_id, body.index, body.label, max_age_s)
+    replica.metrics.feedback.inc(tags={"outcome": result.outcome.value, "model_version": result.model_version or ""})
+    if result.outcome is FeedbackOutcome.UNKNOWN:
+        return error_response(request, 404, "not_found", f"no prediction {body.request_id!r} with index {body.index}")
+    if result.outcome is FeedbackOutcome.EXPIRED:
+        details = [
+            {"loc": ["body", "request_id"], "msg": f"prediction older than {max_age_s:.0f} s", "type": "expired"}
+        ]
+        return error_response(request, 422, "feedback_expired", "the prediction is too old for feedback", details)
+    log.info(
+        "feedback %s for %s[%d]",
+        result.outcome.value,
+        body.request_id,
+        body.index,
+        extra={"model_version": result.model_version, "correct": result.correct},
+    )
+    if result.outcome is FeedbackOutcome.DUPLICATE:
+        response.status_code = 200
+    return FeedbackResponse(
+        request_id=body.request_id,
+        index=body.index,
+        label=result.label or body.label,
+        outcome=result.outcome.value,
+        predicted=result.predicted,
+        correct=result.correct,
+        model={"name": result.model_name or "", "version": result.model_version or ""},
+    )
