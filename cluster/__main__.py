@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from cluster.health import status
 from cluster.keys import keys_app
-from cluster.stack import StartupError, down, status, up
+from cluster.stack import down, up
+from cluster.startup import StartupError
 from core.settings import get_settings
 
 app = typer.Typer(
@@ -86,7 +88,7 @@ def render_kuberay_command() -> None:
 @app.command("deploy-serve")
 def deploy_serve_command() -> None:
     """Deploy the Serve app from serve_apps/config.yaml to a running Ray cluster, as `up` does; wait until it runs."""
-    from cluster.stack import deploy_serve
+    from cluster.apps import deploy_serve
     from cluster.supervisor import child_environment
 
     settings = get_settings()

@@ -35,9 +35,9 @@ def _append_env(env_file: Path, comment: str, values: dict[str, str]) -> None:
     get_settings.cache_clear()
 
 
-def ensure_api_key(env_file: Path = REPO_ROOT / ".env") -> str:
+def ensure_api_key(settings: Settings, env_file: Path = REPO_ROOT / ".env") -> str:
     """Reuse a configured key; otherwise generate one into .env (never into code)."""
-    existing = get_settings().api.key_list()
+    existing = settings.api.key_list()
     if existing:
         return existing[0]
     key = secrets.token_urlsafe(32)
@@ -56,9 +56,8 @@ GENERATED_SECRETS: dict[str, tuple[Callable[[Settings], object], str]] = {
 }
 
 
-def ensure_secrets(env_file: Path = REPO_ROOT / ".env") -> None:
+def ensure_secrets(settings: Settings, env_file: Path = REPO_ROOT / ".env") -> None:
     """Generate each missing secret into .env, like the API key; configured ones are kept."""
-    settings = get_settings()
     for variable, (configured, purpose) in GENERATED_SECRETS.items():
         if configured(settings) is None:
             _append_env(env_file, f": {purpose}", {variable: secrets.token_urlsafe(32)})
@@ -75,10 +74,9 @@ def _listening(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def ensure_async_training(env_file: Path = REPO_ROOT / ".env") -> str:
+def ensure_async_training(settings: Settings, env_file: Path = REPO_ROOT / ".env") -> str:
     """Turn on asynchronous training when PostgreSQL and RabbitMQ run on this machine and the
     user has not configured (or explicitly blanked) DATABASE_URL / AMQP_URL."""
-    settings = get_settings()
     if settings.training_jobs_enabled:
         return "on (DATABASE_URL and AMQP_URL are set)"
     configured = dotenv_values(env_file) if env_file.is_file() else {}
@@ -174,10 +172,11 @@ def edge_urls(settings: Settings) -> str:
 
 
 def observability_urls(settings: Settings) -> str:
+    running = {probe.name: probe.url for probe in probes(settings)}
     lines = []
-    for probe in probes(settings):
-        if probe.name in {"prometheus", "alertmanager"}:
-            lines.append(f"{probe.name.capitalize():<14}: {probe.url}")
+    for name in ("prometheus", "alertmanager"):
+        if name in running:
+            lines.append(f"{name.capitalize():<14}: {running[name]}")
     if not lines:
         lines.append("Prometheus    : not installed (apt-get install prometheus prometheus-alertmanager)")
     return "\n".join(lines) + "\n"
@@ -185,9 +184,10 @@ def observability_urls(settings: Settings) -> str:
 
 def run_demo(config: str = "jobs/configs/adult.yaml") -> int:
     started = time.monotonic()
-    key = ensure_api_key()
-    ensure_secrets()
-    async_training = ensure_async_training()
+    # Each step may add to .env, which clears the cached settings: the next step reads them anew.
+    key = ensure_api_key(get_settings())
+    ensure_secrets(get_settings())
+    async_training = ensure_async_training(get_settings())
     settings = get_settings()
     print(f"== asynchronous training: {async_training}")
     print("== starting the stack")

@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from cluster.observability import write_files
-from core.settings import REPO_ROOT, RaySettings, ServeSettings
+from core.settings import REPO_ROOT, ModelSettings, RaySettings, ServeSettings, Settings
+from serve_apps.serve_config import with_knobs
 
 KUBERAY_DIR = REPO_ROOT / "cluster" / "kuberay"
 RAYSERVICE_FILE = KUBERAY_DIR / "rayservice.yaml"
@@ -62,9 +63,11 @@ def ports() -> dict[str, int]:
 
 
 def serve_config() -> dict[str, Any]:
-    """serve_apps/config.yaml as the pods run it."""
-    source = ServeSettings().config_path
-    config: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
+    """serve_apps/config.yaml as the pods run it, with the settings' default knobs."""
+    serve = ServeSettings()
+    shipped: dict[str, Any] = yaml.safe_load(serve.config_path.read_text(encoding="utf-8"))
+    max_rows = Settings.model_fields["max_batch_rows"].get_default(call_default_factory=True)
+    config = with_knobs(shipped, serve, ModelSettings(), max_rows)
     # A pod's proxy has to listen on the pod's address for the Serve Service to reach it; that
     # Service is ClusterIP, so the API is still reachable only from inside the cluster (Nginx).
     config["http_options"] = {**config.get("http_options", {}), "host": "0.0.0.0", "port": ports()["serve"]}

@@ -41,7 +41,7 @@ deploy_serve() {
         fi
         sleep 2
     done
-    # As `cluster up` does (cluster.stack.deploy_serve): the config rendered with this container's
+    # As `cluster up` does (cluster.apps.deploy_serve): the config rendered with this container's
     # host, port and tracing, `serve deploy` retried until the dashboard's Serve module takes it,
     # then a wait until the application runs.
     if ! python -m cluster deploy-serve >&2; then

@@ -15,8 +15,9 @@ import yaml
 from pydantic import ValidationError
 
 from cluster import scale_out
-from core.settings import REPO_ROOT, RaySettings, ServeSettings
+from core.settings import REPO_ROOT, ModelSettings, RaySettings, ServeSettings
 from jobs.config import load_config
+from serve_apps.serve_config import with_knobs
 
 LAUNCHER = REPO_ROOT / "ray-cluster.yaml"
 KUSTOMIZATION = scale_out.KUBERAY_DIR / "kustomization.yaml"
@@ -154,8 +155,12 @@ def test_kustomization_applies_every_manifest():
 def test_serve_config_is_the_shared_one():
     (service,) = [d for d in manifests() if d["kind"] == "RayService"]
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
-    source = yaml.safe_load(SERVE.config_path.read_text())
+    # The shipped shape with the settings' default knobs, as `cluster up` renders it locally.
+    source = with_knobs(yaml.safe_load(SERVE.config_path.read_text()), SERVE, ModelSettings(), 1000)
     assert embedded["applications"] == source["applications"]
+    (ingress,) = embedded["applications"][0]["deployments"]
+    assert ingress["max_ongoing_requests"] == SERVE.max_ongoing_requests
+    assert ingress["user_config"]["max_batch_size"] == SERVE.max_batch_size
     assert {k: v for k, v in embedded.items() if k != "http_options"} == {
         k: v for k, v in source.items() if k != "http_options"
     }

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cluster.stack import ui_environment
+from cluster.apps import ui_environment
 from core.settings import REPO_ROOT, Settings, environment_variables
 from ui.launch import UiConfigError, login_credentials
 from ui.proxy import ForwardedPrefixMiddleware, forwarded_prefix
