@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks [--quick] [--out benchmarks/results] [--skip training]
 
-Starts a stack of its own (`benchmarks/stack.py`), measures the retraining loop (whose model then
+Starts a stack of its own (`cluster/sandbox.py`), measures the retraining loop (whose model then
 serves), the serving paths against `mlflow models serve`, a bare FastAPI server and the
 in-process call, profiles the ingress replica, stops the stack, then measures training (Ray Train
 with 1 and 2 workers against a plain PyTorch loop, and Ray Tune) on a quiet machine. Writes
@@ -20,7 +20,7 @@ import typer
 from benchmarks.loop import retrain_loop
 from benchmarks.report import machine_info, write_report
 from benchmarks.serving import Plan, run_serving
-from benchmarks.stack import bench_stack
+from cluster.sandbox import hermetic_stack
 from core.settings import REPO_ROOT
 
 SECTIONS = ("loop", "serving", "training")
@@ -29,7 +29,7 @@ app = typer.Typer(add_completion=False)
 
 def _platform(quick: bool, out: Path, skip: set[str]) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    with bench_stack() as stack, stack.client() as client:
+    with hermetic_stack("bench") as stack, stack.client() as client:
         # The loop's training job also gives the stack its champion, which the serving part uses.
         overrides = {"train.epochs": 1} if quick else {}
         results["loop"] = retrain_loop(client, overrides)

@@ -249,8 +249,8 @@ def _machine_busy_s() -> float:
     import psutil
 
     # Only work done here: guest time is already inside user, steal is the hypervisor's.
-    times = psutil.cpu_times()._asdict()
-    return sum(times.get(name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
+    times = psutil.cpu_times()
+    return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
 
 
 def loadgen_summary(results: list[LoadResult]) -> dict[str, Any]:

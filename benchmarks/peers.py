@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from typing import Any
 import httpx
 import orjson
 from tenacity import RetryError, retry, retry_if_result, stop_after_delay, wait_exponential
+
+from cluster.sandbox import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "adult.yaml"
@@ -172,13 +173,6 @@ def _tracking_env(tracking_uri: str | None) -> dict[str, str]:
 
 
 # Processes ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _venv_bin() -> Path:

@@ -25,6 +25,7 @@ import psutil
 from benchmarks.load import run_wrk
 from benchmarks.peers import Peer, fastapi_peer, in_process, mlflow_peer, sample_rows, time_calls
 from cluster.edge import bearer_headers, local_edge_url
+from cluster.sandbox import replica_pids
 from core.settings import Settings
 
 EDGE = "platform (Nginx TLS)"
@@ -217,21 +218,6 @@ def same_answers(targets: Sequence[Target], rows: list[dict[str, Any]]) -> dict[
 
 
 # Profile -----------------------------------------------------------------------------------
-
-
-def replica_pids(settings: Settings) -> list[int]:
-    """The ingress replicas of this stack (their Ray temp dir tells stacks apart)."""
-    temp = str(settings.ray.resolved_temp_dir)
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "ServeReplica:inference:Ingress" in cmdline:
-            try:
-                if any(temp in " ".join(p.cmdline()) for p in [process, *process.parents()]):
-                    found.append(process.pid)
-            except psutil.Error:
-                continue
-    return found
 
 
 def _py_spy() -> str:

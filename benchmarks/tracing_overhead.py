@@ -13,21 +13,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-import secrets
 import statistics
 import subprocess
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import typer
 
-from benchmarks.otlp_sink import OtlpSink
-from benchmarks.stack import delete_queues, environment
-from benchmarks.training_jobs_api import ADMIN_DSN, _cli, _parse_wrk
+from benchmarks.training_jobs_api import parse_wrk
+from cluster.sandbox import OtlpSink, hermetic_stack, start, stop
 from core.settings import REPO_ROOT, Settings
 from serve_apps.schemas import EXAMPLE_ROW
 
@@ -40,24 +35,11 @@ wrk.body = '{body}'
 """
 
 
-def _settings(env: dict[str, str]) -> Settings:
-    """The settings the stack started with `env` reads (the environment wins over .env)."""
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        return Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def _train(env: dict[str, str]) -> str:
+def _train(settings: Settings) -> str:
     from cluster.demo import wait_for_version
     from jobs.result import training_result
     from services.ray_submission import follow_job, submit_training
 
-    settings = _settings(env)
     job = submit_training(settings, "jobs/configs/adult.yaml", ["train.epochs=1", "train.patience=1"])
     status, logs = follow_job(settings, job)
     result = training_result(logs)
@@ -91,31 +73,25 @@ def _measure(url: str, script: Path, connections: int, duration: int) -> dict[st
         capture_output=True,
         text=True,
     )
-    return _parse_wrk(run.stdout)
+    return parse_wrk(run.stdout)
 
 
 def main(connections: int = 16, duration: int = 20, rounds: int = 2) -> None:
-    suffix = uuid.uuid4().hex[:8]
-    database = f"bench_trace_{suffix}"
-    key = secrets.token_urlsafe(24)
     sink = OtlpSink().start()
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
-        state = Path(tmp)
-        env = {**environment(state, database, suffix, key), "PROMETHEUS_ENABLED": "false"}
-        url = f"http://127.0.0.1:{env['SERVE_PORT']}/v1/predict"
-        script = state / "predict.lua"
-        script.write_text(LUA.format(key=key, body=json.dumps({"instances": [EXAMPLE_ROW]})))
-        try:
-            if (started := _cli({**env, "OTEL_EXPORTER_OTLP_ENDPOINT": ""}, "up")).returncode != 0:
-                raise SystemExit(f"cluster up failed: {started.stderr}")
-            version = _train(env)
+    overrides = {"PROMETHEUS_ENABLED": "false", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+    try:
+        with hermetic_stack("bench_trace", overrides) as stack:
+            env, key = stack.env, stack.api_key
+            url = f"http://127.0.0.1:{env['SERVE_PORT']}/v1/predict"
+            script = Path(env["STATE_DIR"]) / "predict.lua"
+            script.write_text(LUA.format(key=key, body=json.dumps({"instances": [EXAMPLE_ROW]})))
+            version = _train(stack.settings)
             for _ in range(rounds):
                 for tracing in (False, True):
-                    _cli(env, "down")
+                    stop(env)
                     round_env = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint if tracing else ""}
-                    if (started := _cli(round_env, "up")).returncode != 0:
-                        raise SystemExit(f"cluster up failed: {started.stderr}")
+                    start(round_env)
                     _ready(url, key)
                     spans_before = len(sink.spans)
                     figures = _measure(url, script, connections, duration)
@@ -126,11 +102,8 @@ def main(connections: int = 16, duration: int = 20, rounds: int = 2) -> None:
                         f"p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
                         f"{figures['non_2xx'] + figures['socket_errors']:.0f} errors, {figures['spans_received']} spans"
                     )
-        finally:
-            _cli(env, "down")
-            sink.stop()
-            delete_queues(suffix)
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        sink.stop()
     off = [r["rps"] for r in runs if not r["tracing"]]
     on = [r["rps"] for r in runs if r["tracing"]]
     summary = {

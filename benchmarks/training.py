@@ -43,7 +43,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -60,6 +59,7 @@ from mlflow.tracking import MlflowClient
 
 import jobs.train
 from benchmarks.training_recorder import EpochRecorder
+from cluster.sandbox import free_port
 from core.settings import REPO_ROOT, Settings
 from jobs.config import JobConfig, load_config
 from jobs.data.loading import Splits, load_splits
@@ -173,12 +173,6 @@ def run_plain(inputs: Inputs, settings: Settings) -> dict[str, Any]:
 # Ray Train -----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def local_ray(settings: Settings) -> Iterator[float]:
     """A fresh single-node Ray for this process, on a free GCS port (never Redis's 6379); yields
@@ -189,7 +183,7 @@ def local_ray(settings: Settings) -> Iterator[float]:
     placement-group cleaner (which asks the dashboard's State API) gives up with a logged error:
     it only matters for runs whose controller dies, and no run here is stopped from outside.
     """
-    port = _free_port()
+    port = free_port()
     temp_dir = f"/tmp/rtt{port}"  # Ray's unix socket paths must stay short
     started = time.perf_counter()
     with environment({"RAY_GCS_SERVER_PORT": str(port)}):  # read once, when Ray starts its GCS
@@ -290,7 +284,7 @@ def tune_config(plan: Plan) -> JobConfig:
 
 def run_tune(inputs: Inputs, settings: Settings, plan: Plan) -> dict[str, Any]:
     """Trials per minute of `jobs.tune`'s Tuner on a running cluster (what `tuner.fit` takes)."""
-    from jobs.tune import TrialContext, _results, _tuner
+    from jobs.tune import TrialContext, trial_results, tuner
 
     config = tune_config(plan)
     client = MlflowClient(settings.mlflow.tracking_uri)
@@ -300,7 +294,7 @@ def run_tune(inputs: Inputs, settings: Settings, plan: Plan) -> dict[str, Any]:
     context = TrialContext(config, settings, inputs.pre, schema, experiment, parent, {}, f"bench-tune-{parent[:8]}")
     datasets = ray_datasets(inputs.pre, inputs.splits)
     started = time.perf_counter()
-    results = _results(_tuner(context, datasets).fit())
+    results = trial_results(tuner(context, datasets).fit())
     wall = time.perf_counter() - started
     completed = [r for r in results if r.error is None and (r.metrics or {}).get("training_iteration")]
     tc = config.tune

@@ -12,35 +12,22 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import secrets
 import signal
 import subprocess
-import sys
-import tempfile
-import uuid
 from pathlib import Path
 
 import aio_pika
 import psycopg
 import typer
 
-from benchmarks.stack import delete_queues, environment
-from core.settings import REPO_ROOT
+from cluster.sandbox import AMQP_URL, hermetic_stack
 
-ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {key}"
 wrk.body = '{{"kind": "train", "config": "adult", "overrides": {{"train.epochs": 3}}}}'
 """
-
-
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False
-    )
 
 
 def _queue_depth(queue: str) -> int:
@@ -73,7 +60,7 @@ def _settle(dsn: str) -> None:
     wait_until(stable, 10, max_wait_s=0.5)
 
 
-def _parse_wrk(output: str) -> dict[str, float]:
+def parse_wrk(output: str) -> dict[str, float]:
     def latency_ms(label: str) -> float:
         match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
         if match is None:
@@ -96,72 +83,60 @@ def _parse_wrk(output: str) -> dict[str, float]:
 
 
 def main(connections: int = 16, duration: int = 30, threads: int = 2) -> None:
-    suffix = uuid.uuid4().hex[:8]
-    database = f"bench_jobs_{suffix}"
-    key = secrets.token_urlsafe(24)
-    with tempfile.TemporaryDirectory() as tmp:
-        state = Path(tmp)
-        env = environment(state, database, suffix, key)
-        try:
-            started = _cli(env, "up")
-            if started.returncode != 0:
-                raise SystemExit(f"cluster up failed: {started.stderr}")
-            pid = int((state / "pids" / "dispatcher.pid").read_text())
-            os.kill(pid, signal.SIGTERM)  # accept only; nothing trains during the measurement
-            script = state / "post.lua"
-            script.write_text(LUA.format(key=key))
-            url = f"http://127.0.0.1:{env['SERVE_PORT']}/v1/training-jobs"
-            subprocess.run(["wrk", "-t1", "-c4", "-d3s", "-s", str(script), url], check=True, capture_output=True)
-            _settle(env["DATABASE_URL"])
-            with psycopg.connect(env["DATABASE_URL"]) as conn:
-                warmup = conn.execute("SELECT count(*) FROM training_jobs").fetchone()[0]  # type: ignore[index]
-            run = subprocess.run(
-                ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            figures = _parse_wrk(run.stdout)
-            _settle(env["DATABASE_URL"])
-            # The same path with no work behind it: what the Serve proxy and ingress cost alone.
-            baseline = subprocess.run(
-                [
-                    "wrk",
-                    f"-t{threads}",
-                    f"-c{connections}",
-                    f"-d{min(duration, 10)}s",
-                    "--latency",
-                    url.replace("/v1/training-jobs", "/healthz"),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            base = _parse_wrk(baseline.stdout)
-            typer.echo(
-                f"baseline GET /healthz, {connections} connections: p50 {base['p50_ms']:.1f} ms, "
-                f"p99 {base['p99_ms']:.1f} ms, {base['rps']:.0f} req/s"
-            )
-            accepted = int(figures["requests"] - figures["non_2xx"] - figures["socket_errors"])
-            with psycopg.connect(env["DATABASE_URL"]) as conn:
-                rows = conn.execute("SELECT count(*) FROM training_jobs").fetchone()[0] - warmup  # type: ignore[index]
-            messages = _queue_depth(env["TRAINING_QUEUE"]) - warmup
-            typer.echo(run.stdout)
-            typer.echo(
-                f"POST /v1/training-jobs, {connections} connections, {duration}s: "
-                f"p50 {figures['p50_ms']:.1f} ms, p90 {figures['p90_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
-                f"{figures['rps']:.0f} req/s; {accepted} accepted, {rows} job rows, {messages} queued messages, "
-                f"{figures['non_2xx']} non-2xx, {figures['socket_errors']} socket errors"
-            )
-            # wrk stops counting with up to one request per connection still in flight; those
-            # complete on the server, so rows may exceed wrk's count by at most `connections`.
-            if rows != messages or not accepted <= rows <= accepted + connections:
-                raise SystemExit("accepted, stored and queued counts differ")
-        finally:
-            _cli(env, "down")
-            delete_queues(suffix)
-            with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    with hermetic_stack("bench_jobs") as stack:
+        env = stack.env
+        state = Path(env["STATE_DIR"])
+        pid = int((state / "pids" / "dispatcher.pid").read_text())
+        os.kill(pid, signal.SIGTERM)  # accept only; nothing trains during the measurement
+        script = state / "post.lua"
+        script.write_text(LUA.format(key=stack.api_key))
+        url = f"http://127.0.0.1:{env['SERVE_PORT']}/v1/training-jobs"
+        subprocess.run(["wrk", "-t1", "-c4", "-d3s", "-s", str(script), url], check=True, capture_output=True)
+        _settle(env["DATABASE_URL"])
+        with psycopg.connect(env["DATABASE_URL"]) as conn:
+            warmup = conn.execute("SELECT count(*) FROM training_jobs").fetchone()[0]  # type: ignore[index]
+        run = subprocess.run(
+            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        figures = parse_wrk(run.stdout)
+        _settle(env["DATABASE_URL"])
+        # The same path with no work behind it: what the Serve proxy and ingress cost alone.
+        baseline = subprocess.run(
+            [
+                "wrk",
+                f"-t{threads}",
+                f"-c{connections}",
+                f"-d{min(duration, 10)}s",
+                "--latency",
+                url.replace("/v1/training-jobs", "/healthz"),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        base = parse_wrk(baseline.stdout)
+        typer.echo(
+            f"baseline GET /healthz, {connections} connections: p50 {base['p50_ms']:.1f} ms, "
+            f"p99 {base['p99_ms']:.1f} ms, {base['rps']:.0f} req/s"
+        )
+        accepted = int(figures["requests"] - figures["non_2xx"] - figures["socket_errors"])
+        with psycopg.connect(env["DATABASE_URL"]) as conn:
+            rows = conn.execute("SELECT count(*) FROM training_jobs").fetchone()[0] - warmup  # type: ignore[index]
+        messages = _queue_depth(env["TRAINING_QUEUE"]) - warmup
+        typer.echo(run.stdout)
+        typer.echo(
+            f"POST /v1/training-jobs, {connections} connections, {duration}s: "
+            f"p50 {figures['p50_ms']:.1f} ms, p90 {figures['p90_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
+            f"{figures['rps']:.0f} req/s; {accepted} accepted, {rows} job rows, {messages} queued messages, "
+            f"{figures['non_2xx']} non-2xx, {figures['socket_errors']} socket errors"
+        )
+        # wrk stops counting with up to one request per connection still in flight; those
+        # complete on the server, so rows may exceed wrk's count by at most `connections`.
+        if rows != messages or not accepted <= rows <= accepted + connections:
+            raise SystemExit("accepted, stored and queued counts differ")
 
 
 if __name__ == "__main__":

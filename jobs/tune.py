@@ -226,7 +226,7 @@ def _connect(settings: Settings) -> None:
     ray.init(address=settings.ray.address, log_to_driver=True, runtime_env={"env_vars": env_vars})
 
 
-def _tuner(context: TrialContext, datasets: dict[str, Any]) -> Tuner:
+def tuner(context: TrialContext, datasets: dict[str, Any]) -> Tuner:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -273,7 +273,7 @@ def _child_runs(client: MlflowClient, context: TrialContext) -> dict[str, Any]:
     return {run.data.tags[TRIAL_ID_TAG]: run for run in runs if TRIAL_ID_TAG in run.data.tags}
 
 
-def _results(grid: ResultGrid) -> list[Result]:
+def trial_results(grid: ResultGrid) -> list[Result]:
     return [grid[index] for index in range(len(grid))]
 
 
@@ -306,7 +306,7 @@ def _best_weights(result: Result) -> tuple[dict[str, Any], int]:
 
 
 def _best_result(grid: ResultGrid, tc: TuneSection) -> Result:
-    results = _results(grid)
+    results = trial_results(grid)
     if all(r.error is not None for r in results):
         raise RuntimeError(f"all {len(results)} trials failed; first error: {results[0].error!r}")
     return grid.get_best_result(metric=tc.metric, mode=tc.mode, scope="all")
@@ -385,8 +385,8 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
             tags=tags,
             name=f"tune-{config.name}-{parent.info.run_id[:8]}",
         )
-        grid = _tuner(context, datasets).fit()
-        run_ids = _close_child_runs(client, context, _results(grid))
+        grid = tuner(context, datasets).fit()
+        run_ids = _close_child_runs(client, context, trial_results(grid))
         best = _best_result(grid, tc)
         best_run_id = run_ids[str(_trial_id(best))]
         best_params = decode_params(best.config or {}, tc.search_space)

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from cluster.edge import edge_dir, ensure_certificate, local_ca_file, local_config, nginx_binary, prepare_dirs, render
+from cluster.sandbox import Stack, free_port
 from core.health import wait_healthy
-from tests.conftest import Stack, free_port
 
 
 def require_edge(stack: Stack) -> Stack:

@@ -21,9 +21,9 @@ from typing import Any
 import psutil
 
 from cluster.observability import RAY_SERVICE_DISCOVERY_FILE
+from cluster.sandbox import Stack, free_port, reserve_ports
 from cluster.supervisor import Managed, child_environment, log_tail, managed, read_pid, session_members, spawn, stop
 from core.health import wait_until
-from tests.conftest import Stack, free_port, reserve_ports
 
 # Its own loopback address: drivers on this machine (127.0.0.1) keep connecting to the head's
 # raylet, and the node shows up in the State API as a different host, as on a real cluster.

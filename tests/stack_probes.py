@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Stack
+from cluster.sandbox import Stack
 
 
 def until(what: str, probe: Callable[[], Any], timeout_s: float = 120) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 import aio_pika
 import httpx
 
-from tests.conftest import AMQP_URL, Stack
+from cluster.sandbox import AMQP_URL, Stack
 
 TERMINAL = {"succeeded", "failed", "dead_lettered"}
 QUICK = {"train.epochs": 1, "train.patience": 1}

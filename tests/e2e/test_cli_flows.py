@@ -7,9 +7,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from cluster.sandbox import free_port, run_cli, serve_ingress_overrides
 from core.settings import REPO_ROOT
 from jobs.result import training_result
-from tests.conftest import free_port, run_cli, serve_ingress_overrides
 
 
 def test_status_lists_each_component_healthy(stack, trained):

@@ -15,9 +15,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster.demo import wait_for_version
+from cluster.sandbox import Stack
 from serve_apps.schemas import EXAMPLE_ROW
 from services.ray_submission import jobs_client
-from tests.conftest import ALERT_WEBHOOK_TOKEN, Stack
+from tests.conftest import ALERT_WEBHOOK_TOKEN
 from tests.integration.test_prometheus import wait_for
 from tests.observability import dashboard_exprs, promql_metric_names, rule_exprs
 from tests.stack_probes import current_model, firing_alerts, until

@@ -15,9 +15,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cluster.demo import wait_for_version
+from cluster.sandbox import Stack, run_cli
 from jobs.result import training_result
 from services.ray_submission import follow_job, jobs_client, submit_training
-from tests.conftest import Stack, run_cli, train_job
+from tests.conftest import train_job
 from tests.reliability.load import SteadyLoad
 from tests.stack_probes import current_model, firing_alerts, until
 from tests.training_jobs_helpers import QUICK, post_job, wait_job

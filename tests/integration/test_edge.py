@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cluster.sandbox import Stack, free_port
 from core.health import wait_until
 from serve_apps.schemas import EXAMPLE_ROW
-from tests.conftest import Stack, free_port
 from tests.edge_helpers import require_edge, spare_edge
 
 

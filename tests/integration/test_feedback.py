@@ -11,9 +11,10 @@ import psycopg
 import pytest
 
 from cluster.demo import wait_for_version
+from cluster.sandbox import temporary_database
 from serve_apps.schemas import EXAMPLE_ROW
 from services.feedback.store import FeedbackOutcome, FeedbackStore, PredictionRow
-from tests.conftest import ALERT_WEBHOOK_TOKEN, temporary_database
+from tests.conftest import ALERT_WEBHOOK_TOKEN
 
 
 @pytest.fixture(scope="module")

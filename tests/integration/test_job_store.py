@@ -5,9 +5,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from cluster.sandbox import temporary_database
 from services.training_jobs.models import JobRecord, JobSpec, JobState
 from services.training_jobs.store import IdempotencyConflictError, JobStore
-from tests.conftest import temporary_database
 
 
 @pytest.fixture

@@ -20,10 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.stack import serve_app_status
+from cluster.apps import serve_app_status
+from cluster.sandbox import Stack
 from cluster.supervisor import child_environment
 from core.health import wait_until
-from tests.conftest import Stack, train_job
+from tests.conftest import train_job
 from tests.ray_nodes import NODE_IP, RayNode, alive_nodes, discovered_targets, ray_node, state
 
 NODE_RESOURCE = "node2"

@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cluster.sandbox import free_port
 from core.health import wait_healthy
 from jobs.config import DataConfig, JobConfig
 from jobs.pyfunc import INFERENCE_MODULES
 from jobs.registry import log_and_register
-from tests.conftest import free_port
 from tests.predictors import untrained_predictor
 
 ROWS = [{"age": 30, "sex": "Female"}, {"age": 61, "sex": "Male"}]

@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cluster.sandbox import free_port
 from core.health import wait_until
 from core.settings import REPO_ROOT, Settings
 from jobs.config import load_config
 from jobs.data.loading import load_splits
 from jobs.data.storage import read_uri
-from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def test_version_is_registered_promoted_and_loadable(stack, trained):
 
 
 def test_promote_cli_rejects_a_version_that_does_not_beat_the_champion(stack, trained):
-    from tests.conftest import run_cli
+    from cluster.sandbox import run_cli
 
     version = str(trained["model_version"])
     result = run_cli("jobs.promote", "--model", trained["model_name"], "--version", version, env=stack.env, timeout=300)

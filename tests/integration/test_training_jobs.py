@@ -7,8 +7,8 @@ from typing import Any
 import httpx
 from mlflow.tracking import MlflowClient
 
+from cluster.sandbox import run_cli
 from core.health import wait_until
-from tests.conftest import run_cli
 from tests.training_jobs_helpers import QUICK, dead_letters, get_job, post_job, publish_raw, wait_job
 
 

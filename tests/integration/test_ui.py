@@ -19,10 +19,11 @@ from PIL import Image
 from websockets.sync.client import ClientConnection, connect
 
 from cluster.demo import wait_for_version
+from cluster.sandbox import Stack, free_port
 from core.health import check, wait_until
 from core.settings import REPO_ROOT
 from serve_apps.schemas import EXAMPLE_ROW
-from tests.conftest import UI_PASSWORD, Stack, free_port
+from tests.conftest import UI_PASSWORD
 from tests.training_jobs_helpers import QUICK
 
 ARTIFACTS = REPO_ROOT / ".state" / "test-artifacts"

@@ -7,9 +7,9 @@ import contextlib
 import time
 from collections.abc import Iterator
 
+from cluster.sandbox import Stack
 from core.health import wait_until
 from services.ray_submission import jobs_client
-from tests.conftest import Stack
 from tests.reliability.load import SteadyLoad
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cluster.sandbox import Stack
 from core.health import wait_until
 from services.ray_submission import jobs_client, submit_training
-from tests.conftest import Stack
 from tests.reliability.faults import prediction_load, stopped_when_done, wait_for_job
 from tests.reliability.load import summarise
 

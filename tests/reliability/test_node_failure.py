@@ -15,10 +15,10 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from cluster.sandbox import Stack
 from core.health import wait_until
 from jobs.result import training_result
 from services.ray_submission import jobs_client, submit_training
-from tests.conftest import Stack
 from tests.ray_nodes import kill_node, node_state, ray_node, state
 from tests.reliability.faults import prediction_load, stopped_when_done, wait_for_job
 from tests.reliability.load import summarise

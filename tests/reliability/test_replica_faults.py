@@ -17,11 +17,10 @@ import httpx
 import psutil
 import pytest
 
-from benchmarks.serving import replica_pids
-from cluster.stack import deploy_serve
+from cluster.apps import deploy_serve
+from cluster.sandbox import Stack, replica_pids
 from cluster.supervisor import child_environment
 from core.health import wait_until
-from tests.conftest import Stack
 from tests.reliability.load import LoadSummary, SteadyLoad
 
 RATE_PER_S = 100

@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from benchmarks.load import run_wrk
+from cluster.sandbox import Stack
 from serve_apps.schemas import EXAMPLE_ROW
-from tests.conftest import Stack
 from tests.reliability.soak import MemorySampler, SoakSummary, Window
 
 pytestmark = pytest.mark.soak

@@ -14,11 +14,11 @@ import psutil
 import psycopg
 from mlflow.tracking import MlflowClient
 
+from cluster.sandbox import Stack, run_cli
 from cluster.supervisor import managed, read_pid
 from core.health import wait_until
 from serve_apps.schemas import EXAMPLE_ROW
 from services.ray_submission import jobs_client
-from tests.conftest import Stack, run_cli
 from tests.reliability.load import SteadyLoad
 from tests.training_jobs_helpers import QUICK, post_job, wait_job
 

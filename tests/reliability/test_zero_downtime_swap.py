@@ -3,8 +3,9 @@ and every response names the version that answered it, old until the swap and ne
 
 from mlflow.tracking import MlflowClient
 
+from cluster.sandbox import run_cli
 from core.health import wait_until
-from tests.conftest import run_cli, train_job
+from tests.conftest import train_job
 from tests.reliability.load import SteadyLoad
 
 AFTER_SWAP = 300

@@ -12,8 +12,9 @@ import httpx
 import psutil
 import pytest
 
+from cluster.sandbox import Stack, run_cli
 from core.health import wait_until
-from tests.conftest import ALERT_WEBHOOK_TOKEN, Stack, run_cli
+from tests.conftest import ALERT_WEBHOOK_TOKEN
 from tests.edge_helpers import require_edge
 
 # Public by design: liveness and readiness for load balancers and orchestrators, and the API's

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from benchmarks.serving import replica_pids
 from cluster.demo import wait_for_version
+from cluster.sandbox import replica_pids
 from serve_apps.schemas import EXAMPLE_ROW, ErrorResponse
 
 ROW_JSON = json.dumps(EXAMPLE_ROW)

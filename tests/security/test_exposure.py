@@ -8,7 +8,7 @@ import ipaddress
 
 import psutil
 
-from tests.conftest import Stack
+from cluster.sandbox import Stack
 from tests.unit.test_compose import environment, services
 
 

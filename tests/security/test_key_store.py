@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from cluster.sandbox import PG_ADMIN_DSN, temporary_database
 from core.keys import ApiKeyTable, KeyRefresher, KeyStore, hash_api_key
 from core.settings import REPO_ROOT
-from tests.conftest import PG_ADMIN_DSN, temporary_database
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MLFLOW_PASSWORD, RAY_AUTH_TOKEN, Stack
+from cluster.sandbox import Stack
+from tests.conftest import MLFLOW_PASSWORD, RAY_AUTH_TOKEN
 from tests.edge_helpers import require_edge
 
 MLFLOW_API = "/mlflow/api/2.0/mlflow/experiments/search"

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from cluster.sandbox import Stack
 from serve_apps.schemas import EXAMPLE_ROW
-from tests.conftest import Stack
 from tests.edge_helpers import require_edge, spare_edge
 
 

@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from cluster.sandbox import Stack, run_cli
 from core.health import wait_until
 from serve_apps.schemas import EXAMPLE_ROW
-from tests.conftest import ALERT_WEBHOOK_TOKEN, MLFLOW_PASSWORD, RAY_AUTH_TOKEN, UI_PASSWORD, Stack, run_cli
+from tests.conftest import ALERT_WEBHOOK_TOKEN, MLFLOW_PASSWORD, RAY_AUTH_TOKEN, UI_PASSWORD
 from tests.edge_helpers import require_edge
 
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from cluster.edge import edge_dir
-from tests.conftest import Stack
+from cluster.sandbox import Stack
 from tests.edge_helpers import openssl_s_client, require_edge
 
 # Classes that must never be negotiated, as OpenSSL cipher strings. `@SECLEVEL=0` lets this client

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +13,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from cluster.__main__ import app as cli
+from cluster.sandbox import free_port
 from core.keys import (
     ApiKeyTable,
     KeyRefresher,
@@ -69,15 +69,9 @@ def test_every_key_revoked_refuses_everyone(store: KeyStore, client: TestClient)
         assert client.get("/private", headers=headers).status_code == 401
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_an_unreachable_database_keeps_the_last_set(store: KeyStore, caplog: pytest.LogCaptureFixture) -> None:
     store.replace(frozenset({BOOT, ADDED}))
-    table = ApiKeyTable(f"postgresql://postgres@127.0.0.1:{closed_port()}/keys", retry_for_s=0.1, pool_timeout_s=0.2)
+    table = ApiKeyTable(f"postgresql://postgres@127.0.0.1:{free_port()}/keys", retry_for_s=0.1, pool_timeout_s=0.2)
     refresher = KeyRefresher(table, store, [BOOT], interval_s=60)
 
     async def twice() -> list[bool]:

@@ -3,13 +3,13 @@ with gradio_client exactly as the integration test drives the real one."""
 
 import json
 import re
-import socket
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from gradio_client import Client
 
+from cluster.sandbox import free_port
 from core.settings import Settings
 from ui.actions import UiActions
 from ui.app import build_app
@@ -73,17 +73,11 @@ def fake_mlflow(request: httpx.Request) -> httpx.Response:
     return httpx.Response(404, json={"error_code": "NOT_FOUND"})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _serve(key: str | None) -> Iterator[str]:
     api = InferenceApi("http://api", key, transport=httpx.MockTransport(fake_api))
     mlflow = MlflowRest("http://mlflow", transport=httpx.MockTransport(fake_mlflow))
     demo = build_app(UiActions(api, mlflow, "adult-income"))
-    settings = Settings(_env_file=None, ui={"port": _free_port(), "username": "u", "password": "p"})
+    settings = Settings(_env_file=None, ui={"port": free_port(), "username": "u", "password": "p"})
     demo.launch(**launch_options(settings, login_credentials(settings)), prevent_thread_lock=True)
     try:
         yield settings.ui.url
