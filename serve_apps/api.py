@@ -1,5 +1,5 @@
 """The inference API as a FastAPI application: its routers, the error mapping and the request
-context. The Serve deployment (serve_apps/ingress.py) puts the replica's state on `api.state`."""
+context. Each Serve replica builds its own (serve_apps/ingress.py) and puts its state on it."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ from serve_apps.context import RequestContextMiddleware
 from serve_apps.errors import install_error_handlers
 from serve_apps.routes import alerts, feedback, health, inference, models, training_jobs
 
-api = FastAPI(
-    title="Ray cluster inference API",
-    version="1.0.0",
-    description="Predictions from the champion model, served by Ray Serve. Authenticate with "
-    "`Authorization: Bearer <key>` or `X-API-Key: <key>`.",
-)
-install_error_handlers(api)
-api.add_middleware(RequestContextMiddleware)
-for router in (health.router, inference.router, feedback.router, alerts.router, models.router, training_jobs.router):
-    api.include_router(router)
+
+def create_api() -> FastAPI:
+    app = FastAPI(
+        title="Ray cluster inference API",
+        version="1.0.0",
+        description="Predictions from the champion model, served by Ray Serve. Authenticate with "
+        "`Authorization: Bearer <key>` or `X-API-Key: <key>`.",
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
+    for routes in (health, inference, feedback, alerts, models, training_jobs):
+        app.include_router(routes.router)
+    return app
+
+
+# The API's shape, for its OpenAPI document and the tests that read it; replicas build their own.
+api = create_api()

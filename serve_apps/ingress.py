@@ -9,12 +9,13 @@ import logging.handlers
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi import FastAPI
 from ray import serve
 
 from core.keys import KeyStore, start_key_refresher
 from core.logs import add_context_filter
 from core.settings import get_settings
-from serve_apps.api import api
+from serve_apps.api import create_api
 from serve_apps.champion import BatchResult, ChampionModel
 from serve_apps.metrics import IngressMetrics
 from serve_apps.replica import Replica, ServingKnobs
@@ -48,7 +49,9 @@ class ModelOptions:
 
 
 @serve.deployment
-@serve.ingress(api)
+# Each replica builds its app in `__serve_build_asgi_app__`, once the constructor has made the state
+# its routes read (an app passed here would be pickled with the class, and one with routers cannot be).
+@serve.ingress()
 class Ingress:
     async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self, model: ModelOptions, key_hashes: list[str], alert_token_hashes: list[str] | None = None
@@ -62,11 +65,11 @@ class Ingress:
         # stay in the environment rather than in the deployment's arguments, which Serve stores.
         settings = get_settings()
         add_context_filter("ray.serve", "inference-api")
-        api.state.key_store = KeyStore(key_hashes)
-        api.state.alert_token_store = KeyStore(alert_token_hashes) if alert_token_hashes else None
+        self._key_store = KeyStore(key_hashes)
+        self._alert_token_store = KeyStore(alert_token_hashes) if alert_token_hashes else None
         # Keys added or revoked with `python -m cluster keys` take effect without a restart.
         self._key_refresher = await start_key_refresher(
-            api.state.key_store, key_hashes, settings.database.value(), settings.api.key_refresh_s
+            self._key_store, key_hashes, settings.database.value(), settings.api.key_refresh_s
         )
         champion = ChampionModel(model.model_name, model.alias, model.tracking_uri, settings.model.poll_interval_s)
         self._replica = Replica(
@@ -76,11 +79,18 @@ class Ingress:
             predict_batch=self._predict_batch,
             max_rows=settings.max_batch_rows,
         )
-        api.state.replica = self._replica
         # What the settings say until Serve's user_config (rendered from the same settings) arrives.
         self.reconfigure(serving_knobs(settings.serve, settings.model, settings.max_batch_rows).model_dump())
         await champion.start()
         self._log_flusher = asyncio.get_running_loop().create_task(flush_serve_logs(LOG_FLUSH_INTERVAL_S))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The app this replica serves, with the state its dependencies read (auth, the replica)."""
+        app = create_api()
+        app.state.key_store = self._key_store
+        app.state.alert_token_store = self._alert_token_store
+        app.state.replica = self._replica
+        return app
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's `user_config` at start and whenever it changes:

@@ -59,7 +59,8 @@ async def predict(body: PredictRequest, request: Request, replica: ReplicaDep) -
             ]
         )
     # Serialised once with orjson, bypassing FastAPI's response-model validation: the body is
-    # built here from typed values, and re-validating a 1,000-row answer costs more than the model.
+    # built here from typed values, and re-validating a large answer costs more than the model
+    # (benchmarks/README.md).
     return Response(
         orjson.dumps({"request_id": rid, "model": served.ref, "predictions": result.predictions}),
         media_type="application/json",
