@@ -187,7 +187,7 @@ class ApiSettings(Group):
     # with this much burst; beyond it, 429.
     rate_limit_rps: int = Field(default=500, ge=1)
     rate_limit_burst: int = Field(default=1000, ge=0)
-    # Largest request body the inference API accepts (nginx size syntax); 1,000 rows are ~400 KB.
+    # Largest request body the inference API accepts (nginx size syntax): room for MAX_BATCH_ROWS rows.
     max_body_size: str = "2m"
 
     def key_list(self) -> list[str]:

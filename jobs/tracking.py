@@ -10,11 +10,11 @@ from contextlib import contextmanager
 from core.health import check, wait_healthy
 from core.settings import Settings
 
-# MLflow's client retries a failed request 7 times over about 4 minutes by default, sized for the
-# rate limits of hosted servers. Our tracking server answers a full or read-only artifact store
-# with a 500 on every try: a job sat 4 minutes on the upload before it failed, which looked like a
-# hang. 5 retries (about a minute) still ride out a restart of the tracking server (20-30 s on a
-# loaded 2-core machine). The variable, when set, decides.
+# MLflow's client retries a failed request for minutes by default, sized for the rate limits of
+# hosted servers. Our tracking server answers a full or read-only artifact store with a 500 on
+# every try, so a job sat on the upload long enough to look hung before it failed. Fewer retries
+# still ride out a restart of the tracking server (tests/reliability/test_training_queue_faults.py
+# restarts it under load). The variable, when set, decides.
 HTTP_MAX_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 HTTP_MAX_RETRIES = "5"
 # MLflow's artifact repositories (local, HTTP proxy, S3, ...) live here: a failure raised from one
@@ -44,7 +44,7 @@ def require_tracking_server(settings: Settings, timeout_s: float = 30.0) -> None
 
 
 def bound_request_retries() -> None:
-    """Give up on a failing MLflow request after about a minute instead of four (see above)."""
+    """Give up on a failing MLflow request sooner than MLflow's default (see above)."""
     os.environ.setdefault(HTTP_MAX_RETRIES_ENV, HTTP_MAX_RETRIES)
 
 

@@ -47,13 +47,13 @@ log = logging.getLogger(__name__)
 SHARD_CACHE_MAX_BYTES = 512 * 1024**2
 # Ray Train's controller collects reports by polling its workers, every 2 s by default, and a
 # worker's `ray.train.report` blocks until its previous report was collected: epochs shorter than
-# the interval each waited for it (most of a 25-epoch Adult job's wall time). A poll is one small
-# actor call per worker. The environment variable, when set, still decides.
+# the interval each waited for it, most of a short job's wall time (benchmarks/README.md). A poll is
+# one small actor call per worker. The environment variable, when set, still decides.
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_INTERVAL_S = "0.1"
 # DDP broadcasts rank 0's buffers (BatchNorm statistics) before every forward pass by default: one
-# more collective per step, which cost more than this small model's step on 2 cores (2 workers
-# trained slower than 1). Rank 0's statistics, the ones checkpointed, evolve the same without it;
+# more collective per step, which cost more than a small model's step on a small machine
+# (benchmarks/README.md). Rank 0's statistics, the ones checkpointed, evolve the same without it;
 # the other ranks validate with their own.
 DDP_BROADCAST_BUFFERS = False
 

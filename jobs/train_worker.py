@@ -2,7 +2,7 @@
 
 Kept apart from the driver's MLflow, registry and evaluation imports: every Train worker (and every
 Tune trial's worker) imports this module to unpickle its function, and `jobs.train`'s imports
-(MLflow, scikit-learn, OpenTelemetry) added over a second to each worker's start-up on 2 cores.
+(MLflow, scikit-learn, OpenTelemetry) would slow every worker's start-up (benchmarks/README.md).
 """
 
 from __future__ import annotations
