@@ -30,16 +30,17 @@ def openssl_s_client(edge: Stack, *args: str) -> subprocess.CompletedProcess[str
 
 
 @contextmanager
-def spare_edge(edge: Stack, state_dir: Path, **updates: Any) -> Iterator[Stack]:
-    """Another Nginx in front of the same Serve ingress, on free ports, with `updates` applied to
-    its settings (upstreams, rate limits). Stopped on exit."""
+def spare_edge(
+    edge: Stack, state_dir: Path, nginx: dict[str, Any] | None = None, api: dict[str, Any] | None = None
+) -> Iterator[Stack]:
+    """Another Nginx in front of the same Serve ingress, on free ports, with `nginx` and `api`
+    applied to its settings' groups (upstreams, rate limits). Stopped on exit."""
+    ports = {"https_port": free_port(), "http_port": free_port(), "status_port": free_port()}
     settings = edge.settings.model_copy(
         update={
             "state_dir": state_dir,
-            "nginx_https_port": free_port(),
-            "nginx_http_port": free_port(),
-            "nginx_status_port": free_port(),
-            **updates,
+            "nginx": edge.settings.nginx.model_copy(update={**ports, **(nginx or {})}),
+            "api": edge.settings.api.model_copy(update=api or {}),
         }
     )
     prepare_dirs(settings)

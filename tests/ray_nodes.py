@@ -112,15 +112,16 @@ def start_node(stack: Stack, name: str, resources: dict[str, float], cpus: int) 
     ]  # fmt: skip
     # The head's environment (code path, MLflow, S3, Ray token when the stack has one) plus the
     # Serve ingress's ports and files on this node: both nodes' HAProxies share one machine.
-    ports = settings.model_copy(
+    serve = settings.serve.model_copy(
         update={
-            "ray_temp_dir": temp_dir,
-            "serve_haproxy_stats_port": free_port(),
-            "serve_haproxy_metrics_port": free_port(),
-            "serve_fallback_proxy_port": free_port(),
-            "serve_fallback_proxy_grpc_port": free_port(),
+            "haproxy_stats_port": free_port(),
+            "haproxy_metrics_port": free_port(),
+            "fallback_proxy_port": free_port(),
+            "fallback_proxy_grpc_port": free_port(),
         }
     )
+    ray = settings.ray.model_copy(update={"temp_dir": temp_dir})
+    ports = settings.model_copy(update={"ray": ray, "serve": serve})
     env = {
         **child_environment(settings),
         **ports.serve_environment(),

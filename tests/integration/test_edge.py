@@ -66,9 +66,8 @@ def second_edge(edge: Stack, tmp_path: Path) -> Iterator[Stack]:
     """Another Nginx from the same template: two Serve upstreams of which the first is down, and a
     rate limit of 2 requests per second."""
     upstreams = [f"127.0.0.1:{free_port()}", f"{edge.settings.serve.host}:{edge.settings.serve.port}"]
-    with spare_edge(
-        edge, tmp_path / "state", nginx_serve_upstreams=upstreams, api_rate_limit_rps=2, api_rate_limit_burst=3
-    ) as running:
+    limits = {"rate_limit_rps": 2, "rate_limit_burst": 3}
+    with spare_edge(edge, tmp_path / "state", nginx={"serve_upstreams": upstreams}, api=limits) as running:
         yield running
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -43,6 +44,8 @@ def test_regression_on_a_parquet_data_set(stack, tmp_path):
     assert client.get_model_version_by_alias("houses-price", "champion").version == result["model_version"]
 
 
+# `make test` trains a CSV classification task with inferred features in tests/e2e/test_second_task.py.
+@pytest.mark.extended
 def test_classification_on_a_csv_with_inferred_features(stack, tmp_path):
     rng = np.random.default_rng(1)
     rows = 1000

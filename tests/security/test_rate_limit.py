@@ -17,7 +17,7 @@ from tests.edge_helpers import require_edge, spare_edge
 @pytest.fixture
 def tight_edge(stack: Stack, tmp_path: Path) -> Iterator[Stack]:
     """A spare Nginx in front of the stack's ingress with a limit of 1 request per second."""
-    with spare_edge(require_edge(stack), tmp_path / "state", api_rate_limit_rps=1, api_rate_limit_burst=2) as edge:
+    with spare_edge(require_edge(stack), tmp_path / "state", api={"rate_limit_rps": 1, "rate_limit_burst": 2}) as edge:
         yield edge
 
 
