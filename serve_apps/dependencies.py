@@ -11,7 +11,9 @@ from serve_apps.auth import require_alert_token, require_api_key
 from serve_apps.replica import Replica
 
 
-def get_replica(request: Request) -> Replica:
+# Async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a hand-off that costs
+# more than the look-up (serve_apps/auth.py's dependencies are async for the same reason).
+async def get_replica(request: Request) -> Replica:
     replica: Replica = request.app.state.replica
     return replica
 
