@@ -255,7 +255,9 @@ class RetrainSettings(Group):
     """What the accuracy alert's webhook enqueues."""
 
     kind: Literal["train", "tune"] = "train"
-    config: str = "adult"
+    # Model name -> config name in jobs/configs, for a model that more than one config trains; any
+    # other model is retrained by the one config that trains it (services/training_jobs/retrain.py).
+    configs: dict[str, str] = Field(default_factory=dict)
     overrides: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 

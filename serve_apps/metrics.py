@@ -22,6 +22,11 @@ class IngressMetrics:
         self.retrain_requests = Counter(
             "retrain_requests", "Training jobs requested by alerts, by whether the job is new.", tag_keys=("created",)
         )
+        self.retrain_refusals = Counter(
+            "retrain_refusals",
+            "Retrain alerts that queued nothing: no config can retrain their model.",
+            tag_keys=("model",),
+        )
 
 
 class ModelMetrics:

@@ -156,9 +156,21 @@ class AlertmanagerPayload(BaseModel):
 class RetrainRequest(BaseModel):
     alert: str
     fingerprint: str
+    model: str = Field(description="the registered model the alert is about, which the job retrains")
+    config: str = Field(description="the config in jobs/configs the job trains")
     job_id: str
     created: bool
 
 
+class RetrainRefusal(BaseModel):
+    """A firing retrain alert that queued nothing, because no config can safely retrain its model."""
+
+    alert: str
+    fingerprint: str
+    model: str | None
+    reason: str
+
+
 class AlertWebhookResponse(BaseModel):
     retrain: list[RetrainRequest]
+    refused: list[RetrainRefusal] = Field(default_factory=list)

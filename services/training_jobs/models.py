@@ -19,7 +19,7 @@ from core.settings import REPO_ROOT
 from jobs.config import JobConfig, load_config, operator_only
 
 CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
-_CONFIG_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+CONFIG_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 DEFAULT_CONFIG = {"train": "adult", "tune": "adult-tune"}
 MODULES = {"train": "jobs.train", "tune": "jobs.tune"}
 
@@ -49,6 +49,11 @@ def _base_config(path: str, mtime_ns: int) -> JobConfig:
     The mtime is part of the key so an edited config is read again."""
     del mtime_ns
     return load_config(path)
+
+
+def base_config(path: Path) -> JobConfig:
+    """A config file as it is on disk now."""
+    return _base_config(str(path), path.stat().st_mtime_ns)
 
 
 def _unstorable(value: Any) -> str | None:
@@ -109,7 +114,7 @@ class JobSpec(BaseModel):
     @field_validator("config")
     @classmethod
     def _config_name(cls, value: str | None) -> str | None:
-        if value is not None and not _CONFIG_NAME.match(value):
+        if value is not None and not CONFIG_NAME.match(value):
             raise ValueError("must be a config name such as 'adult' (letters, digits, '-' and '_')")
         return value
 
@@ -160,7 +165,7 @@ class JobSpec(BaseModel):
             self._check_not_operator_only()
         if not self.config_path.is_file():
             raise InvalidJobSpecError(["body", "config"], f"no config named {self.config_name!r} in jobs/configs")
-        base = _base_config(str(self.config_path), self.config_path.stat().st_mtime_ns)
+        base = base_config(self.config_path)
         try:
             resolved = base.with_overrides(self.overrides)
         except ValidationError as exc:

@@ -126,6 +126,8 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
     assert len(jobs) == 1
     job = wait_job(stack, jobs[0]["id"], {"succeeded"}, 600)
     assert job["kind"] == "train" and job["overrides"] == {"train.epochs": 3, "train.patience": 2}
+    # The job trains the alert's model, with the one shipped config that trains it.
+    assert held[0]["labels"]["model"] == stack.settings.model.name and job["config"] == "adult"
 
     # 5. A new version is registered by the job's run, which carries the trace id of the webhook call.
     client = MlflowClient(stack.settings.mlflow.tracking_uri)
@@ -155,8 +157,16 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
     )
     assert replay.status_code == 200
     assert replay.json()["retrain"] == [
-        {"alert": "ModelAccuracyLow", "fingerprint": alert["fingerprint"], "job_id": job["id"], "created": False}
+        {
+            "alert": "ModelAccuracyLow",
+            "fingerprint": alert["fingerprint"],
+            "model": stack.settings.model.name,
+            "config": "adult",
+            "job_id": job["id"],
+            "created": False,
+        }
     ]
+    assert replay.json()["refused"] == []
     assert len(_alert_jobs(stack)) == 1
 
     # The job's trace crossed the webhook's ingress, the dispatcher (through RabbitMQ) and the

@@ -100,14 +100,14 @@ def test_alert_webhook_takes_only_its_own_token(api, stack):
     assert api.post("/v1/alerts/alertmanager", json=payload, headers=stack.auth).status_code == 401
     token = {"Authorization": f"Bearer {ALERT_WEBHOOK_TOKEN}"}
     ok = api.post("/v1/alerts/alertmanager", json=payload, headers=token)
-    assert ok.status_code == 200 and ok.json() == {"retrain": []}
+    assert ok.status_code == 200 and ok.json() == {"retrain": [], "refused": []}
     # Alerts without the retrain action (a component down) start nothing.
     down = {
         "status": "firing",
         "alerts": [{"status": "firing", "labels": {"alertname": "ComponentDown"}, "startsAt": "2026-01-01T00:00:00Z",
                     "fingerprint": "abc"}],
     }  # fmt: skip
-    assert api.post("/v1/alerts/alertmanager", json=down, headers=token).json() == {"retrain": []}
+    assert api.post("/v1/alerts/alertmanager", json=down, headers=token).json() == {"retrain": [], "refused": []}
     assert api.post("/v1/alerts/alertmanager", json={"alerts": "x"}, headers=token).status_code == 422
 
 
@@ -135,3 +135,28 @@ def test_store_refuses_feedback_for_expired_predictions():
     with temporary_database("feedback_test") as name:
         outcomes = asyncio.run(scenario(f"postgresql://postgres@127.0.0.1:5432/{name}"))
     assert outcomes == [FeedbackOutcome.EXPIRED, FeedbackOutcome.RECORDED]
+
+
+def _retrain_alert(fingerprint: str, **labels: str) -> dict[str, Any]:
+    alert = {"alertname": "ModelAccuracyLow", "action": "retrain", **labels}
+    return {"status": "firing", "labels": alert, "startsAt": "2026-01-01T00:00:00Z", "fingerprint": fingerprint}
+
+
+def test_a_retrain_alert_no_config_can_serve_queues_nothing_and_says_why(api, stack):
+    """The job an alert queues trains the alert's model: for a model no shipped config trains, or an
+    alert without a model, there is no safe job, and nothing is queued."""
+    token = {"Authorization": f"Bearer {ALERT_WEBHOOK_TOKEN}"}
+    before = api.get("/v1/training-jobs", params={"limit": 100}, headers=stack.auth).json()["jobs"]
+    payload = {
+        "status": "firing",
+        "alerts": [_retrain_alert("f1", model="credit-scoring", model_version="3"), _retrain_alert("f2")],
+    }
+    response = api.post("/v1/alerts/alertmanager", json=payload, headers=token)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["retrain"] == []
+    assert [(r["fingerprint"], r["model"]) for r in body["refused"]] == [("f1", "credit-scoring"), ("f2", None)]
+    assert "no config in jobs/configs trains 'credit-scoring'" in body["refused"][0]["reason"]
+    assert "no 'model' label" in body["refused"][1]["reason"]
+    after = api.get("/v1/training-jobs", params={"limit": 100}, headers=stack.auth).json()["jobs"]
+    assert [job["id"] for job in after] == [job["id"] for job in before]
