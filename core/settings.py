@@ -130,11 +130,15 @@ class ServeSettings(Group):
 
 
 class ModelSettings(Group):
-    # The registered model the API serves. Training never reads it: a job registers under its
-    # config's `name` (or `model_name`).
+    # The default model: the one /v1/predict and /v1/models/current answer with. Every other
+    # registered model with a champion alias is served at /v1/models/{name}/predict. Training never
+    # reads it: a job registers under its config's `name` (or `model_name`).
     name: str = "adult-income"
-    # How often each replica looks at the champion alias.
+    # How often each replica looks at the champion alias of each model it serves.
     poll_interval_s: float = Field(default=5.0, gt=0)
+    # Models one replica keeps loaded, the default included; the least recently used other one
+    # makes room for a new one and loads again on its next request.
+    max_served: int = Field(default=16, ge=1)
 
 
 class MlflowSettings(Group):

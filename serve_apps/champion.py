@@ -144,12 +144,20 @@ class ChampionModel:
     answering until the new one is loaded, whatever the registry does, and goes on answering when
     the alias moves to a version that breaks its serving contract without an operator's approval."""
 
-    def __init__(self, model_name: str, alias: str, tracking_uri: str, poll_interval_s: float) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        alias: str,
+        tracking_uri: str,
+        poll_interval_s: float,
+        metrics: ModelMetrics | None = None,
+    ) -> None:
         self.model_name = model_name
         self.alias = alias
-        self._registry = MlflowClient(tracking_uri)
+        self.registry = MlflowClient(tracking_uri)
         self.poll_interval_s = poll_interval_s
-        self._metrics = ModelMetrics()
+        # One set per replica, shared by its models: each series carries the model's name.
+        self._metrics = metrics or ModelMetrics()
         self.loaded: LoadedModel | None = None
         self.refused: RefusedSwap | None = None
         self.last_error: str | None = None
@@ -168,7 +176,7 @@ class ChampionModel:
         current = self.loaded
         try:
             poll = await asyncio.to_thread(
-                poll_alias, self._registry, self.model_name, self.alias, current, self.refused
+                poll_alias, self.registry, self.model_name, self.alias, current, self.refused
             )
         except Exception as exc:  # keep serving the loaded version whatever the registry does
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -270,7 +278,7 @@ class ChampionModel:
         return results
 
     def _count(self, model: LoadedModel, outputs: np.ndarray, classes: list[str] | None) -> None:
-        self._metrics.batch_rows.observe(len(outputs))
+        self._metrics.batch_rows.observe(len(outputs), tags={"model": model.name})
         if outputs.ndim != 2 or not classes:
             return
         counts = np.bincount(outputs.argmax(axis=1), minlength=len(classes))

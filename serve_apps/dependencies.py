@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
+from jobs.config import MODEL_NAME_PATTERN
 from serve_apps.auth import require_alert_token, require_api_key
 from serve_apps.replica import Replica
 
@@ -22,6 +23,9 @@ async def get_replica(request: Request) -> Replica:
 # reached through the replica inside each route, after the body is validated: an invalid request
 # is a 422 whether or not PostgreSQL answers.
 ReplicaDep = Annotated[Replica, Depends(get_replica)]
+
+# A registered model's name, as the routes that serve one take it from their path.
+ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="a registered model's name")]
 
 # Router-level: every route of a router that lists one of these requires it.
 API_KEY = Depends(require_api_key)

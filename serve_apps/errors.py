@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.database import TRANSIENT_DB_ERRORS
 from serve_apps.context import request_id_from
+from serve_apps.fleet import ModelUnavailableError, UnknownModelError
 from serve_apps.schemas import ErrorResponse
 from services.training_jobs.models import InvalidJobSpecError
 from services.training_jobs.store import IdempotencyConflictError
@@ -37,6 +38,12 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "no model loaded yet"},
     **EDGE_RESPONSES,
 }
+# The routes that name a model in their path.
+MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **PREDICT_RESPONSES,
+    404: {"model": ErrorResponse, "description": "no registered model of this name has a champion alias"},
+    503: {"model": ErrorResponse, "description": "the model is not loaded yet, or the registry is unreachable"},
+}
 JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
     **UNAUTHORIZED,
     404: {"model": ErrorResponse, "description": "no such training job"},
@@ -47,7 +54,10 @@ JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
     **UNAUTHORIZED,
-    404: {"model": ErrorResponse, "description": "no prediction with this request id and index"},
+    404: {
+        "model": ErrorResponse,
+        "description": "no prediction with this request id and index, or its model is no longer served",
+    },
     422: {"model": ErrorResponse, "description": "invalid body, unknown label, or the prediction is too old"},
     503: {"model": ErrorResponse, "description": "feedback disabled, no model loaded, or the database is unreachable"},
     **EDGE_RESPONSES,
@@ -173,6 +183,15 @@ def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _unknown_model(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(request, 404, "model_not_found", str(exc))
+
+
+def _model_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("%s", exc)
+    return error_response(request, 503, "model_unavailable", str(exc), headers={"Retry-After": "5"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
@@ -180,5 +199,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(FeedbackDisabledError, _feedback_disabled)
     app.add_exception_handler(InvalidJobSpecError, _invalid_job_spec)
     app.add_exception_handler(IdempotencyConflictError, _idempotency_conflict)
+    app.add_exception_handler(UnknownModelError, _unknown_model)
+    app.add_exception_handler(ModelUnavailableError, _model_unavailable)
     for error in TRANSIENT_DB_ERRORS:
         app.add_exception_handler(error, _store_unavailable)

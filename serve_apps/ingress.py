@@ -1,5 +1,6 @@
 """The Serve deployment behind the inference API: one replica parses a request and runs the model,
-batched across requests with `@serve.batch` (see the Serve config, serve_apps/config.yaml)."""
+batched across requests with `@serve.batch` (see the Serve config, serve_apps/config.yaml). Every
+replica serves every model with a champion alias (serve_apps/fleet.py), loaded on first use."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from core.logs import add_context_filter
 from core.settings import get_settings
 from serve_apps.api import create_api
 from serve_apps.champion import BatchResult, ChampionModel
-from serve_apps.metrics import IngressMetrics
+from serve_apps.fleet import ModelFleet, predict_by_model
+from serve_apps.metrics import IngressMetrics, ModelMetrics
 from serve_apps.replica import Replica, ServingKnobs
 from serve_apps.serve_config import serving_knobs
 
@@ -71,10 +73,22 @@ class Ingress:
         self._key_refresher = await start_key_refresher(
             self._key_store, key_hashes, settings.database.value(), settings.api.key_refresh_s
         )
-        champion = ChampionModel(model.model_name, model.alias, model.tracking_uri, settings.model.poll_interval_s)
+        model_metrics = ModelMetrics()
+
+        def champion_of(name: str) -> ChampionModel:
+            return ChampionModel(
+                name, model.alias, model.tracking_uri, self._replica.fleet.default.poll_interval_s, model_metrics
+            )
+
+        champion = ChampionModel(
+            model.model_name, model.alias, model.tracking_uri, settings.model.poll_interval_s, model_metrics
+        )
+        fleet = ModelFleet(
+            champion, champion_of, settings.model.max_served, missing_ttl_s=settings.model.poll_interval_s
+        )
         self._replica = Replica(
             settings=settings,
-            champion=champion,
+            fleet=fleet,
             metrics=IngressMetrics(),
             predict_batch=self._predict_batch,
             max_rows=settings.max_batch_rows,
@@ -98,15 +112,16 @@ class Ingress:
         knobs = ServingKnobs.model_validate(user_config)
         self._predict_batch.set_max_batch_size(knobs.max_batch_size)  # type: ignore[attr-defined]
         self._predict_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)  # type: ignore[attr-defined]
-        self._replica.champion.poll_interval_s = knobs.poll_interval_s
+        self._replica.fleet.set_poll_interval(knobs.poll_interval_s)
+        self._replica.fleet.missing_ttl_s = knobs.poll_interval_s
         self._replica.max_rows = knobs.max_rows
         log.info("serving knobs: %s", knobs.model_dump())
 
     @serve.batch
-    async def _predict_batch(self, requests: list[list[dict[str, Any]]]) -> list[BatchResult]:
+    async def _predict_batch(self, requests: list[tuple[ChampionModel, list[dict[str, Any]]]]) -> list[BatchResult]:
         # Runs on the replica's event loop: the model call for a batch of single rows is cheaper
         # than a hand-off to a thread would be.
-        return self._replica.champion.predict(requests)
+        return predict_by_model(requests)
 
     async def __del__(self) -> None:
         """Serve's graceful shutdown: nothing accepted is lost (see Replica.close)."""

@@ -11,10 +11,13 @@ ROW_BUCKETS: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
 class IngressMetrics:
     def __init__(self) -> None:
         self.request_rows = Histogram(
-            "model_request_rows", "Rows per prediction request.", boundaries=ROW_BUCKETS, tag_keys=("route",)
+            "model_request_rows",
+            "Rows per prediction request, by model.",
+            boundaries=ROW_BUCKETS,
+            tag_keys=("route", "model"),
         )
         self.feedback = Counter(
-            "feedback_received", "True labels received, by outcome.", tag_keys=("outcome", "model_version")
+            "feedback_received", "True labels received, by outcome.", tag_keys=("outcome", "model", "model_version")
         )
         self.records_dropped = Counter(
             "prediction_records_dropped", "Prediction rows dropped because PostgreSQL stayed unreachable."
@@ -50,5 +53,8 @@ class ModelMetrics:
             "model_swaps_refused", "Alias moves this replica refused to follow.", tag_keys=("model",)
         )
         self.batch_rows = Histogram(
-            "model_batch_rows", "Rows per model call (requests joined by @serve.batch).", boundaries=ROW_BUCKETS
+            "model_batch_rows",
+            "Rows per model call (requests joined by @serve.batch), by model.",
+            boundaries=ROW_BUCKETS,
+            tag_keys=("model",),
         )

@@ -1,5 +1,5 @@
-"""What one ingress replica holds for its routes: the settings it was started with, the champion
-model and its batching, the prediction recorder, and the training-job service. The deployment
+"""What one ingress replica holds for its routes: the settings it was started with, the models it
+serves and their batching, the prediction recorder, and the training-job service. The deployment
 (serve_apps/ingress.py) builds it once; routes reach it through a FastAPI dependency."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.settings import Settings
 from serve_apps.champion import BatchResult, ChampionModel
 from serve_apps.errors import FeedbackDisabledError, TrainingJobsDisabledError
+from serve_apps.fleet import ModelFleet
 from serve_apps.metrics import IngressMetrics
 from services.feedback.recorder import PredictionRecorder
 from services.feedback.store import FeedbackStore
@@ -39,13 +40,19 @@ class ServingKnobs(BaseModel):
 @dataclass
 class Replica:
     settings: Settings
-    champion: ChampionModel
+    fleet: ModelFleet
     metrics: IngressMetrics
-    predict_batch: Callable[[list[dict[str, Any]]], Awaitable[BatchResult]]
+    # One request's rows for one model, joined with other requests' by @serve.batch.
+    predict_batch: Callable[[tuple[ChampionModel, list[dict[str, Any]]]], Awaitable[BatchResult]]
     max_rows: int
     _recorder: PredictionRecorder | None = None
     _jobs: TrainingJobs | None = None
     _jobs_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def champion(self) -> ChampionModel:
+        """The default model (`MODEL_NAME`): what /v1/predict and /v1/models/current answer with."""
+        return self.fleet.default
 
     def prediction_recorder(self) -> PredictionRecorder | None:
         """Created on first use in the serving loop; connects and migrates in the background so
@@ -89,7 +96,7 @@ class Replica:
     async def close(self) -> None:
         """Buffered prediction rows reach PostgreSQL before the replica goes (a scale-down or
         redeploy loses none); pools close."""
-        self.champion.stop()
+        self.fleet.stop()
         if self._recorder is not None:
             try:
                 await asyncio.wait_for(self._recorder.close(), 10)

@@ -80,6 +80,22 @@ class CurrentModel(BaseModel):
     swap_refused: RefusedSwapInfo | None = None
 
 
+class ServedModel(BaseModel):
+    """A registered model with a champion alias: the API serves it at /v1/models/{name}/predict."""
+
+    name: str
+    default: bool = Field(description="whether /v1/predict and /v1/models/current answer with it (MODEL_NAME)")
+    champion_version: str = Field(description="the version the champion alias names in the registry now")
+    serving: CurrentModel | None = Field(
+        default=None, description="the version this replica answers with, its schema and test metrics"
+    )
+    error: str | None = Field(default=None, description="why this replica could not load it")
+
+
+class ModelList(BaseModel):
+    models: list[ServedModel]
+
+
 class ErrorDetail(BaseModel):
     loc: list[Any] | None = None
     msg: str

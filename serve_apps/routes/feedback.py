@@ -27,28 +27,34 @@ router = APIRouter(tags=["inference"], dependencies=[API_KEY])
     },
 )
 async def feedback(body: FeedbackRequest, request: Request, response: Response, replica: ReplicaDep) -> Any:
-    """The true label of one predicted instance (`request_id` and `index` from /v1/predict).
-    Counts towards the live accuracy of the version that made the prediction; repeats are
-    ignored (200, the first label stays)."""
+    """The true label of one predicted instance (`request_id` and `index` from a predict answer,
+    of any served model): one of that model's classes. Counts towards the live accuracy of the
+    version that made the prediction; repeats are ignored (200, the first label stays)."""
     recorder = replica.feedback_recorder()
     if not await recorder.wait_ready(5.0):
         raise PoolTimeout("feedback tables not ready: PostgreSQL unreachable")
-    current = replica.champion.current()
+    model_name = await recorder.store.predicted_by(body.request_id, body.index)
+    if model_name is None:
+        # The prediction may still sit in this replica's write buffer, or in a flush under way:
+        # flush() waits for that one and writes what is left.
+        await recorder.flush()
+        model_name = await recorder.store.predicted_by(body.request_id, body.index)
+    if model_name is None:
+        replica.metrics.feedback.inc(tags={"outcome": FeedbackOutcome.UNKNOWN.value, "model": "", "model_version": ""})
+        return error_response(request, 404, "not_found", f"no prediction {body.request_id!r} with index {body.index}")
+    # The label is checked against the classes of the model that made the prediction.
+    current = (await replica.fleet.get(model_name)).current()
     if current is None:
-        return error_response(request, 503, "not_ready", "no model loaded yet")
+        return error_response(request, 503, "not_ready", f"model {model_name!r} is not loaded yet")
     classes: list[str] = current.get("classes") or []
     if current.get("task") != "classification" or body.label not in classes:
         message = f"label: one of {classes}" if classes else "feedback needs a classification model's predictions"
         return validation_error(request, message, ["body", "label"], message, "value_error")
     max_age_s = replica.settings.feedback.max_age_s
     result = await recorder.store.add_feedback(body.request_id, body.index, body.label, max_age_s)
-    if result.outcome is FeedbackOutcome.UNKNOWN:
-        # The prediction may still sit in this replica's write buffer, or in a flush under way:
-        # flush() waits for that one and writes what is left.
-        await recorder.flush()
-        result = await recorder.store.add_feedback(body.request_id, body.index, body.label, max_age_s)
-    replica.metrics.feedback.inc(tags={"outcome": result.outcome.value, "model_version": result.model_version or ""})
-    if result.outcome is FeedbackOutcome.UNKNOWN:
+    tags = {"outcome": result.outcome.value, "model": model_name, "model_version": result.model_version or ""}
+    replica.metrics.feedback.inc(tags=tags)
+    if result.outcome is FeedbackOutcome.UNKNOWN:  # gone since: its rows expired and were deleted
         return error_response(request, 404, "not_found", f"no prediction {body.request_id!r} with index {body.index}")
     if result.outcome is FeedbackOutcome.EXPIRED:
         details = [

@@ -1,4 +1,4 @@
-"""Predictions from the champion model, batched across requests inside the replica."""
+"""Predictions from the champion of each served model, batched across requests inside the replica."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from opentelemetry import trace
 
-from serve_apps.champion import BatchResult
-from serve_apps.dependencies import API_KEY, ReplicaDep
-from serve_apps.errors import PREDICT_RESPONSES, error_response, request_id_of
+from serve_apps.champion import BatchResult, ChampionModel
+from serve_apps.dependencies import API_KEY, ModelName, ReplicaDep
+from serve_apps.errors import MODEL_RESPONSES, PREDICT_RESPONSES, error_response, request_id_of
+from serve_apps.replica import Replica
 from serve_apps.schemas import PredictRequest, PredictResponse
 from services.feedback.store import PredictionRow
 
@@ -31,21 +32,41 @@ def _too_many_rows(request: Request, rows: int, max_rows: int) -> Response:
 
 @router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True)
 async def predict(body: PredictRequest, request: Request, replica: ReplicaDep) -> Any:
-    """Predict a label and its probability for each instance."""
+    """Predict with the default model (`MODEL_NAME`): a label and its probability for each instance."""
+    return await _predict(body, request, replica, replica.champion, "/v1/predict")
+
+
+@router.post(
+    "/v1/models/{name}/predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    responses=MODEL_RESPONSES,
+)
+async def predict_with(name: ModelName, body: PredictRequest, request: Request, replica: ReplicaDep) -> Any:
+    """Predict with the champion of the registered model `name`: any model whose `champion` alias
+    is set is served, from its first request on."""
+    champion = await replica.fleet.get(name)
+    return await _predict(body, request, replica, champion, "/v1/models/{name}/predict")
+
+
+async def _predict(
+    body: PredictRequest, request: Request, replica: Replica, champion: ChampionModel, route: str
+) -> Response:
     if len(body.instances) > replica.max_rows:
         return _too_many_rows(request, len(body.instances), replica.max_rows)
-    model = replica.champion.loaded
+    model = champion.loaded
     if model is None:
-        return error_response(request, 503, "not_ready", f"no {replica.champion.alias} model is loaded yet")
+        return error_response(request, 503, "not_ready", f"no {champion.alias} of {champion.model_name} is loaded yet")
     errors = model.validator.validate(body.instances)
     if errors:
         fields = ", ".join(".".join(str(p) for p in e["loc"][1:]) for e in errors[:5])
         return error_response(request, 422, "validation_error", f"invalid instances: {fields}", errors)
-    replica.metrics.request_rows.observe(len(body.instances), tags={"route": "/v1/predict"})
+    replica.metrics.request_rows.observe(len(body.instances), tags={"route": route, "model": champion.model_name})
     # A child span for the model's share of the request (a no-op without Serve's tracing).
     with _tracer.start_as_current_span("model.predict") as span:
-        result: BatchResult = await replica.predict_batch(body.instances)
+        result: BatchResult = await replica.predict_batch((champion, body.instances))
         served = result.model
+        span.set_attribute("model.name", served.name)
         span.set_attribute("model.version", served.version)
         span.set_attribute("model.rows", len(body.instances))
     trace.get_current_span().set_attribute("model.version", served.version)

@@ -6,17 +6,55 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from serve_apps.dependencies import API_KEY, ReplicaDep
-from serve_apps.errors import PREDICT_RESPONSES, error_response
-from serve_apps.schemas import CurrentModel
+from serve_apps.dependencies import API_KEY, ModelName, ReplicaDep
+from serve_apps.errors import MODEL_RESPONSES, PREDICT_RESPONSES, error_response
+from serve_apps.fleet import ModelUnavailableError, UnknownModelError
+from serve_apps.schemas import CurrentModel, ModelList, ServedModel
 
 router = APIRouter(tags=["models"], dependencies=[API_KEY], responses=PREDICT_RESPONSES)
 
 
+# Before /v1/models/{name}: "current" names the default model here, not a registered model.
 @router.get("/v1/models/current", response_model=CurrentModel)
 async def current_model(request: Request, replica: ReplicaDep) -> Any:
-    """The model version being served, its schema and test metrics."""
+    """The default model's (`MODEL_NAME`) version being served, its schema and test metrics."""
     current = replica.champion.current()
     if current is None:
         return error_response(request, 503, "not_ready", "no model loaded yet")
+    return current
+
+
+@router.get("/v1/models", response_model=ModelList, responses={503: MODEL_RESPONSES[503]})
+async def list_models(replica: ReplicaDep) -> Any:
+    """Every registered model with a champion alias, each servable at /v1/models/{name}/predict:
+    the version the alias names, and the version this replica answers with, with its schema."""
+    try:
+        aliased = await replica.fleet.servable(replica.champion.registry)
+    except Exception as exc:
+        raise ModelUnavailableError(f"the model registry is unreachable ({type(exc).__name__})") from exc
+    listed: list[ServedModel] = []
+    # Beyond what one replica keeps loaded, listing would only evict the models in use.
+    room = replica.fleet.max_models - 1
+    for name, version in aliased:
+        entry = ServedModel(name=name, default=name == replica.champion.model_name, champion_version=version)
+        if entry.default or room > 0:
+            room -= 0 if entry.default else 1
+            try:
+                champion = await replica.fleet.get(name)
+                current = champion.current()
+                entry.serving = CurrentModel.model_validate(current) if current else None
+            except (UnknownModelError, ModelUnavailableError) as exc:
+                entry.error = str(exc)
+        listed.append(entry)
+    return ModelList(models=listed)
+
+
+@router.get("/v1/models/{name}", response_model=CurrentModel, responses=MODEL_RESPONSES)
+async def get_model(name: ModelName, request: Request, replica: ReplicaDep) -> Any:
+    """The champion of the registered model `name` as this replica serves it: version, schema,
+    test metrics, and a refused swap if any."""
+    champion = await replica.fleet.get(name)
+    current = champion.current()
+    if current is None:
+        return error_response(request, 503, "not_ready", f"no {champion.alias} of {name} is loaded yet")
     return current

@@ -137,6 +137,20 @@ class FeedbackStore(PostgresStore):
 
         await self._retrying(op)
 
+    async def predicted_by(self, request_id: str, row_index: int) -> str | None:
+        """The registered model that made this prediction (whose classes a label must be one of),
+        or None for an unknown row."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> str | None:
+            cur = await conn.execute(
+                "SELECT model_name FROM predictions WHERE request_id = %s AND row_index = %s",
+                (request_id, row_index),
+            )
+            found = await cur.fetchone()
+            return None if found is None else str(found[0])
+
+        return await self._retrying(op)
+
     async def add_feedback(self, request_id: str, row_index: int, label: str, max_age_s: float) -> FeedbackResult:
         """Store a true label once. The first label for a row wins; repeats change nothing."""
 

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from cluster.demo import wait_for_version
 from cluster.sandbox import Stack, run_cli
 from jobs.result import training_result
+from serve_apps.schemas import EXAMPLE_ROW
 from services.ray_submission import follow_job, jobs_client, submit_training
 from tests.conftest import train_job
 from tests.reliability.load import SteadyLoad
@@ -102,6 +103,56 @@ def test_a_second_task_registers_under_its_own_name_while_adult_answers(stack, a
         "fleet": {"versions": _versions(client, FLEET), "champion": _champion(client, FLEET)},
         "adult_requests_during_training": summary.as_dict(),
     }
+
+
+FLEET_ROW = {"vehicle_age": 12, "mileage": 180000.0, "fuel": "diesel", "region": "north"}
+
+
+def test_the_second_task_is_served_next_to_adult_through_the_edge(stack, adult_served, figures):
+    """Promoted, the second model is served at once by its name; Adult stays the default model."""
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
+    fleet_version = _champion(client, FLEET)
+    assert fleet_version is not None
+
+    fleet = stack.http.post(f"/v1/models/{FLEET}/predict", json={"instances": [FLEET_ROW] * 3}, headers=stack.auth)
+    assert fleet.status_code == 200, fleet.text
+    answer = fleet.json()
+    assert answer["model"]["name"] == FLEET and answer["model"]["version"] == fleet_version
+    for prediction in answer["predictions"]:
+        assert prediction["label"] in {"low", "medium", "high"}
+        assert set(prediction["probabilities"]) == {"low", "medium", "high"}
+    for path in (f"/v1/models/{ADULT}/predict", "/v1/predict"):
+        adult = stack.http.post(path, json={"instances": [EXAMPLE_ROW]}, headers=stack.auth)
+        assert adult.status_code == 200, adult.text
+        assert adult.json()["model"]["name"] == ADULT and adult.json()["model"]["version"] == adult_served
+    # Each model checks rows against its own schema.
+    crossed = stack.http.post(f"/v1/models/{FLEET}/predict", json={"instances": [EXAMPLE_ROW]}, headers=stack.auth)
+    assert crossed.status_code == 422 and crossed.json()["error"]["code"] == "validation_error"
+
+    listed = stack.http.get("/v1/models", headers=stack.auth)
+    assert listed.status_code == 200, listed.text
+    models = {m["name"]: m for m in listed.json()["models"]}
+    assert models[ADULT]["default"] and models[ADULT]["serving"]["version"] == adult_served
+    assert not models[FLEET]["default"] and models[FLEET]["champion_version"] == fleet_version
+    assert models[FLEET]["serving"]["classes"] == ["high", "low", "medium"]
+    detail = stack.http.get(f"/v1/models/{FLEET}", headers=stack.auth).json()
+    assert detail["target"] == "risk_band" and {f["name"] for f in detail["features"]} == set(FLEET_ROW)
+    assert stack.http.get("/v1/models/current", headers=stack.auth).json()["name"] == ADULT
+
+    for missing in (
+        stack.http.post("/v1/models/no-such-model/predict", json={"instances": [FLEET_ROW]}, headers=stack.auth),
+        stack.http.get("/v1/models/no-such-model", headers=stack.auth),
+    ):
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+    # Feedback on the second model's predictions takes its classes, not Adult's.
+    rid = answer["request_id"]
+    adults = stack.http.post("/v1/feedback", json={"request_id": rid, "index": 0, "label": ">50K"}, headers=stack.auth)
+    assert adults.status_code == 422 and "high" in adults.json()["error"]["message"]
+    given = stack.http.post("/v1/feedback", json={"request_id": rid, "index": 0, "label": "high"}, headers=stack.auth)
+    assert given.status_code == 201, given.text
+    assert given.json()["model"] == {"name": FLEET, "version": fleet_version}
+    figures["served_together"] = {"models": sorted(models), "fleet_prediction": answer["predictions"][0]}
 
 
 @pytest.fixture(scope="module")
