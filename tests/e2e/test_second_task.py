@@ -26,6 +26,7 @@ from tests.training_jobs_helpers import QUICK, post_job, wait_job
 
 ADULT = "adult-income"
 FLEET = "fleet-risk"
+FUEL = "fleet-fuel"
 
 
 def _fleet_data(path: Path, rows: int = 1500) -> Path:
@@ -153,6 +154,53 @@ def test_the_second_task_is_served_next_to_adult_through_the_edge(stack, adult_s
     assert given.status_code == 201, given.text
     assert given.json()["model"] == {"name": FLEET, "version": fleet_version}
     figures["served_together"] = {"models": sorted(models), "fleet_prediction": answer["predictions"][0]}
+
+
+def test_models_appear_and_swap_while_load_runs_on_the_others(stack, adult_served, tmp_path, figures):
+    """Load split across Adult and the second model (by name) while a third model is trained and
+    becomes servable, and the second model's champion moves to a new version: no request of either
+    fails, Adult's answers never change version, the second model's swap is seen."""
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
+    fleet_before = _champion(client, FLEET)
+    data = _fleet_data(tmp_path / "fleet.csv")
+    third = {**_fleet_config(data), "name": FUEL, "data": {"train_uri": str(data), "target": "Fuel"}}
+    adult_path, fleet_path = f"/v1/models/{ADULT}/predict", f"/v1/models/{FLEET}/predict"
+    fleet_body = {"instances": [FLEET_ROW]}
+    with (
+        SteadyLoad(stack.api_url, stack.auth, stack.verify, rate_per_s=50, max_duration_s=900, path=adult_path) as a,
+        SteadyLoad(
+            stack.api_url, stack.auth, stack.verify, rate_per_s=50, max_duration_s=900, path=fleet_path, body=fleet_body
+        ) as f,
+    ):
+        a.wait_for_count(50)
+        f.wait_for_count(50)
+        # A third model: trained, promoted by the gate (its first version), served by name at once.
+        result = train_job(stack, third)
+        assert result["model_name"] == FUEL and result["promotion"]["rule"] == "no_champion"
+        fuel_row = {"vehicle_age": 12, "mileage": 180000.0, "region": "north", "risk_band": "high"}
+        served = stack.http.post(f"/v1/models/{FUEL}/predict", json={"instances": [fuel_row]}, headers=stack.auth)
+        assert served.status_code == 200, served.text
+        assert served.json()["predictions"][0]["label"] in {"diesel", "petrol", "electric"}
+        # A new version of the second model, made champion (same contract: no approval needed).
+        retrained = train_job(stack, _fleet_config(data))
+        fleet_after = str(retrained["model_version"])
+        client.set_registered_model_alias(FLEET, "champion", fleet_after)
+        until("the second model's new champion answering", lambda: f.summary().versions.get(fleet_after), 60)
+        settle = int(50 * (stack.settings.model.poll_interval_s + 1)) + 100
+        a.wait_for_count(a.count + settle)
+        f.wait_for_count(f.count + settle)
+    adult, fleet = a.summary(), f.summary()
+    assert adult.failed == 0, adult.as_dict()
+    assert fleet.failed == 0, fleet.as_dict()
+    assert set(adult.versions) == {adult_served}
+    assert set(fleet.versions) == {fleet_before, fleet_after} and fleet_before != fleet_after
+    # One poll interval after the first answer of the new version, only the new version answers.
+    settled = min(o.sent_at for o in f.outcomes if o.version == fleet_after) + stack.settings.model.poll_interval_s + 1
+    after = {o.version for o in f.outcomes if o.ok and o.sent_at > settled}
+    assert after == {fleet_after}
+    names = {m["name"] for m in stack.http.get("/v1/models", headers=stack.auth).json()["models"]}
+    assert {ADULT, FLEET, FUEL} <= names
+    figures["models_under_load"] = {"adult": adult.as_dict(), "fleet": fleet.as_dict(), "third_model": FUEL}
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,7 @@ class SteadyLoad:
         max_requests: int = 50_000,
         body: dict[str, Any] | None = None,
         timeout_s: float = 30.0,
+        path: str = "/v1/predict",
     ) -> None:
         self._base_url = base_url
         self._headers = headers
@@ -100,6 +101,7 @@ class SteadyLoad:
         self._max_requests = max_requests
         self._body = body or {"instances": [EXAMPLE_ROW]}
         self._timeout_s = timeout_s
+        self._path = path
         self._outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -168,7 +170,7 @@ class SteadyLoad:
     async def _send(self, client: httpx.AsyncClient) -> Outcome:
         sent = time.monotonic()
         try:
-            response = await client.post("/v1/predict", json=self._body)
+            response = await client.post(self._path, json=self._body)
         except httpx.HTTPError as exc:
             return Outcome(sent - self._started, time.monotonic() - sent, 0, None, repr(exc))
         latency = time.monotonic() - sent
