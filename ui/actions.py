@@ -71,13 +71,19 @@ class UiActions:
 
     # Predictions ------------------------------------------------------------------------
 
+    @traced("models")
+    def models(self) -> list[str]:
+        """The names of the served models, the API's default one first."""
+        names = sorted(str(m["name"]) for m in self.api.models())
+        return sorted(names, key=lambda name: name != self.model_name)
+
     @traced("form")
-    def form(self) -> FormSchema:
-        return form_schema(self.api.current_model(), self.api.openapi())
+    def form(self, model: str | None = None) -> FormSchema:
+        return form_schema(self.api.current_model(model or None), self.api.openapi())
 
     @traced("predict")
-    def predict(self, row: dict[str, Any]) -> dict[str, Any]:
-        view = prediction_view(self.api.predict(row))
+    def predict(self, row: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+        view = prediction_view(self.api.predict(row, model or None))
         extra = {"request_id": view["request_id"], "model_version": view["model_version"]}
         log.info("prediction %s with probability %s", view["label"], view["probability"], extra=extra)
         return view
@@ -91,8 +97,8 @@ class UiActions:
     # The model card ----------------------------------------------------------------------
 
     @traced("model card")
-    def model_card(self) -> ModelCard:
-        current = self.api.current_model()
+    def model_card(self, model: str | None = None) -> ModelCard:
+        current = self.api.current_model(model or None)
         card = ModelCard(current, curves_frame({}), [])
         self._add_curves(card)
         self._add_promotions(card)
@@ -114,9 +120,10 @@ class UiActions:
             card.notes.append(f"Run {run_id} logged no per-epoch metrics.")
 
     def _add_promotions(self, card: ModelCard) -> None:
+        name = str(card.current.get("name") or self.model_name)
         try:
-            versions = self.mlflow.model_versions(self.model_name)
-            aliases = self.mlflow.aliases(self.model_name)
+            versions = self.mlflow.model_versions(name)
+            aliases = self.mlflow.aliases(name)
         except ApiError as exc:
             card.notes.append(f"Promotion history unavailable: {exc.message}")
             return

@@ -38,10 +38,11 @@ def place(*components: gr.components.Component) -> None:
 
 
 class Loader(NamedTuple):
-    """A tab's refresh: what to call and which components it fills."""
+    """A tab's refresh: what to call, which components it fills, and what it reads (the model picker)."""
 
-    fn: Callable[[], Any]
+    fn: Callable[..., Any]
     outputs: list[Any]
+    inputs: tuple[Any, ...] = ()
 
 
 def header_markdown(actions: UiActions) -> str:
@@ -49,20 +50,51 @@ def header_markdown(actions: UiActions) -> str:
     return f"# {TITLE}\nInference API `{actions.api.base_url}` · API key {key} · MLflow `{actions.mlflow.base_url}`"
 
 
+def model_choices(actions: UiActions, chosen: str | None) -> tuple[gr.Dropdown, str]:
+    """The picker's choices (every served model) and a line on why it has no others."""
+    try:
+        names = actions.models()
+    except ApiError as exc:
+        fallback = gr.Dropdown(choices=[actions.model_name], value=chosen or actions.model_name)
+        return fallback, error_markdown(exc.message)
+    value = chosen if chosen in names else (names[0] if names else actions.model_name)
+    return gr.Dropdown(choices=names or [actions.model_name], value=value), ""
+
+
 def build_app(actions: UiActions) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(header_markdown(actions))
+        with gr.Row():
+            picker = gr.Dropdown(
+                choices=[actions.model_name],
+                value=actions.model_name,
+                label="Model",
+                info="every served model; each tab works with the one chosen",
+                elem_id="model-picker",
+                # Its choices are filled in when the page loads; API clients may name any model.
+                allow_custom_value=True,
+                scale=2,
+            )
+            picker_status = gr.Markdown()
         with gr.Tabs():
             with gr.Tab("Prediction", elem_id="tab-prediction"):
-                form = _predict_tab(actions)
+                form = _predict_tab(actions, picker)
             with gr.Tab("Model", elem_id="tab-model") as model_tab:
-                card = _model_tab(actions)
+                card = _model_tab(actions, picker)
             with gr.Tab("Training", elem_id="tab-training") as training_tab:
                 jobs = _training_tab(actions)
         _register_api(actions)
-        demo.load(form.fn, outputs=form.outputs, api_visibility="private")
+        demo.load(
+            lambda chosen: model_choices(actions, chosen),
+            inputs=picker,
+            outputs=[picker, picker_status],
+            api_visibility="private",
+        ).then(form.fn, inputs=list(form.inputs), outputs=form.outputs, api_visibility="private")
+        picker.input(form.fn, inputs=list(form.inputs), outputs=form.outputs, api_visibility="private").then(
+            card.fn, inputs=list(card.inputs), outputs=card.outputs, api_visibility="private"
+        )
         # The other tabs fill in when opened: the card costs several MLflow requests.
-        model_tab.select(card.fn, outputs=card.outputs, api_visibility="private")
+        model_tab.select(card.fn, inputs=list(card.inputs), outputs=card.outputs, api_visibility="private")
         training_tab.select(jobs.fn, outputs=jobs.outputs, api_visibility="private")
     return demo
 
@@ -90,12 +122,10 @@ def field_grid(fields: Sequence[FieldSpec], per_row: int = FIELDS_PER_ROW) -> li
     return inputs
 
 
-def predict_outputs(
-    actions: UiActions, fields: Sequence[FieldSpec], values: tuple[Any, ...]
-) -> tuple[str, str, Any, str]:
+def predict_outputs(actions: UiActions, schema: FormSchema, values: tuple[Any, ...]) -> tuple[str, str, Any, str]:
     """Result text, request id, the prediction as data, and a cleared feedback line."""
     try:
-        view = actions.predict(row_from_values(fields, values))
+        view = actions.predict(row_from_values(schema.fields, values), schema.name or None)
     except ApiError as exc:
         return error_markdown(exc.message), "", {"error": exc.message}, ""
     return prediction_markdown(view), str(view["request_id"]), view, ""
@@ -108,15 +138,15 @@ def feedback_output(actions: UiActions, request_id: str | None, label: str) -> s
         return error_markdown(exc.message)
 
 
-def load_form(actions: UiActions) -> tuple[FormSchema | None, str]:
+def load_form(actions: UiActions, model: str | None = None) -> tuple[FormSchema | None, str]:
     try:
-        schema = actions.form()
+        schema = actions.form(model)
     except ApiError as exc:
         return None, error_markdown(exc.message)
     return schema, f"Form for **{schema.model}** ({schema.task}), built from the API's description of the served model."
 
 
-def _predict_tab(actions: UiActions) -> Loader:
+def _predict_tab(actions: UiActions, picker: gr.Dropdown) -> Loader:
     form_state = gr.State(None)
     # Created first and placed below: the dynamic form's events write into them.
     result = gr.Markdown("Fill in the form and press **Predict**.", render=False)
@@ -136,7 +166,7 @@ def _predict_tab(actions: UiActions) -> Loader:
                     return
                 inputs = field_grid(schema.fields)
                 gr.Button("Predict", variant="primary", elem_id="predict-button").click(
-                    lambda *values: predict_outputs(actions, schema.fields, values),
+                    lambda *values: predict_outputs(actions, schema, values),
                     inputs=inputs,
                     outputs=[result, request_id, response, feedback_status],
                     api_visibility="private",
@@ -162,8 +192,8 @@ def _predict_tab(actions: UiActions) -> Loader:
             place(feedback_status)
             with gr.Accordion("Response", open=False):
                 place(response)
-    loader = Loader(lambda: load_form(actions), [form_state, form_status])
-    reload_form.click(loader.fn, outputs=loader.outputs, api_visibility="private")
+    loader = Loader(lambda model: load_form(actions, model), [form_state, form_status], (picker,))
+    reload_form.click(loader.fn, inputs=list(loader.inputs), outputs=loader.outputs, api_visibility="private")
     return loader
 
 
@@ -180,11 +210,13 @@ def card_data(card: ModelCard) -> dict[str, Any]:
     }
 
 
-def card_outputs(actions: UiActions) -> tuple[str, pd.DataFrame, pd.DataFrame, list[list[str]], dict[str, Any]]:
+def card_outputs(
+    actions: UiActions, model: str | None = None
+) -> tuple[str, pd.DataFrame, pd.DataFrame, list[list[str]], dict[str, Any]]:
     """Card text, loss curves, score curves, promotion table, and the card as data."""
     empty = pd.DataFrame(columns=pd.Index(CURVE_COLUMNS))
     try:
-        card = actions.model_card()
+        card = actions.model_card(model)
     except ApiError as exc:
         return error_markdown(exc.message), empty, empty, [], {"error": exc.message}
     losses, scores = split_curves(card.curves)
@@ -192,7 +224,7 @@ def card_outputs(actions: UiActions) -> tuple[str, pd.DataFrame, pd.DataFrame, l
     return text, losses, scores, promotion_rows(card.promotions), card_data(card)
 
 
-def _model_tab(actions: UiActions) -> Loader:
+def _model_tab(actions: UiActions, picker: gr.Dropdown) -> Loader:
     refresh = gr.Button("Refresh", size="sm")
     text = gr.Markdown("Open this tab to load the served model's card.")
     with gr.Row():
@@ -202,8 +234,8 @@ def _model_tab(actions: UiActions) -> Loader:
     promotions = gr.Dataframe(headers=PROMOTION_COLUMNS, label="Promotion history", interactive=False, wrap=True)
     with gr.Accordion("Card as data", open=False):
         data = gr.JSON(label="Card")
-    loader = Loader(lambda: card_outputs(actions), [text, losses, scores, promotions, data])
-    refresh.click(loader.fn, outputs=loader.outputs, api_name="model_card")
+    loader = Loader(lambda model: card_outputs(actions, model), [text, losses, scores, promotions, data], (picker,))
+    refresh.click(loader.fn, inputs=list(loader.inputs), outputs=loader.outputs, api_name="model_card")
     return loader
 
 
@@ -287,11 +319,18 @@ def _selected_job(event: gr.SelectData) -> str:
 def _register_api(actions: UiActions) -> None:
     """Calls without the page's dynamic form: gradio_client sends a feature dict directly."""
 
-    def predict(features: dict[str, Any]) -> dict[str, Any]:
-        """Predict one row (feature name -> value); returns label, probability, model version
-        and request id, or `error` with the API's reason."""
+    def predict(features: dict[str, Any], model: str = "") -> dict[str, Any]:
+        """Predict one row (feature name -> value) with `model` (empty: the API's default model);
+        returns label, probability, model version and request id, or `error` with the API's reason."""
         try:
-            return actions.predict(features)
+            return actions.predict(features, model or None)
+        except ApiError as exc:
+            return {"error": exc.message}
+
+    def models() -> dict[str, Any]:
+        """The served models' names, the API's default one first."""
+        try:
+            return {"models": actions.models()}
         except ApiError as exc:
             return {"error": exc.message}
 
@@ -302,13 +341,15 @@ def _register_api(actions: UiActions) -> None:
         except ApiError as exc:
             return {"error": exc.message}
 
-    def form_schema() -> dict[str, Any]:
-        """The fields the page's prediction form shows, derived from the served model's schema."""
+    def form_schema(model: str = "") -> dict[str, Any]:
+        """The fields the page's prediction form shows for `model` (empty: the API's default
+        model), derived from its schema."""
         try:
-            return actions.form().as_dict()
+            return actions.form(model or None).as_dict()
         except ApiError as exc:
             return {"error": exc.message}
 
     gradio_api(predict, api_name="predict")
     gradio_api(feedback, api_name="feedback")
     gradio_api(form_schema, api_name="form_schema")
+    gradio_api(models, api_name="models")

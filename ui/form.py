@@ -34,17 +34,27 @@ class FormSchema:
     classes: tuple[str, ...]
     task: str
     model: str  # e.g. "adult-income v3", shown above the form
+    name: str = ""  # the registered model the form predicts with, e.g. "adult-income"
 
     def as_dict(self) -> dict[str, Any]:
         fields = [f.as_dict() for f in self.fields]
-        return {"fields": fields, "classes": list(self.classes), "task": self.task, "model": self.model}
+        return {
+            "fields": fields,
+            "classes": list(self.classes),
+            "task": self.task,
+            "model": self.model,
+            "name": self.name,
+        }
 
 
 def form_schema(current: dict[str, Any], openapi: dict[str, Any]) -> FormSchema:
+    """The form of the served model `current` describes; the OpenAPI example (the default
+    model's) supplies starting values only for the fields it names."""
     fields = form_fields(current, example_row(openapi))
-    model = f"{current.get('name', 'model')} v{current.get('version', '?')}"
+    name = str(current.get("name", ""))
+    model = f"{name or 'model'} v{current.get('version', '?')}"
     classes = tuple(str(c) for c in current.get("classes") or [])
-    return FormSchema(tuple(fields), classes, str(current.get("task", "")), model)
+    return FormSchema(tuple(fields), classes, str(current.get("task", "")), model, name)
 
 
 def example_row(openapi: dict[str, Any]) -> dict[str, Any]:

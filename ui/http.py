@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from opentelemetry.trace import SpanKind
@@ -103,11 +104,18 @@ class InferenceApi(_JsonHttp):
         except (httpx.HTTPError, ValueError):
             return {}
 
-    def current_model(self) -> dict[str, Any]:
-        return dict(self.request("GET", "/v1/models/current"))
+    def models(self) -> list[dict[str, Any]]:
+        """Every model the API serves (`GET /v1/models`)."""
+        return list(self.request("GET", "/v1/models").get("models", []))
 
-    def predict(self, row: dict[str, Any]) -> dict[str, Any]:
-        return dict(self.request("POST", "/v1/predict", json={"instances": [row]}))
+    def current_model(self, model: str | None = None) -> dict[str, Any]:
+        """The served version of `model`, or of the API's default model."""
+        path = f"/v1/models/{quote(model, safe='')}" if model else "/v1/models/current"
+        return dict(self.request("GET", path))
+
+    def predict(self, row: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+        path = f"/v1/models/{quote(model, safe='')}/predict" if model else "/v1/predict"
+        return dict(self.request("POST", path, json={"instances": [row]}))
 
     def feedback(self, request_id: str, label: str, index: int = 0) -> dict[str, Any]:
         body = {"request_id": request_id, "index": index, "label": label}

@@ -99,6 +99,14 @@ def test_prediction_matches_the_api(ui: Client, stack: Stack, served: dict[str, 
     assert through_ui["request_id"] and through_ui["request_id"] != direct["request_id"]
 
 
+def test_the_model_picker_names_the_served_models(ui: Client, served: dict[str, Any]):
+    assert ui.predict(api_name="/models")["models"][0] == served["name"]
+    chosen = ui.predict(EXAMPLE_ROW, served["name"], api_name="/predict")
+    assert chosen["model_version"] == served["version"], chosen
+    missing = ui.predict(EXAMPLE_ROW, "no-such-model", api_name="/predict")
+    assert "no model 'no-such-model' is served" in missing["error"]
+
+
 def test_invalid_input_comes_back_readable(ui: Client):
     refused = ui.predict({**EXAMPLE_ROW, "age": "forty"}, api_name="/predict")
     assert refused["error"].startswith("The API rejected the input (422)") and "age" in refused["error"]

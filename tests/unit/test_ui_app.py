@@ -25,6 +25,12 @@ CURRENT = {
         {"name": "sex", "kind": "categorical", "categories": ["Female", "Male"], "nullable": False},
     ],
 }  # fmt: skip
+# A second served model: another task, other features and classes.
+FLEET = {
+    **CURRENT, "name": "fleet-risk", "version": "2", "run_id": "run-f2", "target": "risk", "classes": ["high", "low"],
+    "features": [{"name": "mileage", "kind": "numeric", "categories": [], "nullable": False}],
+}  # fmt: skip
+SERVED = {"adult-income": CURRENT, "fleet-risk": FLEET}
 JOB = {"id": "0b7f", "kind": "train", "config": "adult", "overrides": {}, "state": "queued", "attempts": 0,
        "max_attempts": 3, "created_at": "2026-01-01T00:00:00Z"}  # fmt: skip
 
@@ -38,7 +44,21 @@ def fake_api(request: httpx.Request) -> httpx.Response:
         return httpx.Response(401, json={"error": {"code": "unauthorized", "message": "invalid API key"}})
     if path == "/v1/models/current":
         return httpx.Response(200, json=CURRENT)
-    if path == "/v1/predict":
+    if path == "/v1/models":
+        listed = [
+            {"name": n, "default": n == "adult-income", "champion_version": m["version"]} for n, m in SERVED.items()
+        ]
+        return httpx.Response(200, json={"models": sorted(listed, key=lambda m: str(m["name"]), reverse=True)})
+    name = path.removeprefix("/v1/models/").removesuffix("/predict")
+    if path.startswith("/v1/models/") and name not in SERVED:
+        return httpx.Response(404, json={"error": {"code": "model_not_found", "message": f"no model {name!r}"}})
+    if path.startswith("/v1/models/") and not path.endswith("/predict"):
+        return httpx.Response(200, json=SERVED[name])
+    if path == "/v1/models/fleet-risk/predict":
+        prediction = {"label": "high", "probability": 0.6, "probabilities": {"high": 0.6, "low": 0.4}}
+        model = {"name": "fleet-risk", "version": "2", "run_id": "run-f2"}
+        return httpx.Response(200, json={"request_id": "rid2", "model": model, "predictions": [prediction]})
+    if path in {"/v1/predict", "/v1/models/adult-income/predict"}:
         row = json.loads(request.content)["instances"][0]
         if not isinstance(row.get("age"), int):
             details = [{"loc": ["body", "instances", 0, "age"], "msg": "Input should be a valid number"}]
@@ -97,9 +117,9 @@ def client(ui_url) -> Client:
 
 def test_named_endpoints(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/predict", "/feedback", "/form_schema", "/model_card", "/start_job", "/job_status", "/recent_jobs"} <= (
-        endpoints
-    )
+    assert {
+        "/predict", "/feedback", "/form_schema", "/models", "/model_card", "/start_job", "/job_status", "/recent_jobs"
+    } <= endpoints  # fmt: skip
 
 
 def test_form_schema_and_prediction(client):
@@ -114,6 +134,21 @@ def test_form_schema_and_prediction(client):
     assert refused == {
         "error": "The API rejected the input (422): invalid request - age: Input should be a valid number"
     }
+
+
+def test_every_served_model_can_be_picked(client):
+    # The API's default model first, whatever the API's order.
+    assert client.predict(api_name="/models") == {"models": ["adult-income", "fleet-risk"]}
+    schema = client.predict("fleet-risk", api_name="/form_schema")
+    assert (schema["name"], schema["model"], schema["classes"]) == ("fleet-risk", "fleet-risk v2", ["high", "low"])
+    assert [f["name"] for f in schema["fields"]] == ["mileage"]
+    view = client.predict({"mileage": 1000}, "fleet-risk", api_name="/predict")
+    assert (view["label"], view["model_version"], view["request_id"]) == ("high", "2", "rid2")
+    assert client.predict({"age": 39, "sex": "Male"}, "adult-income", api_name="/predict")["request_id"] == "rid1"
+    missing = client.predict({"mileage": 1}, "no-such-model", api_name="/predict")
+    assert missing["error"].startswith("Not found (404): no model 'no-such-model'")
+    text, *_, data = client.predict("fleet-risk", api_name="/model_card")
+    assert text.startswith("### fleet-risk v2") and data["target"] == "risk"
 
 
 def test_feedback(client):
