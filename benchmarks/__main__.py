@@ -4,7 +4,8 @@
 
 Starts a stack of its own (`cluster/sandbox.py`), measures the retraining loop (whose model then
 serves), the serving paths against `mlflow models serve`, a bare FastAPI server and the
-in-process call, profiles the ingress replica, stops the stack, then measures training (Ray Train
+in-process call, profiles the ingress replica, measures two models served at once against one
+(benchmarks/multi_model.py), stops the stack, then measures training (Ray Train
 with 1 and 2 workers against a plain PyTorch loop, and Ray Tune) on a quiet machine. Writes
 results.json, report.md and PNG plots to --out.
 """
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from benchmarks.loop import retrain_loop
+from benchmarks.multi_model import run_multi_model
 from benchmarks.report import machine_info, write_report
 from benchmarks.serving import Plan, run_serving
 from cluster.sandbox import hermetic_stack
@@ -38,6 +40,17 @@ def _platform(quick: bool, out: Path, skip: set[str]) -> dict[str, Any]:
             plan = Plan.quick() if quick else Plan()
             serving = run_serving(stack.settings, stack.api_key, uri, plan, out / "serving", stack.ca_file)
             results["profile"] = serving.pop("profile")
+            if stack.ca_file is not None:
+                # Two models served at once against one: 16 connections split evenly (4 when quick).
+                serving["multi_model"] = run_multi_model(
+                    stack.settings,
+                    stack.api_key,
+                    stack.ca_file,
+                    stack.settings.model.name,
+                    str(results["loop"]["version_after"]),
+                    connections=4 if quick else 16,
+                    duration_s=plan.duration_s,
+                )
             results["serving"] = serving
     return results
 

@@ -74,3 +74,13 @@ def test_the_report_names_every_server_and_has_its_plots(bench):
     assert results["machine"]["logical_cpus"] > 0
     plots = list(out.glob("*.png"))
     assert plots and all(p.read_bytes().startswith(PNG_MAGIC) for p in plots)
+
+
+def test_two_models_were_served_at_once_without_errors(bench):
+    multi = bench[1]["serving"]["multi_model"]
+    assert multi["models"] == ["adult-income", "adult-income-twin"]
+    assert multi["one_model"]["requests"] > 0 and multi["one_model"]["errors"] == 0
+    for name in multi["models"]:
+        assert multi["two_models"][name]["requests"] > 0 and multi["two_models"][name]["errors"] == 0, multi
+    assert multi["two_vs_one"] > 0 and multi["replicas_rss_mib_two_models"] > 0
+    assert "multi_model" in (bench[0] / "report.md").read_text().replace(" ", "_").lower()
