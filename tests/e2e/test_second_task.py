@@ -5,11 +5,14 @@ schema is refused by the gate; an alias moved around the gate is refused by the 
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import psycopg
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -19,6 +22,7 @@ from cluster.sandbox import Stack, run_cli
 from jobs.result import training_result
 from serve_apps.schemas import EXAMPLE_ROW
 from services.ray_submission import follow_job, jobs_client, submit_training
+from services.training_jobs.models import CONFIG_DIR
 from tests.conftest import train_job
 from tests.reliability.load import SteadyLoad
 from tests.stack_probes import current_model, firing_alerts, until
@@ -299,3 +303,60 @@ def test_a_queued_job_the_gate_refuses_fails_once_with_its_reason_and_is_not_ret
     assert "target changed: 'income' -> 'sex'" in job["last_error"]
     assert [e["state"] for e in job["events"]].count("queued") == 1  # accepted once, never re-queued
     assert _champion(client, ADULT) == adult_served
+
+
+@pytest.fixture
+def wrong_feedback_removed(stack: Stack) -> Iterator[None]:
+    """The wrong labels would keep the second model's accuracy alert up for the window."""
+    yield
+    with psycopg.connect(stack.settings.database.url.get_secret_value()) as conn:
+        conn.execute("DELETE FROM feedback WHERE model_name = %s", (FLEET,))
+
+
+@pytest.fixture
+def fleet_config_shipped(tmp_path: Path) -> Iterator[str]:
+    """The second task's config where a new task's config goes, jobs/configs/ (the alert's
+    retraining looks there); removed afterwards with the wrong labels it drew."""
+    name = f"fleet-e2e-{uuid.uuid4().hex[:8]}"
+    path = CONFIG_DIR / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(_fleet_config(_fleet_data(tmp_path / "fleet.csv"))), encoding="utf-8")
+    try:
+        yield name
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_wrong_feedback_on_the_second_model_retrains_the_second_model(
+    stack, adult_served, fleet_config_shipped, wrong_feedback_removed
+):
+    client = MlflowClient(stack.settings.mlflow.tracking_uri)
+    adult_versions, fleet_versions = _versions(client, ADULT), _versions(client, FLEET)
+    fleet_version = _champion(client, FLEET)
+    body = {"instances": [FLEET_ROW] * 40}
+    predicted = stack.http.post(f"/v1/models/{FLEET}/predict", json=body, headers=stack.auth).json()
+    for index, prediction in enumerate(predicted["predictions"]):
+        wrong = next(c for c in ("low", "medium", "high") if c != prediction["label"])
+        given = {"request_id": predicted["request_id"], "index": index, "label": wrong}
+        assert stack.http.post("/v1/feedback", json=given, headers=stack.auth).status_code == 201
+
+    fired = until(
+        "ModelAccuracyLow firing for the second model",
+        lambda: firing_alerts(stack, "ModelAccuracyLow", model=FLEET, model_version=fleet_version),
+        120,
+    )
+    assert fired[0]["labels"]["action"] == "retrain"
+    jobs = until(
+        "the second model's retraining job",
+        lambda: [
+            j
+            for j in stack.http.get("/v1/training-jobs", params={"limit": 200}, headers=stack.auth).json()["jobs"]
+            if j["config"] == fleet_config_shipped
+        ],
+        120,
+    )
+    job = wait_job(stack, jobs[0]["id"], {"succeeded"}, 600)
+    assert (job["idempotency_key"] or "").startswith("alert:ModelAccuracyLow:")
+    # The second model got a new version; Adult got none.
+    assert job["model_name"] == FLEET and job["model_version"] not in fleet_versions
+    assert _versions(client, FLEET) == [*fleet_versions, job["model_version"]]
+    assert _versions(client, ADULT) == adult_versions and _champion(client, ADULT) == adult_served
