@@ -309,7 +309,9 @@ def test_a_queued_job_the_gate_refuses_fails_once_with_its_reason_and_is_not_ret
 def wrong_feedback_removed(stack: Stack) -> Iterator[None]:
     """The wrong labels would keep the second model's accuracy alert up for the window."""
     yield
-    with psycopg.connect(stack.settings.database.url.get_secret_value()) as conn:
+    dsn = stack.settings.database.value()
+    assert dsn is not None
+    with psycopg.connect(dsn) as conn:
         conn.execute("DELETE FROM feedback WHERE model_name = %s", (FLEET,))
 
 
@@ -332,6 +334,7 @@ def test_wrong_feedback_on_the_second_model_retrains_the_second_model(
     client = MlflowClient(stack.settings.mlflow.tracking_uri)
     adult_versions, fleet_versions = _versions(client, ADULT), _versions(client, FLEET)
     fleet_version = _champion(client, FLEET)
+    assert fleet_version is not None
     body = {"instances": [FLEET_ROW] * 40}
     predicted = stack.http.post(f"/v1/models/{FLEET}/predict", json=body, headers=stack.auth).json()
     for index, prediction in enumerate(predicted["predictions"]):
