@@ -57,12 +57,10 @@ class ModelFleet:
         default: ChampionModel,
         make: Callable[[str], ChampionModel],
         max_models: int,
-        missing_ttl_s: float,
     ) -> None:
         self.default = default
         self._make = make
         self.max_models = max_models
-        self.missing_ttl_s = missing_ttl_s
         self._others: OrderedDict[str, ChampionModel] = OrderedDict()
         self._loading: dict[str, asyncio.Task[ChampionModel]] = {}
         self._missing: OrderedDict[str, float] = OrderedDict()
@@ -124,7 +122,8 @@ class ModelFleet:
         return True
 
     def _remember_missing(self, name: str) -> None:
-        self._missing[name] = time.monotonic() + self.missing_ttl_s
+        # For one poll interval: a model promoted meanwhile is found within the time any swap takes.
+        self._missing[name] = time.monotonic() + self.default.poll_interval_s
         self._missing.move_to_end(name)
         while len(self._missing) > MISSING_REMEMBERED:
             self._missing.popitem(last=False)

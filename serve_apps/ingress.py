@@ -83,9 +83,7 @@ class Ingress:
         champion = ChampionModel(
             model.model_name, model.alias, model.tracking_uri, settings.model.poll_interval_s, model_metrics
         )
-        fleet = ModelFleet(
-            champion, champion_of, settings.model.max_served, missing_ttl_s=settings.model.poll_interval_s
-        )
+        fleet = ModelFleet(champion, champion_of, settings.model.max_served)
         self._replica = Replica(
             settings=settings,
             fleet=fleet,
@@ -113,7 +111,6 @@ class Ingress:
         self._predict_batch.set_max_batch_size(knobs.max_batch_size)  # type: ignore[attr-defined]
         self._predict_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._replica.fleet.set_poll_interval(knobs.poll_interval_s)
-        self._replica.fleet.missing_ttl_s = knobs.poll_interval_s
         self._replica.max_rows = knobs.max_rows
         log.info("serving knobs: %s", knobs.model_dump())
 

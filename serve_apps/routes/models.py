@@ -34,11 +34,12 @@ async def list_models(replica: ReplicaDep) -> Any:
         raise ModelUnavailableError(f"the model registry is unreachable ({type(exc).__name__})") from exc
     listed: list[ServedModel] = []
     # Beyond what one replica keeps loaded, listing would only evict the models in use.
-    room = replica.fleet.max_models - 1
+    others_to_load = replica.fleet.max_models - 1
     for name, version in aliased:
         entry = ServedModel(name=name, default=name == replica.champion.model_name, champion_version=version)
-        if entry.default or room > 0:
-            room -= 0 if entry.default else 1
+        if not entry.default:
+            others_to_load -= 1
+        if entry.default or others_to_load >= 0:
             try:
                 champion = await replica.fleet.get(name)
                 current = champion.current()

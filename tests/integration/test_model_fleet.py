@@ -64,7 +64,7 @@ def _fleet(uri: str, max_models: int = 4) -> ModelFleet:
     def make(name: str) -> ChampionModel:
         return ChampionModel(name, ALIAS, uri, poll_interval_s=60)
 
-    return ModelFleet(make("income"), make, max_models, missing_ttl_s=60)
+    return ModelFleet(make("income"), make, max_models)
 
 
 def test_the_registry_lists_the_models_with_a_champion(registry):
