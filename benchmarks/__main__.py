@@ -5,7 +5,8 @@
 Starts a stack of its own (`cluster/sandbox.py`), measures the retraining loop (whose model then
 serves), the serving paths against `mlflow models serve`, a bare FastAPI server and the
 in-process call, profiles the ingress replica, measures two models served at once against one
-(benchmarks/multi_model.py), stops the stack, then measures training (Ray Train
+(benchmarks/multi_model.py) and the shapes Serve offers for many models
+(benchmarks/serving_shapes.py), stops the stack, then measures training (Ray Train
 with 1 and 2 workers against a plain PyTorch loop, and Ray Tune) on a quiet machine. Writes
 results.json, report.md and PNG plots to --out.
 """
@@ -22,10 +23,11 @@ from benchmarks.loop import retrain_loop
 from benchmarks.multi_model import run_multi_model
 from benchmarks.report import machine_info, write_report
 from benchmarks.serving import Plan, run_serving
+from benchmarks.serving_shapes import run_shapes
 from cluster.sandbox import hermetic_stack
 from core.settings import REPO_ROOT
 
-SECTIONS = ("loop", "serving", "training")
+SECTIONS = ("loop", "serving", "shapes", "training")
 app = typer.Typer(add_completion=False)
 
 
@@ -52,6 +54,16 @@ def _platform(quick: bool, out: Path, skip: set[str]) -> dict[str, Any]:
                     duration_s=plan.duration_s,
                 )
             results["serving"] = serving
+        if "shapes" not in skip:
+            # Fleet, one application per model and @serve.multiplexed, side by side (ADR 12).
+            results["shapes"] = run_shapes(
+                stack.settings,
+                stack.api_key,
+                stack.settings.model.name,
+                str(results["loop"]["version_after"]),
+                connections=4 if quick else 16,
+                duration_s=2 if quick else 15,
+            )
     return results
 
 
@@ -67,7 +79,7 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results: dict[str, Any] = {"machine": machine_info(), "quick": quick}
-    if not {"loop", "serving"} <= skipped:
+    if not {"loop", "serving", "shapes"} <= skipped:
         results.update(_platform(quick, out, skipped))
     if "training" not in skipped:
         from benchmarks.training import run as run_training

@@ -18,9 +18,11 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # Marks the callback's line among wrk's own output.
 JSON_MARKER = "WRK_JSON "
@@ -132,9 +134,31 @@ class LoadResult:
         return data
 
 
-def lua_script(body_path: Path, headers: dict[str, str]) -> str:
+# Each connection sends to the rotation's paths in turn, each with its own headers: one wrk
+# process splits its load evenly across several endpoints of one server.
+_ROTATION_LUA = """
+local rotation = {{ {targets} }}
+local sent = 0
+request = function()
+  sent = sent + 1
+  local target = rotation[(sent % #rotation) + 1]
+  local headers = {{}}
+  for name, value in pairs(target[2]) do headers[name] = value end
+  return wrk.format(nil, target[1], headers)
+end
+"""
+
+
+def lua_script(body_path: Path, headers: dict[str, str], rotation: Sequence[tuple[str, Mapping[str, str]]] = ()) -> str:
     header_lines = "\n".join(f"wrk.headers[{_lua_str(k)}] = {_lua_str(v)}" for k, v in headers.items())
+    if rotation:
+        targets = ", ".join(f"{{{_lua_str(path)}, {_lua_table(target_headers)}}}" for path, target_headers in rotation)
+        header_lines += _ROTATION_LUA.format(targets=targets)
     return _LUA.format(body_path=_lua_str(str(body_path)), header_lines=header_lines, marker=JSON_MARKER)
+
+
+def _lua_table(mapping: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f"[{_lua_str(k)}] = {_lua_str(v)}" for k, v in mapping.items()) + "}"
 
 
 def _lua_str(text: str) -> str:
@@ -190,6 +214,7 @@ def run_wrk(
     ca_file: Path | None = None,
     rows_per_request: int = 1,
     timeout_s: float = 10.0,
+    rotation: Sequence[tuple[str, Mapping[str, str]]] = (),
 ) -> LoadResult:
     """POST `body` to `url` from `connections` keep-alive connections for `duration_s`.
 
@@ -203,7 +228,7 @@ def run_wrk(
         body_path = Path(tmp) / "body"
         body_path.write_bytes(body)
         script = Path(tmp) / "post.lua"
-        script.write_text(lua_script(body_path, headers), encoding="utf-8")
+        script.write_text(lua_script(body_path, headers, rotation), encoding="utf-8")
         command = [
             wrk_binary(),
             f"-t{threads}",
@@ -218,6 +243,24 @@ def run_wrk(
     if returncode != 0:
         raise RuntimeError(f"wrk exited with {returncode}:\n{output[-2000:]}")
     return replace(parse_done_json(output, rows_per_request, url, connections, threads), loadgen=usage)
+
+
+def run_wrk_split(
+    targets: Sequence[tuple[str, Mapping[str, str]]], body: bytes, connections: int, duration_s: float
+) -> LoadResult:
+    """Load split evenly across `targets` (URLs of one server, each with its headers) by one wrk
+    process: every connection sends to each target in turn. With one target it is the same
+    request path, so a one-endpoint figure and a split figure cost the load generator alike."""
+    origins = {urlsplit(url)._replace(path="", query="", fragment="").geturl() for url, _ in targets}
+    if len(origins) != 1:
+        raise ValueError(f"one wrk process loads one server; these targets name {sorted(origins)}")
+    rotation = [(_path_of(url), dict(headers)) for url, headers in targets]
+    return run_wrk(targets[0][0], body, dict(targets[0][1]), connections, duration_s, rotation=rotation)
+
+
+def _path_of(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
 def _run_measured(command: list[str], limit_s: float) -> tuple[int, str, LoadGenUsage]:

@@ -4,13 +4,12 @@ The second model is a copy of the first under another name (`<name>-twin`, regis
 `MlflowClient.copy_model_version` and given the champion alias): the same network and the same
 rows, so any difference in throughput is the cost of serving two models side by side (two batch
 groups, two alias pollers), not of a different model. Single-row requests: one model at
-`connections`, then both at once with half the connections each (two wrk processes). Also the
+`connections`, then both at once on the same connections, each sending to the two in turn. Also the
 ingress replicas' memory before and after the second model loads.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import orjson
 import psutil
 from mlflow.tracking import MlflowClient
 
-from benchmarks.load import LoadResult, run_wrk
+from benchmarks.load import LoadResult, run_wrk_split
 from benchmarks.peers import sample_rows
 from cluster.edge import bearer_headers, local_edge_url
 from cluster.sandbox import replica_pids
@@ -67,8 +66,53 @@ def _result(result: LoadResult) -> dict[str, Any]:
     }
 
 
+def _rounds(results: list[LoadResult]) -> dict[str, Any]:
+    """The median round's figures, every round's throughput, and the errors of all rounds."""
+    ordered = sorted(results, key=lambda result: result.rps)
+    median = ordered[len(ordered) // 2]
+    return {
+        **_result(median),
+        "errors": sum(result.error_count for result in results),
+        "requests": sum(result.requests for result in results),
+        "req_per_s_by_round": [result.rps for result in results],
+    }
+
+
+Targets = list[tuple[str, dict[str, str]]]
+
+
+def one_against_two(
+    alone: Targets, split: Targets, body: bytes, connections: int, duration_s: float, rounds: int
+) -> dict[str, Any]:
+    """One model, then the same connections split across two, alternated `rounds` times after a
+    warm-up of each: a machine whose speed drifts during the run moves both figures alike. The
+    ratio is of the medians."""
+    warmup = max(1.0, duration_s / 5)
+    run_wrk_split(alone, body, connections, warmup)
+    run_wrk_split(split, body, connections, warmup)
+    ones: list[LoadResult] = []
+    twos: list[LoadResult] = []
+    for _ in range(rounds):
+        ones.append(run_wrk_split(alone, body, connections, duration_s))
+        twos.append(run_wrk_split(split, body, connections, duration_s))
+    one, two = _rounds(ones), _rounds(twos)
+    return {
+        "one_model": one,
+        "two_models": two,
+        "two_vs_one": two["req_per_s"] / one["req_per_s"] if one["req_per_s"] else 0.0,
+        "two_vs_one_by_round": [t.rps / o.rps if o.rps else 0.0 for o, t in zip(ones, twos, strict=True)],
+    }
+
+
 def run_multi_model(
-    settings: Settings, api_key: str, ca_file: Path, name: str, version: str, connections: int, duration_s: float
+    settings: Settings,
+    api_key: str,
+    ca_file: Path,
+    name: str,
+    version: str,
+    connections: int,
+    duration_s: float,
+    rounds: int = 3,
 ) -> dict[str, Any]:
     headers = {**bearer_headers(api_key), "Content-Type": "application/json"}
     edge = local_edge_url(settings)
@@ -84,19 +128,13 @@ def run_multi_model(
         assert wait_until(lambda: _answers(second, body, headers, ca_file), 60), f"{twin} does not answer"
     rss_two = replicas_rss_mib(settings)
 
-    warmup = max(1.0, duration_s / 5)
-    run_wrk(first, body, headers, connections, warmup)
-    one = run_wrk(first, body, headers, connections, duration_s)
-    half = max(connections // 2, 1)
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda url: run_wrk(url, body, headers, half, warmup), (first, second)))
-        both = list(pool.map(lambda url: run_wrk(url, body, headers, half, duration_s), (first, second)))
-    total = sum(result.rps for result in both)
+    # The same connections, each sending to the two models in turn: an even split, and one wrk
+    # process either way, so the load generator takes the same CPU from the server.
+    alone = [(first, headers)]
+    split = [*alone, (second, headers)]
     return {
         "models": [name, twin],
-        "one_model": _result(one),
-        "two_models": {"req_per_s": total, name: _result(both[0]), twin: _result(both[1])},
-        "two_vs_one": total / one.rps if one.rps else 0.0,
+        **one_against_two(alone, split, body, connections, duration_s, rounds),
         "replicas": replicas,
         "replicas_rss_mib_one_model": rss_one,
         "replicas_rss_mib_two_models": rss_two,

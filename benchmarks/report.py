@@ -210,6 +210,46 @@ def serving_section(serving: Mapping[str, Any], cpus: int | None = None) -> list
     return lines
 
 
+def shapes_section(shapes: Mapping[str, Any]) -> list[str]:
+    """Many models per cluster: each shape Serve offers, on Serve's own port (serving_shapes.py)."""
+    measured = {k: v for k, v in shapes.items() if isinstance(v, Mapping)}
+    header = [
+        "shape",
+        "1 model req/s",
+        "2 models req/s",
+        "2 vs 1 (median; rounds)",
+        "MiB per extra model",
+        "2nd model servable (s)",
+        "1st model while adding: req/s",
+        "p99 ms",
+        "errors",
+    ]
+    rows = [
+        [
+            name,
+            m["one_model"]["req_per_s"],
+            m["two_models"]["req_per_s"],
+            f"{m['two_vs_one']:.2f}× ({', '.join(f'{r:.2f}' for r in m.get('two_vs_one_by_round', []))})",
+            m["rss_mib_extra_model"],
+            m["second_model_servable_s"],
+            m["first_model_while_second_added"]["req_per_s"],
+            m["first_model_while_second_added"]["p99_ms"],
+            m["first_model_while_second_added"]["errors"],
+        ]
+        for name, m in measured.items()
+    ]
+    connections = shapes.get("connections")
+    return [
+        "## Many models: the shapes Serve offers",
+        "",
+        f"Single-row requests at {connections} connections; for two models each connection sends to both in turn. "
+        f"One model and two alternated {shapes.get('rounds')} times, {shapes.get('duration_s')} s each; "
+        "req/s are the median round's. Memory: the replicas' RSS before and after the second model.",
+        "",
+        *table(header, rows),
+    ]
+
+
 def profile_section(profile: Mapping[str, Any], top: int = 15) -> list[str]:
     """py-spy's view of the ingress replica under load: where its Python time goes."""
     lines = [
@@ -338,7 +378,7 @@ def training_section(training: Mapping[str, Any]) -> list[str]:
 
 def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     lines = ["# Benchmark report", ""]
-    known = {"machine", "serving", "training", "loop", "profile"}
+    known = {"machine", "serving", "training", "loop", "profile", "shapes"}
     run = {k: v for k, v in results.items() if k not in known and not isinstance(v, Mapping | list)}
     if run:
         lines += ["## Run", "", *table(["item", "value"], run.items())]
@@ -353,6 +393,8 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         lines += ["## Retraining loop (request to new champion serving)", "", *render_any(results["loop"])]
     if results.get("profile"):
         lines += profile_section(results["profile"])
+    if results.get("shapes"):
+        lines += shapes_section(results["shapes"])
     for key in (k for k in results if k not in known and k not in run and results[k]):
         lines += [f"## {fmt(key)}", "", *render_any(results[key])]
     if plots:

@@ -350,13 +350,14 @@ def hermetic_stack(name: str, overrides: Mapping[str, str] | None = None) -> Ite
             drop_database(database)
 
 
-def replica_pids(settings: Settings) -> list[int]:
-    """The ingress replicas of this stack (their Ray temp dir tells stacks apart)."""
+def replica_pids(settings: Settings, app: str = "inference", deployment: str = "Ingress") -> list[int]:
+    """The replicas of one Serve deployment of this stack, by default the inference API's (their
+    Ray temp dir tells stacks apart)."""
     temp = str(settings.ray.resolved_temp_dir)
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if "ServeReplica:inference:Ingress" in cmdline:
+        if f"ServeReplica:{app}:{deployment}" in cmdline:
             try:
                 if any(temp in " ".join(p.cmdline()) for p in [process, *process.parents()]):
                     found.append(process.pid)

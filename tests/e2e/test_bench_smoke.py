@@ -80,7 +80,20 @@ def test_two_models_were_served_at_once_without_errors(bench):
     multi = bench[1]["serving"]["multi_model"]
     assert multi["models"] == ["adult-income", "adult-income-twin"]
     assert multi["one_model"]["requests"] > 0 and multi["one_model"]["errors"] == 0
-    for name in multi["models"]:
-        assert multi["two_models"][name]["requests"] > 0 and multi["two_models"][name]["errors"] == 0, multi
+    # Each connection sends to both models in turn (the split itself: tests/unit/test_bench_load.py).
+    assert multi["two_models"]["requests"] > 0 and multi["two_models"]["errors"] == 0, multi
     assert multi["two_vs_one"] > 0 and multi["replicas_rss_mib_two_models"] > 0
     assert "multi_model" in (bench[0] / "report.md").read_text().replace(" ", "_").lower()
+
+
+def test_every_shape_of_serving_many_models_answered_both_models(bench):
+    shapes = bench[1]["shapes"]
+    assert set(shapes) >= {"fleet", "applications", "multiplexed", "fleet_minimal"}
+    for name in ("fleet", "applications", "multiplexed", "fleet_minimal"):
+        shape = shapes[name]
+        for load in (shape["one_model"], shape["two_models"], shape["first_model_while_second_added"]):
+            assert load["requests"] > 0 and load["errors"] == 0, (name, shape)
+        assert shape["second_model_servable_s"] > 0 and shape["replicas_rss_mib_two_models"] > 0, (name, shape)
+    # One application per model starts replicas of its own; the fleet loads a model into its own.
+    assert shapes["applications"]["rss_mib_extra_model"] > shapes["fleet"]["rss_mib_extra_model"]
+    assert "Many models" in (bench[0] / "report.md").read_text()

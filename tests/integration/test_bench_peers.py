@@ -25,7 +25,7 @@ from jobs.preprocess import Preprocessor
 from jobs.registry import log_and_register
 from jobs.schema import build_schema
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.extended, pytest.mark.timeout(180)]
 MODEL_NAME = "bench-peers"
 
 
