@@ -37,9 +37,10 @@ def register_twin(settings: Settings, name: str, version: str) -> str:
     return twin
 
 
-def replicas_rss_mib(settings: Settings) -> float:
+def rss_mib(pids: list[int]) -> float:
+    """The resident memory of these processes together (those gone meanwhile count nothing)."""
     total = 0
-    for pid in replica_pids(settings):
+    for pid in pids:
         try:
             total += psutil.Process(pid).memory_info().rss
         except psutil.Error:
@@ -47,15 +48,15 @@ def replicas_rss_mib(settings: Settings) -> float:
     return total / MIB
 
 
-def _answers(url: str, body: bytes, headers: dict[str, str], ca_file: Path) -> bool:
+def answers(url: str, body: bytes, headers: dict[str, str], verify: str | bool = True) -> bool:
     try:
-        response = httpx.post(url, content=body, headers=headers, verify=str(ca_file), timeout=30)
+        response = httpx.post(url, content=body, headers=headers, verify=verify, timeout=30)
     except httpx.HTTPError:
         return False
     return response.status_code == 200
 
 
-def _result(result: LoadResult) -> dict[str, Any]:
+def load_figures(result: LoadResult) -> dict[str, Any]:
     return {
         "req_per_s": result.rps,
         "p50_ms": result.p50_ms,
@@ -71,7 +72,7 @@ def _rounds(results: list[LoadResult]) -> dict[str, Any]:
     ordered = sorted(results, key=lambda result: result.rps)
     median = ordered[len(ordered) // 2]
     return {
-        **_result(median),
+        **load_figures(median),
         "errors": sum(result.error_count for result in results),
         "requests": sum(result.requests for result in results),
         "req_per_s_by_round": [result.rps for result in results],
@@ -118,15 +119,15 @@ def run_multi_model(
     edge = local_edge_url(settings)
     body = orjson.dumps({"instances": sample_rows(1)})
     first = f"{edge}/v1/models/{name}/predict"
-    assert wait_until(lambda: _answers(first, body, headers, ca_file), 60), f"{name} does not answer at {first}"
-    rss_one = replicas_rss_mib(settings)
+    assert wait_until(lambda: answers(first, body, headers, str(ca_file)), 60), f"{name} does not answer at {first}"
+    rss_one = rss_mib(replica_pids(settings))
     twin = register_twin(settings, name, version)
     second = f"{edge}/v1/models/{twin}/predict"
     # Every replica loads the twin on its first request for it: enough requests to reach each.
     replicas = max(len(replica_pids(settings)), 1)
     for _ in range(10 * replicas):
-        assert wait_until(lambda: _answers(second, body, headers, ca_file), 60), f"{twin} does not answer"
-    rss_two = replicas_rss_mib(settings)
+        assert wait_until(lambda: answers(second, body, headers, str(ca_file)), 60), f"{twin} does not answer"
+    rss_two = rss_mib(replica_pids(settings))
 
     # The same connections, each sending to the two models in turn: an even split, and one wrk
     # process either way, so the load generator takes the same CPU from the server.

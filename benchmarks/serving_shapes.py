@@ -31,12 +31,11 @@ from typing import Any
 
 import httpx
 import orjson
-import psutil
 import yaml
 from mlflow.tracking import MlflowClient
 
-from benchmarks.load import LoadResult, run_wrk_split
-from benchmarks.multi_model import one_against_two
+from benchmarks.load import run_wrk_split
+from benchmarks.multi_model import answers, load_figures, one_against_two, rss_mib
 from benchmarks.peers import sample_rows
 from cluster.apps import SERVE_APP, render_serve_config
 from cluster.edge import bearer_headers
@@ -64,34 +63,6 @@ class Shape:
 def copy_model(client: MlflowClient, source: str, version: str, name: str) -> str:
     """A new registered model `name` holding `source`'s `version`; its version, without an alias."""
     return str(client.copy_model_version(f"models:/{source}/{version}", name).version)
-
-
-def rss_mib(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            continue
-    return total / MIB
-
-
-def answers(url: str, body: bytes, headers: dict[str, str]) -> bool:
-    try:
-        return httpx.post(url, content=body, headers=headers, timeout=30).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _result(result: LoadResult) -> dict[str, Any]:
-    return {
-        "req_per_s": result.rps,
-        "p50_ms": result.p50_ms,
-        "p99_ms": result.p99_ms,
-        "errors": result.error_count,
-        "requests": result.requests,
-        "connections": result.connections,
-    }
 
 
 # Serve's declarative config -----------------------------------------------------------------
@@ -191,7 +162,7 @@ def measure_shape(
         "replicas_rss_mib_two_models": rss_two,
         "rss_mib_extra_model": rss_two - rss_one,
         "second_model_servable_s": servable_s,
-        "first_model_while_second_added": _result(during),
+        "first_model_while_second_added": load_figures(during),
     }
 
 
