@@ -12,12 +12,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from jobs.config import DataConfig, JobConfig
-from jobs.registry import log_and_register
+from jobs.registry import champion_version, log_and_register
 from serve_apps.champion import ChampionModel
-from serve_apps.fleet import ModelFleet, UnknownModelError, aliased_models, predict_by_model
+from serve_apps.fleet import ModelFleet, ModelUnavailableError, UnknownModelError, aliased_models, predict_by_model
+from tests.failing_registry import failing_registry
 from tests.predictors import untrained_predictor
 
 pytestmark = pytest.mark.integration
@@ -128,6 +130,44 @@ def test_a_joined_batch_is_answered_by_each_requests_own_model(registry):
             # The same answers as each model alone.
             alone = risk.predict([[FLEET_ROW, FLEET_ROW]])[0].predictions
             assert results[1].predictions == alone
+        finally:
+            fleet.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def broken_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    # One try per call: MLflow's retries would only make the same 500 slower.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with failing_registry() as uri:
+        yield uri
+
+
+def test_only_a_missing_model_or_alias_means_no_champion(registry, broken_registry):
+    client = MlflowClient(registry)
+    assert champion_version(client, "no-champion", ALIAS) is None
+    assert champion_version(client, "never-registered", ALIAS) is None
+    assert champion_version(client, "income", ALIAS) is not None
+    # A registry that fails is not a registry without a champion.
+    with pytest.raises(MlflowException, match="500 error responses"):
+        champion_version(MlflowClient(broken_registry), "income", ALIAS)
+
+
+def test_a_model_the_registry_cannot_be_asked_about_is_unavailable_not_unknown(registry, broken_registry):
+    def make(name: str) -> ChampionModel:
+        uri = broken_registry if name == "fleet-risk" else registry
+        return ChampionModel(name, ALIAS, uri, poll_interval_s=60)
+
+    async def scenario() -> None:
+        fleet = ModelFleet(make("income"), make, 4)
+        await fleet.default.start()
+        try:
+            with pytest.raises(ModelUnavailableError, match="500 error responses"):
+                await fleet.get("fleet-risk")
+            # Not remembered as missing: the next request asks the registry again.
+            with pytest.raises(ModelUnavailableError):
+                await fleet.get("fleet-risk")
         finally:
             fleet.stop()
 

@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from jobs.compatibility import CONTRACT_TAG
@@ -21,6 +22,7 @@ from jobs.predictor import TabularPredictor
 from jobs.promote import Approval, Rule, gate
 from jobs.registry import log_and_register
 from serve_apps.champion import Poll, load_version, poll_alias
+from tests.failing_registry import failing_registry
 from tests.predictors import untrained_predictor
 
 MODEL = "income"
@@ -112,6 +114,18 @@ def test_a_champion_that_cannot_be_loaded_is_never_an_absent_champion(registry, 
     assert not decision.promote and decision.rule is Rule.UNSCORABLE
     assert decision.reason.startswith(f"champion v{first[0]} cannot be scored on this test set: it cannot be loaded")
     assert _champion(registry) == first[0]
+
+
+def test_a_registry_that_fails_is_never_an_absent_champion(registry, monkeypatch):
+    first = _register("income")
+    _gate(registry, first)
+    candidate = _register("income", seed=1)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with failing_registry() as broken, pytest.raises(MlflowException, match="500 error responses"):
+        _gate(MlflowClient(broken), candidate)
+    # Nothing moved and nothing was recorded as decided.
+    assert _champion(registry) == first[0]
+    assert "promotion.decision" not in registry.get_model_version(MODEL, candidate[0]).tags
 
 
 def test_an_operator_approves_a_schema_change_by_name_and_reason(registry):

@@ -8,6 +8,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -18,11 +19,11 @@ pytestmark = pytest.mark.unit
 
 class _Counting(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as wrk's connections expect
-    seen: Counter[tuple[str, str]] = Counter()
-    bodies: Counter[bytes] = Counter()
+    seen: ClassVar[Counter[tuple[str, str]]] = Counter()
+    bodies: ClassVar[Counter[bytes]] = Counter()
     lock = threading.Lock()
 
-    def do_POST(self) -> None:  # noqa: N802 - the handler's method name
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         with self.lock:
             self.seen[(self.path, self.headers.get("X-Model", ""))] += 1
