@@ -11,6 +11,9 @@ from cluster.supervisor import log_tail, managed, read_pid, spawn, stop
 from core.health import check, wait_healthy
 from core.settings import Settings
 
+# Seconds uvicorn waits for a worker to answer its liveness ping before replacing it.
+WORKER_HEALTHCHECK_TIMEOUT_S = 60
+
 
 def _check_backend(uri: str) -> None:
     if not uri.startswith("postgresql"):
@@ -82,8 +85,12 @@ def start_mlflow(settings: Settings, env: dict[str, str]) -> str:
         "--artifacts-destination", settings.resolved_artifacts_destination,
         # /metrics for Prometheus; the directory holds the workers' shared counters.
         "--expose-prometheus", str(settings.state_dir / "mlflow-metrics"),
-        # Its uvicorn workers log JSON lines like every other component.
-        "--uvicorn-opts", f"--log-config {shlex.quote(str(mlflow_log_config(settings)))}",
+        # Its uvicorn workers log JSON lines like every other component. A worker answers uvicorn's
+        # liveness ping only once it has imported MLflow; on a loaded node that takes longer than
+        # uvicorn's default wait, and the supervisor would kill and respawn workers in a loop.
+        "--uvicorn-opts",
+        f"--log-config {shlex.quote(str(mlflow_log_config(settings)))} "
+        f"--timeout-worker-healthcheck {WORKER_HEALTHCHECK_TIMEOUT_S}",
     ]  # fmt: skip
     proc = spawn(item, argv, env)
     if not wait_healthy(f"{settings.mlflow.url}/health", settings.startup_timeout_s, lambda: proc.poll() is None):
