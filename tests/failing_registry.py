@@ -4,10 +4,11 @@ MLflow REST call with a 500, as a tracking server whose database is down does.""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.local_http import local_http_server
 
 ERROR = {"error_code": "INTERNAL_ERROR", "message": "the registry's database is unreachable"}
 
@@ -35,11 +36,5 @@ class _Broken(BaseHTTPRequestHandler):
 @contextmanager
 def failing_registry() -> Iterator[str]:
     """The tracking URI of a registry that fails every call."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Broken)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_http_server(_Broken) as url:
+        yield url

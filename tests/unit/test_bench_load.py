@@ -7,12 +7,13 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import ClassVar
 
 import pytest
 
 from benchmarks.load import run_wrk_split
+from tests.local_http import local_http_server
 
 pytestmark = pytest.mark.unit
 
@@ -41,14 +42,8 @@ class _Counting(BaseHTTPRequestHandler):
 def server() -> Iterator[str]:
     _Counting.seen.clear()
     _Counting.bodies.clear()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with local_http_server(_Counting) as url:
+        yield url
 
 
 def test_each_connection_sends_to_every_target_in_turn_with_its_headers(server):
