@@ -32,9 +32,13 @@ def register_twin(settings: Settings, name: str, version: str) -> str:
     """A second registered model, a copy of `name`'s `version`, as its champion."""
     client = MlflowClient(settings.mlflow.tracking_uri)
     twin = f"{name}-twin"
-    copied = client.copy_model_version(f"models:/{name}/{version}", twin)
-    client.set_registered_model_alias(twin, "champion", str(copied.version))
+    client.set_registered_model_alias(twin, settings.champion_alias, copy_model(client, name, version, twin))
     return twin
+
+
+def copy_model(client: MlflowClient, source: str, version: str, name: str) -> str:
+    """A new registered model `name` holding `source`'s `version`; its version, without an alias."""
+    return str(client.copy_model_version(f"models:/{source}/{version}", name).version)
 
 
 def rss_mib(pids: list[int]) -> float:

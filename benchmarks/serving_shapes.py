@@ -13,11 +13,10 @@ Four shapes, each with a model copied from the served one under a fresh name for
 
 For each: one model at `connections` single-row connections, then two models on the same
 connections, each sending to both in turn (one wrk process either way, so the load generator costs
-the same); the
-replicas' memory before and after the second model; and the seconds from making the second model
-servable (its alias set, or its application deployed) to its first answer, measured while the
-first model is under load, with that load's errors and p99. All on Serve's own port: Nginx
-is the same for every shape.
+the same); the replicas' memory before and after the second model; and the seconds from making the
+second model servable (its alias set, or its application deployed) to its first answer, measured
+while the first model is under load, with that load's errors and p99. All on Serve's own port:
+Nginx is the same for every shape.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import copy
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -35,7 +34,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from benchmarks.load import run_wrk_split
-from benchmarks.multi_model import answers, load_figures, one_against_two, rss_mib
+from benchmarks.multi_model import answers, copy_model, load_figures, one_against_two, rss_mib
 from benchmarks.peers import sample_rows
 from cluster.apps import SERVE_APP, render_serve_config
 from cluster.edge import bearer_headers
@@ -43,7 +42,6 @@ from cluster.sandbox import replica_pids
 from core.health import wait_until
 from core.settings import Settings
 
-MIB = 1024 * 1024
 APPLICATIONS_PREFIX = "/apps"
 MINIMAL = {"multiplexed": "shape-multiplexed", "fleet_minimal": "shape-fleet"}
 
@@ -56,13 +54,8 @@ class Shape:
     url: Callable[[str], str]
     headers: Callable[[str], dict[str, str]]
     replicas: Callable[[], list[int]]
-    # Makes a registered model with the alias servable; the fleet and multiplexing need nothing.
-    add: Callable[[str], None] = field(default=lambda _: None)
-
-
-def copy_model(client: MlflowClient, source: str, version: str, name: str) -> str:
-    """A new registered model `name` holding `source`'s `version`; its version, without an alias."""
-    return str(client.copy_model_version(f"models:/{source}/{version}", name).version)
+    # Makes a registered model servable: sets its alias, or deploys its application.
+    add: Callable[[str], None]
 
 
 # Serve's declarative config -----------------------------------------------------------------
