@@ -1,10 +1,12 @@
 """API keys in PostgreSQL: added and revoked with `python -m cluster keys`, picked up by every
 ingress replica within `API_KEY_REFRESH_S`, without a restart.
 
-The table holds a SHA-256 digest per key, never the key. Keys in `API_KEYS` are accepted as well
-(they bootstrap a fresh install), unless the table lists their digest as revoked. A replica reads
-the table in the background and swaps its in-memory set of accepted digests, so a request never
-waits on the database; while PostgreSQL is away the replica keeps the last set it read.
+The table holds a SHA-256 digest per key, never the key, with what the key may do: its scopes
+(`predict`, `feedback`, `train`, `admin`) and, optionally, the registered models it is restricted
+to. Keys in `API_KEYS` are accepted as well, as admin keys (they bootstrap a fresh install), unless
+the table lists their digest as revoked or registers it with scopes of its own. A replica reads the
+table in the background and swaps its in-memory map of accepted digests, so a request never waits
+on the database; while PostgreSQL is away the replica keeps the last map it read.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import psycopg
 
+from core.audit import Actor
 from core.database import PostgresStore
 
 log = logging.getLogger("ray.serve")
@@ -37,7 +41,64 @@ MIGRATIONS: list[str] = [
         revoked_at timestamptz
     );
     """,
+    # Keys added before scopes existed keep what they could do then: everything but the
+    # operator's settings. New rows must name their scopes (no default).
+    """
+    ALTER TABLE api_keys
+        ADD COLUMN scopes text[] NOT NULL DEFAULT ARRAY['predict', 'feedback', 'train']
+            CHECK (cardinality(scopes) > 0 AND scopes <@ ARRAY['predict', 'feedback', 'train', 'admin']),
+        ADD COLUMN models text[] CHECK (models IS NULL OR cardinality(models) > 0);
+    ALTER TABLE api_keys ALTER COLUMN scopes DROP DEFAULT;
+    """,
 ]
+
+
+class Scope(StrEnum):
+    PREDICT = "predict"  # predictions, and reading the served models' schemas
+    FEEDBACK = "feedback"  # true labels for earlier predictions
+    TRAIN = "train"  # start, list, read and cancel its own training jobs
+    ADMIN = "admin"  # every scope, every job, and the operator's settings of a job
+
+
+ALL_SCOPES: frozenset[Scope] = frozenset(Scope)
+# Hex digits of a key's digest that name it in records: enough to tell keys apart, and a digest
+# prefix gives nothing of the key away.
+KEY_ID_LENGTH = 12
+
+
+def parse_scopes(text: str) -> frozenset[Scope]:
+    """`predict,feedback` as scopes; ValueError naming what is not a scope."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(names) - {scope.value for scope in Scope})
+    if unknown:
+        raise ValueError(f"unknown scope(s) {', '.join(unknown)}; scopes are {', '.join(s.value for s in Scope)}")
+    if not names:
+        raise ValueError("no scopes given")
+    return frozenset(Scope(name) for name in names)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The holder of an accepted key: what it may do, and how records name it."""
+
+    key_id: str
+    name: str
+    scopes: frozenset[Scope]
+    # The registered models it may use; None for every model.
+    models: frozenset[str] | None = None
+
+    @property
+    def admin(self) -> bool:
+        return Scope.ADMIN in self.scopes
+
+    def allows(self, scope: Scope) -> bool:
+        return self.admin or scope in self.scopes
+
+    def may_use_model(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def actor(self) -> Actor:
+        return Actor(kind="api_key", key_id=self.key_id, name=self.name)
 
 
 class KeyNameTakenError(Exception):
@@ -51,13 +112,16 @@ class KeyAlreadyStoredError(Exception):
 @dataclass(frozen=True)
 class ApiKeyRecord:
     name: str
+    key_id: str
+    scopes: frozenset[Scope]
+    models: frozenset[str] | None
     created_at: datetime
     revoked_at: datetime | None
 
 
 @dataclass(frozen=True)
-class TableHashes:
-    active: frozenset[str]
+class TableKeys:
+    active: Mapping[str, Principal]  # by digest
     revoked: frozenset[str]
 
 
@@ -65,33 +129,46 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-class KeyStore:
-    """The digests a replica accepts. Keys are held as SHA-256 digests only, so a memory dump gives
-    no key away; the set can be replaced while the replica serves, and a check is one digest and
-    one set lookup: no database access per request."""
+def key_id_of(key_hash: str) -> str:
+    return key_hash[:KEY_ID_LENGTH]
 
-    def __init__(self, key_hashes: Iterable[str]) -> None:
-        hashes = frozenset(key_hashes)
-        if not hashes:
+
+def bootstrap_principals(
+    key_hashes: Iterable[str], label: str = "API_KEYS", scopes: frozenset[Scope] = ALL_SCOPES
+) -> dict[str, Principal]:
+    """Keys from the environment: admin keys named by their place in the variable (`API_KEYS[1]`)."""
+    return {
+        digest: Principal(key_id=key_id_of(digest), name=f"{label}[{index}]", scopes=scopes)
+        for index, digest in enumerate(dict.fromkeys(key_hashes), start=1)
+    }
+
+
+class KeyStore:
+    """The digests a replica accepts, each with its principal. Keys are held as SHA-256 digests
+    only, so a memory dump gives no key away; the map can be replaced while the replica serves,
+    and a check is one digest and one dict lookup: no database access per request."""
+
+    def __init__(self, principals: Mapping[str, Principal]) -> None:
+        if not principals:
             raise ValueError("no API keys configured")
-        self._hashes = hashes
+        self._principals: Mapping[str, Principal] = dict(principals)
 
     @property
-    def hashes(self) -> frozenset[str]:
-        return self._hashes
+    def principals(self) -> Mapping[str, Principal]:
+        return self._principals
 
-    def replace(self, key_hashes: frozenset[str]) -> None:
-        """Swap in a new set at once: a request sees either the old set or the new one. An empty
-        set (every key revoked) refuses every request."""
-        self._hashes = key_hashes
+    def replace(self, principals: Mapping[str, Principal]) -> None:
+        """Swap in a new map at once: a request sees either the old map or the new one. An empty
+        map (every key revoked) refuses every request."""
+        self._principals = dict(principals)
 
-    def verify(self, presented: str | None) -> bool:
+    def verify(self, presented: str | None) -> Principal | None:
         if not presented:
-            return False
-        # A set lookup compares digests, not keys. Its timing can at most tell a caller how much of
+            return None
+        # A lookup compares digests, not keys. Its timing can at most tell a caller how much of
         # the digest of their own guess matches a stored digest, which brings them no closer to a
         # key (SHA-256 is preimage resistant), so no constant-time loop over every key is needed.
-        return hash_api_key(presented) in self._hashes
+        return self._principals.get(hash_api_key(presented))
 
 
 def new_api_key() -> str:
@@ -102,10 +179,13 @@ def valid_key_name(name: str) -> bool:
     return KEY_NAME_PATTERN.fullmatch(name) is not None
 
 
-def accepted_hashes(bootstrap: Iterable[str], table: TableHashes) -> frozenset[str]:
+def accepted_principals(bootstrap: Mapping[str, Principal], table: TableKeys) -> dict[str, Principal]:
     """What a replica accepts: API_KEYS and the table's active keys, less every revoked digest (a
-    revocation in the table wins over API_KEYS, which cannot change without a restart)."""
-    return (frozenset(bootstrap) | table.active) - table.revoked
+    revocation in the table wins over API_KEYS, which cannot change without a restart). A key of
+    API_KEYS that the table registers too has the table's scopes: an operator narrowing a key
+    must not be overruled by the environment."""
+    merged = {**bootstrap, **table.active}
+    return {digest: principal for digest, principal in merged.items() if digest not in table.revoked}
 
 
 class ApiKeyTable(PostgresStore):
@@ -117,7 +197,12 @@ class ApiKeyTable(PostgresStore):
     RETRY_FOR_S = 2.0
     POOL_TIMEOUT_S = 2.0
 
-    async def add(self, name: str, key_hash: str) -> ApiKeyRecord:
+    async def add(
+        self, name: str, key_hash: str, scopes: frozenset[Scope], models: frozenset[str] | None = None
+    ) -> ApiKeyRecord:
+        if not scopes:
+            raise ValueError("a key needs at least one scope")
+
         async def op(conn: psycopg.AsyncConnection[Any]) -> ApiKeyRecord:
             async with self._transaction(conn) as cur:
                 await cur.execute("SELECT 1 FROM api_keys WHERE name = %s", (name,))
@@ -127,8 +212,9 @@ class ApiKeyTable(PostgresStore):
                 if (existing := await cur.fetchone()) is not None:
                     raise KeyAlreadyStoredError(existing["name"])
                 await cur.execute(
-                    "INSERT INTO api_keys (name, key_sha256) VALUES (%s, %s) RETURNING name, created_at, revoked_at",
-                    (name, key_hash),
+                    "INSERT INTO api_keys (name, key_sha256, scopes, models) VALUES (%s, %s, %s, %s) "
+                    f"RETURNING {_COLUMNS}",
+                    (name, key_hash, sorted(scopes), None if models is None else sorted(models)),
                 )
                 return _record(await cur.fetchone())
 
@@ -144,10 +230,8 @@ class ApiKeyTable(PostgresStore):
         async def op(conn: psycopg.AsyncConnection[Any]) -> ApiKeyRecord | None:
             async with self._transaction(conn) as cur:
                 await cur.execute(
-                    """
-                    UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s
-                    RETURNING name, created_at, revoked_at
-                    """,
+                    "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s "
+                    f"RETURNING {_COLUMNS}",
                     (name,),
                 )
                 row = await cur.fetchone()
@@ -158,35 +242,58 @@ class ApiKeyTable(PostgresStore):
     async def records(self) -> list[ApiKeyRecord]:
         async def op(conn: psycopg.AsyncConnection[Any]) -> list[ApiKeyRecord]:
             async with self._transaction(conn) as cur:
-                await cur.execute("SELECT name, created_at, revoked_at FROM api_keys ORDER BY created_at, name")
+                await cur.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, name")
                 return [_record(row) for row in await cur.fetchall()]
 
         return await self._retrying(op)
 
-    async def hashes(self) -> TableHashes:
-        async def op(conn: psycopg.AsyncConnection[Any]) -> TableHashes:
-            cur = await conn.execute("SELECT key_sha256, revoked_at IS NOT NULL FROM api_keys")
-            rows = await cur.fetchall()
-            return TableHashes(
-                active=frozenset(str(h) for h, revoked in rows if not revoked),
-                revoked=frozenset(str(h) for h, revoked in rows if revoked),
+    async def keys(self) -> TableKeys:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> TableKeys:
+            async with self._transaction(conn) as cur:
+                await cur.execute(f"SELECT {_COLUMNS} FROM api_keys")
+                rows = [_record(row) for row in await cur.fetchall()]
+            return TableKeys(
+                active={
+                    r.key_hash: Principal(key_id=r.key_id, name=r.name, scopes=r.scopes, models=r.models)
+                    for r in rows
+                    if r.revoked_at is None
+                },
+                revoked=frozenset(r.key_hash for r in rows if r.revoked_at is not None),
             )
 
         return await self._retrying(op)
 
 
-def _record(row: dict[str, Any] | None) -> ApiKeyRecord:
+_COLUMNS = "name, key_sha256, scopes, models, created_at, revoked_at"
+
+
+@dataclass(frozen=True)
+class _Row(ApiKeyRecord):
+    key_hash: str
+
+
+def _record(row: dict[str, Any] | None) -> _Row:
     assert row is not None
-    return ApiKeyRecord(name=row["name"], created_at=row["created_at"], revoked_at=row["revoked_at"])
+    return _Row(
+        name=row["name"],
+        key_id=key_id_of(row["key_sha256"]),
+        scopes=frozenset(Scope(s) for s in row["scopes"]),
+        models=None if row["models"] is None else frozenset(row["models"]),
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+        key_hash=row["key_sha256"],
+    )
 
 
 class KeyRefresher:
     """Keeps a replica's `KeyStore` in step with the table, every `interval_s`, in the background."""
 
-    def __init__(self, table: ApiKeyTable, store: KeyStore, bootstrap: Iterable[str], interval_s: float) -> None:
+    def __init__(
+        self, table: ApiKeyTable, store: KeyStore, bootstrap: Mapping[str, Principal], interval_s: float
+    ) -> None:
         self._table = table
         self._store = store
-        self._bootstrap = frozenset(bootstrap)
+        self._bootstrap = dict(bootstrap)
         self._interval_s = interval_s
         self._migrated = False
         self._reachable = True
@@ -198,7 +305,7 @@ class KeyRefresher:
             if not self._migrated:
                 await self._table.migrate()
                 self._migrated = True
-            table = await self._table.hashes()
+            table = await self._table.keys()
         except Exception as exc:
             # Warn when the database goes away, not on every interval while it stays away.
             if self._reachable:
@@ -206,12 +313,12 @@ class KeyRefresher:
                     "API keys not refreshed (%s: %s); keeping the %d keys accepted so far",
                     type(exc).__name__,
                     exc,
-                    len(self._store.hashes),
+                    len(self._store.principals),
                 )
             self._reachable = False
             return False
-        accepted = accepted_hashes(self._bootstrap, table)
-        if not self._reachable or accepted != self._store.hashes:
+        accepted = accepted_principals(self._bootstrap, table)
+        if not self._reachable or accepted != self._store.principals:
             log.info(
                 "API keys: %d accepted (%d from API_KEYS, %d active and %d revoked in the table)",
                 len(accepted),
@@ -253,7 +360,7 @@ FIRST_REFRESH_TIMEOUT_S = 5.0
 
 
 async def start_key_refresher(
-    store: KeyStore, bootstrap: Iterable[str], database_url: str | None, interval_s: float
+    store: KeyStore, bootstrap: Mapping[str, Principal], database_url: str | None, interval_s: float
 ) -> KeyRefresher | None:
     """The replica's refresher; None without a database, where API_KEYS are the only keys."""
     if database_url is None:

@@ -43,7 +43,8 @@ class Group(BaseModel):
 
 
 class RaySettings(Group):
-    # Ray head. 6379 belongs to Redis on the dev machines, hence 6380.
+    # Ray head. 6379 belongs to Redis on the dev machines, hence 6380. On loopback every Ray port
+    # stays on this machine; a head that other machines join needs its private address here.
     host: str = "127.0.0.1"
     # Address drivers connect to; unset means a running local cluster, else a fresh local one.
     address: str | None = None
@@ -213,6 +214,10 @@ class TrainingQueueSettings(Group):
     exchange: str = "training"
     queue: str = "training.requests"
     dead_letter_queue: str = "training.requests.dead"
+    # Per API key: jobs queued or running at once, and jobs started in any hour; beyond either the
+    # API answers 429 with Retry-After. Jobs of the alert webhook and of operators count against no key.
+    max_active_per_key: int = Field(default=2, ge=1)
+    max_per_hour_per_key: int = Field(default=10, ge=1)
 
 
 class DispatcherSettings(Group):
@@ -226,12 +231,41 @@ class DispatcherSettings(Group):
     heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     # How long a running Ray job may be unreachable before its attempt counts as failed.
     ray_unreachable_s: float = Field(default=60.0, gt=0)
+    # Longest an attempt may take from its submission to Ray (time waiting for resources counts)
+    # before it ends as timed_out and its Ray job is stopped; per kind, as tuning runs many trials.
+    max_wall_time_train_s: float = Field(default=7200.0, gt=0)
+    max_wall_time_tune_s: float = Field(default=21600.0, gt=0)
     host: str = "127.0.0.1"
     metrics_port: int = 9102
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}"
+
+
+def _dataset_prefix(value: str) -> str:
+    # Always a whole folder, so that `datasets` cannot also admit `datasets-private/`.
+    stripped = value.strip().strip("/")
+    return f"{stripped}/" if stripped else ""
+
+
+class JobLimitsSettings(Group):
+    """What a training request sent without an admin key may ask for
+    (services/training_jobs/admission.py). Admins skip the caps, never the cluster's own size."""
+
+    # Train workers of one job, or of one tuning trial (tune.trial_workers).
+    max_workers: int = Field(default=8, ge=1)
+    max_cpus_per_worker: float = Field(default=4.0, gt=0)
+    # Epochs one training run or one trial may run: the request's wall-clock budget.
+    max_epochs: int = Field(default=200, ge=1)
+    max_tune_samples: int = Field(default=64, ge=1)
+    max_concurrent_trials: int = Field(default=8, ge=1)
+    # CPUs a job can never get because the platform's own actors hold them for good (the Serve
+    # ingress replicas that SERVE_MIN_REPLICAS keeps): a job that needs them would wait forever.
+    reserved_cpus: float = Field(default=0.5, ge=0)
+    # Data sets in the object store live under s3://<S3_BUCKET>/<this prefix>, where
+    # `python -m jobs.data push` writes them; no other key of the bucket may be read by a request.
+    dataset_prefix: Annotated[str, AfterValidator(_dataset_prefix)] = "datasets/"
 
 
 class PredictionSettings(Group):
@@ -343,7 +377,11 @@ class TlsSettings(Group):
 
 class UiSettings(Group):
     """The Gradio UI (`python -m ui`). It reaches the inference API over HTTP only, with its own
-    key; `cluster up` hands it the first of API_KEYS when UI_API_KEY is unset."""
+    key: UI_API_KEY, used as it is. Unset, `cluster up` gives the UI a key with only the scopes it
+    uses (predict, feedback, train; never admin) where DATABASE_URL is set: registered as
+    `ui-<UTC time>` and kept in `state_dir/ui.key` (mode 0600), reused while the table lists it as
+    active, replaced (the old one revoked) once it is not. Without a database, or while PostgreSQL
+    cannot be reached, the UI gets the first of API_KEYS, an admin key, with a warning."""
 
     host: str = "127.0.0.1"
     port: int = 7860
@@ -391,6 +429,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # The W3C traceparent a Ray job continues (set by the dispatcher in the job's environment).
     traceparent: str | None = None
+    # Who started the Ray job (core.audit.Actor as JSON), set by the dispatcher in the job's
+    # environment; the training job records it on the model version it registers.
+    audit_actor: str | None = None
     # Anywhere but "development" the UI refuses to start without UI_PASSWORD (compose sets it too).
     deployment_environment: str = "development"
     # The registry alias every served model follows.
@@ -411,6 +452,7 @@ class Settings(BaseSettings):
     amqp: UrlSettings = Field(default_factory=UrlSettings)
     training: TrainingQueueSettings = Field(default_factory=TrainingQueueSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    joblimits: JobLimitsSettings = Field(default_factory=JobLimitsSettings)
     prediction: PredictionSettings = Field(default_factory=PredictionSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     accuracy: AccuracySettings = Field(default_factory=AccuracySettings)

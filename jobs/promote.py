@@ -9,11 +9,9 @@ it cannot load or score, or a candidate that breaks the champion's serving contr
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import math
-import socket
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
@@ -22,6 +20,7 @@ import typer
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from core.audit import Actor
 from core.settings import Settings, get_settings
 from jobs.compatibility import (
     CONTRACT_TAG,
@@ -37,6 +36,9 @@ from jobs.evaluate import evaluate, is_higher_better
 from jobs.predictor import TabularPredictor
 from jobs.registry import champion_version, load_predictor, run_config
 
+# Who a promotion decision was made for, and who a promoted version's move is owed to.
+DECIDED_FOR_TAG = "audit.decided_for"
+PROMOTED_BY_TAG = "audit.promoted_by"
 log = logging.getLogger(__name__)
 # MLflow caps tag values (5,000 characters for model versions); reasons name columns and can be long.
 MAX_TAG_CHARS = 4000
@@ -172,8 +174,10 @@ def gate(
     test: pd.DataFrame,
     margin: float | None = None,
     approval: Approval | None = None,
+    actor: Actor | None = None,
 ) -> Decision:
-    """Score candidate and champion on `test`, record the decision, then move the alias if it says so."""
+    """Score candidate and champion on `test`, record the decision (and who it was made for),
+    then move the alias if it says so."""
     metric = config.promotion_metric
     margin = config.promotion.margin if margin is None else margin
     try:
@@ -190,16 +194,25 @@ def gate(
     )
     decision = decide(metric, candidate_score, margin, champion, approval)
     # Recorded before the alias moves: a replica that sees the move finds the approval already there.
-    _record(client, model_name, version, decision, approval)
+    _record(client, model_name, version, decision, approval, actor)
     if decision.promote:
         client.set_registered_model_tag(model_name, CONTRACT_TAG, version)
         client.set_registered_model_alias(model_name, alias, version)
     level = logging.ERROR if decision.rule.refusal else logging.INFO
-    log.log(level, "promotion of %s v%s: %s", model_name, version, decision.reason)
+    by = actor.label() if actor is not None else "unknown"
+    log.log(
+        level,
+        "promotion of %s v%s for %s: %s",
+        model_name,
+        version,
+        by,
+        decision.reason,
+        extra={"actor": by, "model_name": model_name, "model_version": version, "promoted": decision.promote},
+    )
     return decision
 
 
-def decision_tags(decision: Decision, approval: Approval | None) -> dict[str, str]:
+def decision_tags(decision: Decision, approval: Approval | None, actor: Actor | None = None) -> dict[str, str]:
     tags = {
         DECISION_TAG: "promoted" if decision.promote else "rejected",
         RULE_TAG: decision.rule.value,
@@ -212,12 +225,24 @@ def decision_tags(decision: Decision, approval: Approval | None) -> dict[str, st
     }
     if approval is not None:
         tags |= {FORCED_BY_TAG: approval.operator, FORCE_REASON_TAG: approval.reason[:MAX_TAG_CHARS]}
+    if actor is not None:
+        # The gate ran for this actor: the requester of the training job, or the operator of the CLI.
+        tags |= {DECIDED_FOR_TAG: actor.label()}
+        if decision.promote:
+            tags |= {PROMOTED_BY_TAG: actor.label()}
     return tags
 
 
-def _record(client: MlflowClient, model_name: str, version: str, decision: Decision, approval: Approval | None) -> None:
+def _record(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    decision: Decision,
+    approval: Approval | None,
+    actor: Actor | None,
+) -> None:
     mv = client.get_model_version(model_name, version)
-    tags = decision_tags(decision, approval)
+    tags = decision_tags(decision, approval, actor)
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
     if mv.run_id:
@@ -231,11 +256,8 @@ def _record(client: MlflowClient, model_name: str, version: str, decision: Decis
 
 def operator_identity() -> str:
     """Who runs this CLI, as recorded on a forced version: user@host."""
-    try:
-        user = getpass.getuser()
-    except OSError:  # no login name in a bare container
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+    operator = Actor.operator()
+    return f"{operator.user}@{operator.host}"
 
 
 def promote_version(
@@ -244,6 +266,7 @@ def promote_version(
     settings: Settings | None = None,
     margin: float | None = None,
     approval: Approval | None = None,
+    actor: Actor | None = None,
 ) -> Decision:
     """Run the gate for an already registered version, using the config its run logged."""
     settings = settings or get_settings()
@@ -254,7 +277,7 @@ def promote_version(
     config = JobConfig.model_validate(run_config(client, mv.run_id))
     candidate = load_predictor(f"models:/{model_name}/{version}", settings.mlflow.tracking_uri)
     test = load_test_frame(config, settings)
-    return gate(client, model_name, settings.champion_alias, version, candidate, config, test, margin, approval)
+    return gate(client, model_name, settings.champion_alias, version, candidate, config, test, margin, approval, actor)
 
 
 def main(
@@ -272,7 +295,7 @@ def main(
         raise typer.BadParameter("--reason only goes with --force")
     approval = Approval(operator_identity(), reason or "") if force else None
     try:
-        decision = promote_version(model, version, margin=margin, approval=approval)
+        decision = promote_version(model, version, margin=margin, approval=approval, actor=Actor.operator())
     except (MlflowException, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None

@@ -16,12 +16,26 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from core.audit import Actor
 from jobs.predictor import TabularPredictor
 from jobs.pyfunc import INFERENCE_MODULES, INFERENCE_REQUIREMENTS, PREDICTOR_ARTIFACT, TabularPyfunc
 from jobs.tracking import artifact_upload
 
 CONFIG_ARTIFACT = "job_config.json"
 SCHEMA_ARTIFACT = "schema.json"
+# Who asked for the training that produced a version: on the run and on the version.
+REQUESTED_BY_TAG = "audit.requested_by"
+REQUESTED_BY_JSON_TAG = "audit.requested_by.json"
+
+
+def requester(audit_actor: str | None) -> Actor:
+    """Who this job runs for: the actor the dispatcher handed over (the API key that queued the
+    job, or the alert), else whoever runs the process (`ray job submit` or the CLI by hand)."""
+    return Actor.from_json(audit_actor) or Actor.operator()
+
+
+def requester_tags(actor: Actor) -> dict[str, str]:
+    return {REQUESTED_BY_TAG: actor.label(), REQUESTED_BY_JSON_TAG: actor.to_json()}
 
 
 def log_job_files(client: MlflowClient, run_id: str, config: dict[str, Any], schema_json: str) -> None:
@@ -50,10 +64,14 @@ def _inference_package(directory: Path) -> Path:
 
 
 def log_and_register(
-    predictor: TabularPredictor, example: pd.DataFrame, model_name: str, client: MlflowClient
+    predictor: TabularPredictor,
+    example: pd.DataFrame,
+    model_name: str,
+    client: MlflowClient,
+    requested_by: Actor | None = None,
 ) -> ModelVersion:
     """Log the model (weights, preprocessing, signature, input example) into the active run and
-    register a version with `client`'s registry."""
+    register a version with `client`'s registry, tagged with who asked for it."""
     features = example[predictor.schema.feature_names].head(5).reset_index(drop=True)
     # The signature keeps the data's own column types: MLflow will not cast int64 to a double
     # column, so declaring doubles would reject the integer rows that callers actually send.
@@ -80,6 +98,9 @@ def log_and_register(
     version = info.registered_model_version
     if version is None:
         raise RuntimeError(f"model {model_name} was logged but not registered")
+    if requested_by is not None:
+        for key, value in requester_tags(requested_by).items():
+            client.set_model_version_tag(model_name, str(version), key, value)
     return client.get_model_version(model_name, str(version))
 
 

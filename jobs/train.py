@@ -34,7 +34,7 @@ from jobs.evaluate import evaluate
 from jobs.predictor import Architecture, TabularPredictor
 from jobs.preprocess import Preprocessor
 from jobs.promote import EXIT_NOT_PROMOTED, Decision, gate
-from jobs.registry import log_and_register, log_job_files
+from jobs.registry import log_and_register, log_job_files, requester, requester_tags
 from jobs.result import result_line
 from jobs.schema import build_schema, snake_case
 from jobs.tracking import bound_request_retries, require_tracking_server
@@ -109,6 +109,7 @@ def provenance_tags(settings: Settings, splits: Splits, digest: str) -> dict[str
         "ray.job_id": context.get_job_id(),
         # Ray names the uploaded working dir by its content hash: provenance without .git.
         "ray.working_dir": str(context.runtime_env.get("working_dir", "")),
+        **requester_tags(requester(settings.audit_actor)),
     }
 
 
@@ -235,7 +236,8 @@ def promote_if_enabled(
     """The promotion gate, shared by training and tuning; None when the config turns it off."""
     if not config.promotion.enabled:
         return None
-    return gate(client, model_name, settings.champion_alias, version, predictor, config, splits.test)
+    actor = requester(settings.audit_actor)
+    return gate(client, model_name, settings.champion_alias, version, predictor, config, splits.test, actor=actor)
 
 
 def run_training(config: JobConfig, settings: Settings | None = None) -> TrainingOutcome:
@@ -272,7 +274,7 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
         mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
         mlflow.log_metric("epochs_run", epochs_run)
 
-        version = log_and_register(predictor, splits.test, model_name, client)
+        version = log_and_register(predictor, splits.test, model_name, client, requester(settings.audit_actor))
         decision = promote_if_enabled(client, config, settings, model_name, version.version, predictor, splits)
         return TrainingOutcome(
             run_id=run.info.run_id,

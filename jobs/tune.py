@@ -39,7 +39,7 @@ from jobs.evaluate import evaluate
 from jobs.predictor import TabularPredictor
 from jobs.preprocess import Preprocessor
 from jobs.promote import Decision
-from jobs.registry import log_and_register, log_job_files
+from jobs.registry import log_and_register, log_job_files, requester
 from jobs.schema import build_schema
 from jobs.tracking import bound_request_retries, require_tracking_server
 from jobs.train import (
@@ -345,11 +345,12 @@ def _register_from_trial(
     splits: Splits,
     model_name: str,
     metrics: dict[str, float],
+    settings: Settings,
 ) -> ModelVersion:
     # Registered from the trial's run, so the version points at the run that trained it.
     with mlflow.start_run(run_id=run_id, nested=True):
         mlflow.log_metrics(metrics)
-        return log_and_register(predictor, splits.test, model_name, client)
+        return log_and_register(predictor, splits.test, model_name, client, requester(settings.audit_actor))
 
 
 def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOutcome:
@@ -398,7 +399,7 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
         scores = {f"test_{k}": v for k, v in test_metrics.items()}
         mlflow.log_metrics({**scores, "epochs_run": epochs_run, "tune.trials": len(grid)})
         version = _register_from_trial(
-            client, best_run_id, predictor, splits, model_name, {**scores, "epochs_run": epochs_run}
+            client, best_run_id, predictor, splits, model_name, {**scores, "epochs_run": epochs_run}, settings
         )
         decision = promote_if_enabled(client, best_config, settings, model_name, version.version, predictor, splits)
         _record_on_parent(best_run_id, best_params, decision)

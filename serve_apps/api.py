@@ -15,7 +15,9 @@ def create_api() -> FastAPI:
         title="Ray cluster inference API",
         version="1.0.0",
         description="Predictions from the champion model, served by Ray Serve. Authenticate with "
-        "`Authorization: Bearer <key>` or `X-API-Key: <key>`.",
+        "`Authorization: Bearer <key>` or `X-API-Key: <key>`. Each key has scopes: `predict`, `feedback`, "
+        "`train` (its own training jobs) and `admin` (everything); a key without a route's scope gets a 403 "
+        "`missing_scope` naming it.",
     )
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)

@@ -7,8 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
+from core.keys import Principal, Scope
 from jobs.config import MODEL_NAME_PATTERN
-from serve_apps.auth import require_alert_token, require_api_key
+from serve_apps.auth import require, require_alert_token
+from serve_apps.fleet import UnknownModelError
 from serve_apps.replica import Replica
 
 
@@ -27,6 +29,17 @@ ReplicaDep = Annotated[Replica, Depends(get_replica)]
 # A registered model's name, as the routes that serve one take it from their path.
 ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="a registered model's name")]
 
-# Router-level: every route of a router that lists one of these requires it.
-API_KEY = Depends(require_api_key)
+# The caller's key, with the scope each route needs (a 403 naming it otherwise).
+Predictor = Annotated[Principal, Depends(require(Scope.PREDICT))]
+FeedbackGiver = Annotated[Principal, Depends(require(Scope.FEEDBACK))]
+Trainer = Annotated[Principal, Depends(require(Scope.TRAIN))]
+
+
+def visible_model(principal: Principal, name: str, alias: str) -> None:
+    """A key restricted to some models is told the others do not exist (the same 404)."""
+    if not principal.may_use_model(name):
+        raise UnknownModelError(name, alias)
+
+
+# Router-level: every route of the alert router requires Alertmanager's token.
 ALERT_TOKEN = Depends(require_alert_token)

@@ -16,11 +16,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.database import TRANSIENT_DB_ERRORS
+from serve_apps.auth import MissingScopeError
 from serve_apps.context import request_id_from
 from serve_apps.fleet import ModelUnavailableError, UnknownModelError
 from serve_apps.schemas import ErrorResponse
-from services.training_jobs.models import InvalidJobSpecError
-from services.training_jobs.store import IdempotencyConflictError
+from services.training_jobs.models import InvalidJobSpecError, ModelNotAllowedError
+from services.training_jobs.quota import QuotaExceededError
+from services.training_jobs.store import IdempotencyConflictError, JobFinishedError, JobNotFoundError
 
 log = logging.getLogger("ray.serve")
 
@@ -30,7 +32,8 @@ EDGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "rate limited at the edge; retry after Retry-After seconds"},
 }
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "missing or invalid API key"},
+    401: {"model": ErrorResponse, "description": "missing, invalid or revoked API key"},
+    403: {"model": ErrorResponse, "description": "the API key lacks the scope this route needs (named in the body)"},
 }
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **UNAUTHORIZED,
@@ -41,14 +44,24 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
 # The routes that name a model in their path.
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
     **PREDICT_RESPONSES,
-    404: {"model": ErrorResponse, "description": "no registered model of this name has a champion alias"},
+    404: {
+        "model": ErrorResponse,
+        "description": "no registered model of this name has a champion alias, or the key is not allowed to use it",
+    },
     503: {"model": ErrorResponse, "description": "the model is not loaded yet, or the registry is unreachable"},
 }
 JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
     **UNAUTHORIZED,
-    404: {"model": ErrorResponse, "description": "no such training job"},
-    409: {"model": ErrorResponse, "description": "idempotency key already used for a different job spec"},
+    404: {"model": ErrorResponse, "description": "no such training job (or one started by another key)"},
+    409: {
+        "model": ErrorResponse,
+        "description": "idempotency key already used for a different job spec, or the job has already ended",
+    },
     422: {"model": ErrorResponse, "description": "invalid job spec; details name the field"},
+    429: {
+        "model": ErrorResponse,
+        "description": "this key's job limit is reached, or rate limited at the edge; retry after Retry-After seconds",
+    },
     503: {"model": ErrorResponse, "description": "asynchronous training disabled, or the job store is unreachable"},
     **EDGE_RESPONSES,
 }
@@ -168,7 +181,60 @@ def _invalid_job_spec(request: Request, exc: Exception) -> JSONResponse:
 
 def _idempotency_conflict(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, IdempotencyConflictError)
-    return error_response(request, 409, "idempotency_conflict", str(exc), [{"existing_job_id": str(exc.existing.id)}])
+    detail = {
+        "loc": ["header", "Idempotency-Key"],
+        "msg": str(exc),
+        "type": "idempotency_conflict",
+        "ctx": {"existing_job_id": str(exc.existing.id)},
+    }
+    return error_response(request, 409, "idempotency_conflict", str(exc), [detail])
+
+
+def _missing_scope(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, MissingScopeError)
+    log.info("refused: key %s lacks scope %s", exc.principal.name, exc.scope.value)
+    detail = {
+        "loc": ["header", "Authorization"],
+        "msg": f"requires the {exc.scope.value!r} scope",
+        "type": "missing_scope",
+        "ctx": {"scope": exc.scope.value},
+    }
+    return error_response(request, 403, "missing_scope", str(exc), [detail])
+
+
+def _model_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ModelNotAllowedError)
+    detail = {"loc": ["body", "config"], "msg": str(exc), "type": "model_not_allowed", "ctx": {"model": exc.model}}
+    return error_response(request, 403, "model_not_allowed", str(exc), [detail])
+
+
+def _quota_exceeded(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, QuotaExceededError)
+    detail = {
+        "loc": ["header", "Authorization"],
+        "msg": exc.message,
+        "type": f"{exc.limit}_job_limit",
+        "ctx": {"limit": exc.limit, "limit_value": exc.limit_value},
+    }
+    return error_response(
+        request, 429, "job_limit_exceeded", exc.message, [detail], headers={"Retry-After": str(exc.retry_after_s)}
+    )
+
+
+def _job_not_found(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, JobNotFoundError)
+    return error_response(request, 404, "not_found", f"no training job {exc.job_id}")
+
+
+def _job_finished(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, JobFinishedError)
+    record = exc.record
+    message = (
+        f"training job {record.id} has already ended ({record.state.value}); "
+        "only a queued or running job can be cancelled"
+    )
+    detail = {"loc": ["path", "job_id"], "msg": message, "type": "job_finished", "ctx": {"state": record.state.value}}
+    return error_response(request, 409, "job_finished", message, [detail])
 
 
 def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -199,6 +265,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(FeedbackDisabledError, _feedback_disabled)
     app.add_exception_handler(InvalidJobSpecError, _invalid_job_spec)
     app.add_exception_handler(IdempotencyConflictError, _idempotency_conflict)
+    app.add_exception_handler(MissingScopeError, _missing_scope)
+    app.add_exception_handler(ModelNotAllowedError, _model_not_allowed)
+    app.add_exception_handler(QuotaExceededError, _quota_exceeded)
+    app.add_exception_handler(JobNotFoundError, _job_not_found)
+    app.add_exception_handler(JobFinishedError, _job_finished)
     app.add_exception_handler(UnknownModelError, _unknown_model)
     app.add_exception_handler(ModelUnavailableError, _model_unavailable)
     for error in TRANSIENT_DB_ERRORS:

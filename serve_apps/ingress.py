@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from core.keys import KeyStore, start_key_refresher
+from core.keys import KeyStore, bootstrap_principals, start_key_refresher
 from core.logs import add_context_filter
 from core.settings import get_settings
 from serve_apps.api import create_api
@@ -67,11 +67,17 @@ class Ingress:
         # stay in the environment rather than in the deployment's arguments, which Serve stores.
         settings = get_settings()
         add_context_filter("ray.serve", "inference-api")
-        self._key_store = KeyStore(key_hashes)
-        self._alert_token_store = KeyStore(alert_token_hashes) if alert_token_hashes else None
+        # API_KEYS are admin keys; the key table adds keys with the scopes an operator gave them.
+        bootstrap = bootstrap_principals(key_hashes)
+        self._key_store = KeyStore(bootstrap)
+        self._alert_token_store = (
+            KeyStore(bootstrap_principals(alert_token_hashes, "ALERT_WEBHOOK_TOKEN", frozenset()))
+            if alert_token_hashes
+            else None
+        )
         # Keys added or revoked with `python -m cluster keys` take effect without a restart.
         self._key_refresher = await start_key_refresher(
-            self._key_store, key_hashes, settings.database.value(), settings.api.key_refresh_s
+            self._key_store, bootstrap, settings.database.value(), settings.api.key_refresh_s
         )
         model_metrics = ModelMetrics()
 

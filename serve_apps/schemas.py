@@ -100,6 +100,9 @@ class ErrorDetail(BaseModel):
     loc: list[Any] | None = None
     msg: str
     type: str | None = None
+    # Machine-readable particulars, as in FastAPI's own validation errors (the scope a key lacks,
+    # the job an idempotency key belongs to).
+    ctx: dict[str, Any] | None = None
 
 
 class ErrorBody(BaseModel):

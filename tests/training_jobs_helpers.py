@@ -11,7 +11,7 @@ import httpx
 
 from cluster.sandbox import AMQP_URL, Stack
 
-TERMINAL = {"succeeded", "failed", "dead_lettered"}
+TERMINAL = {"succeeded", "failed", "dead_lettered", "cancelled", "timed_out"}
 QUICK = {"train.epochs": 1, "train.patience": 1}
 
 

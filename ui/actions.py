@@ -147,6 +147,16 @@ class UiActions:
             raise ApiError("Enter a job id, or start a job")
         return self.api.job(job_id.strip())
 
+    @traced("cancel job")
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """The job, cancelled. The API says 409 when it has already ended and 404 when this key
+        cannot see it (unknown, or another key's job); both come back as `ApiError`."""
+        if not job_id.strip():
+            raise ApiError("Enter a job id, or start a job, to cancel it")
+        job = self.api.cancel_job(job_id.strip())
+        log.info("training job %s cancel: %s", job.get("id"), job.get("state"), extra={"job_id": str(job.get("id"))})
+        return job
+
     @traced("recent jobs")
     def recent_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
         return self.api.jobs(limit)

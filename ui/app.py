@@ -45,6 +45,14 @@ class Loader(NamedTuple):
     inputs: tuple[Any, ...] = ()
 
 
+def problem_markdown(exc: ApiError) -> str:
+    """A failed call where its result would be. A key without a scope is how this UI is set up,
+    not a fault: it reads as what is unavailable, and the rest of the page works on."""
+    if exc.missing_scope:
+        return f"**Not available with this key:** {exc.message}"
+    return error_markdown(exc.message)
+
+
 def header_markdown(actions: UiActions) -> str:
     key = "configured" if actions.api.has_key else f"**missing**: {NO_KEY_MESSAGE}"
     return f"# {TITLE}\nInference API `{actions.api.base_url}` · API key {key} · MLflow `{actions.mlflow.base_url}`"
@@ -56,7 +64,7 @@ def model_choices(actions: UiActions, chosen: str | None) -> tuple[gr.Dropdown, 
         names = actions.models()
     except ApiError as exc:
         fallback = gr.Dropdown(choices=[actions.model_name], value=chosen or actions.model_name)
-        return fallback, error_markdown(exc.message)
+        return fallback, problem_markdown(exc)
     value = chosen if chosen in names else (names[0] if names else actions.model_name)
     return gr.Dropdown(choices=names or [actions.model_name], value=value), ""
 
@@ -127,7 +135,7 @@ def predict_outputs(actions: UiActions, schema: FormSchema, values: tuple[Any, .
     try:
         view = actions.predict(row_from_values(schema.fields, values), schema.name or None)
     except ApiError as exc:
-        return error_markdown(exc.message), "", {"error": exc.message}, ""
+        return problem_markdown(exc), "", {"error": exc.message}, ""
     return prediction_markdown(view), str(view["request_id"]), view, ""
 
 
@@ -135,14 +143,14 @@ def feedback_output(actions: UiActions, request_id: str | None, label: str) -> s
     try:
         return feedback_markdown(actions.feedback(request_id or "", label))
     except ApiError as exc:
-        return error_markdown(exc.message)
+        return problem_markdown(exc)
 
 
 def load_form(actions: UiActions, model: str | None = None) -> tuple[FormSchema | None, str]:
     try:
         schema = actions.form(model)
     except ApiError as exc:
-        return None, error_markdown(exc.message)
+        return None, problem_markdown(exc)
     return schema, f"Form for **{schema.model}** ({schema.task}), built from the API's description of the served model."
 
 
@@ -218,7 +226,7 @@ def card_outputs(
     try:
         card = actions.model_card(model)
     except ApiError as exc:
-        return error_markdown(exc.message), empty, empty, [], {"error": exc.message}
+        return problem_markdown(exc), empty, empty, [], {"error": exc.message}
     losses, scores = split_curves(card.curves)
     text = card_markdown(card.current) + "".join(f"\n\n_{note}_" for note in card.notes)
     return text, losses, scores, promotion_rows(card.promotions), card_data(card)
@@ -247,7 +255,7 @@ def job_outputs(fetch: Callable[[], dict[str, Any]]) -> tuple[str, str, dict[str
     try:
         job = fetch()
     except ApiError as exc:
-        return "", error_markdown(exc.message), {"error": exc.message}
+        return "", problem_markdown(exc), {"error": exc.message}
     return str(job.get("id", "")), job_markdown(job), job
 
 
@@ -255,8 +263,22 @@ def jobs_outputs(actions: UiActions) -> tuple[list[list[str]], str]:
     try:
         jobs = actions.recent_jobs()
     except ApiError as exc:
-        return [], error_markdown(exc.message)
+        return [], problem_markdown(exc)
     return job_rows(jobs), f"{len(jobs)} most recent jobs, newest first."
+
+
+def cancel_outputs(actions: UiActions, job_id: str | None) -> tuple[str, Any, Any]:
+    """A line on the cancel, then the job's text and data. A job that has already ended is shown
+    as it ended; on other failures (unknown job, no scope, API away) the job shown stays as it is,
+    and so does its following."""
+    try:
+        job = actions.cancel_job(job_id or "")
+    except ApiError as exc:
+        if exc.code == "job_finished":
+            _, text, data = job_outputs(lambda: actions.job(job_id or ""))
+            return problem_markdown(exc), text, data
+        return problem_markdown(exc), gr.skip(), gr.skip()
+    return f"Job `{job.get('id')}` is **{job.get('state')}**.", job_markdown(job), job
 
 
 def follow(job: dict[str, Any]) -> gr.Timer:
@@ -278,6 +300,8 @@ def _training_tab(actions: UiActions) -> Loader:
     with gr.Row():
         job_id = gr.Textbox(label="Job id", placeholder="started job, or paste one", scale=3)
         check = gr.Button("Refresh state", scale=0)
+        cancel = gr.Button("Cancel job", variant="stop", scale=0, elem_id="cancel-job-button")
+    cancel_status = gr.Markdown(elem_id="cancel-status")
     text = gr.Markdown()
     with gr.Accordion("Job as data", open=False):
         data = gr.JSON(label="Job")
@@ -300,6 +324,15 @@ def _training_tab(actions: UiActions) -> Loader:
         lambda j: job_outputs(lambda: actions.job(j))[1:], inputs=job_id, outputs=[text, data], api_name="job_status"
     )
     checked.then(follow, inputs=data, outputs=timer, api_visibility="private")
+    cancelled = cancel.click(
+        lambda j: cancel_outputs(actions, j),
+        inputs=job_id,
+        outputs=[cancel_status, text, data],
+        # Scripts have `cancel_job` (see _register_api): this one's outputs may be left unchanged.
+        api_visibility="private",
+    )
+    cancelled.then(follow, inputs=data, outputs=timer, api_visibility="private")
+    cancelled.then(loader.fn, outputs=loader.outputs, api_visibility="private")
     timer.tick(lambda j: tick(actions, j), inputs=job_id, outputs=[text, data, timer], api_visibility="private")
     table.select(_selected_job, outputs=job_id, api_visibility="private").then(
         lambda j: job_outputs(lambda: actions.job(j))[1:], inputs=job_id, outputs=[text, data], api_visibility="private"
@@ -349,7 +382,16 @@ def _register_api(actions: UiActions) -> None:
         except ApiError as exc:
             return {"error": exc.message}
 
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        """Cancel a training job: the job, now `cancelled`, or `error` with the API's reason (it
+        has already ended, or this UI's key cannot see it)."""
+        try:
+            return actions.cancel_job(job_id)
+        except ApiError as exc:
+            return {"error": exc.message}
+
     gradio_api(predict, api_name="predict")
     gradio_api(feedback, api_name="feedback")
     gradio_api(form_schema, api_name="form_schema")
     gradio_api(models, api_name="models")
+    gradio_api(cancel_job, api_name="cancel_job")

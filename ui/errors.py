@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -14,20 +15,35 @@ _STATUS_TEXT = {
     409: "Conflict",
     413: "The request is too large",
     422: "The API rejected the input",
-    429: "Too many requests, try again shortly",
+    429: "Too many requests",
     503: "The API is not ready",
+}
+# Where the API's error code says more than its status does.
+_CODE_TEXT = {
+    "job_finished": "The job has already ended",
+    "job_limit_exceeded": "Job limit reached",
 }
 # Path parts of a validation error's `loc` that name where the field sits, not which field it is.
 _LOC_NOISE = {"body", "query", "path", "header", "instances"}
+MISSING_SCOPE = "missing_scope"
+# Where a detail has no `ctx`: "this API key (name) lacks the 'train' scope; ...".
+_SCOPE_IN_MESSAGE = re.compile(r"'(?P<scope>[a-z_]+)' scope")
+# What the UI's calls need (see InferenceApi), so the scopes `cluster up` gives the UI's own key.
+UI_SCOPES = ("predict", "feedback", "train")
 
 
 class ApiError(Exception):
-    """A failed call, already worded for the UI."""
+    """A failed call, already worded for the UI. `code` is the API's error code, when it sent one."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        self.code = code
+
+    @property
+    def missing_scope(self) -> bool:
+        return self.code == MISSING_SCOPE
 
 
 def field_name(loc: list[Any] | None) -> str:
@@ -47,7 +63,7 @@ def detail_lines(details: Any) -> list[str]:
     return lines
 
 
-def _error_body(response: httpx.Response) -> dict[str, Any]:
+def error_body(response: httpx.Response) -> dict[str, Any]:
     """The API's `{"error": {...}}` body; anything else (a proxy's HTML page) as plain text."""
     try:
         body = response.json()
@@ -60,18 +76,66 @@ def _error_body(response: httpx.Response) -> dict[str, Any]:
     return {"message": str(body)[:200]}
 
 
-def describe_response(response: httpx.Response) -> str:
-    """E.g. `The API refused the key (401): invalid API key`, with 422 field details appended."""
-    error = _error_body(response)
+def error_code(response: httpx.Response) -> str | None:
+    code = error_body(response).get("code")
+    return str(code) if code else None
+
+
+def retry_after(response: httpx.Response) -> str | None:
+    """`Retry-After` as people read it: `30 s`, or the HTTP date the API named. Only 429 and 503
+    carry one that matters to a person; elsewhere it is ignored."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value or response.status_code not in {429, 503}:
+        return None
+    return f"{value} s" if value.isdigit() else value
+
+
+def missing_scope_message(scope: str | None, blocked: str) -> str:
+    """Why a part of the page does not work with this key, and who can change that. The UI's
+    own key never holds admin, so an admin-only action points at an admin key instead."""
+    lacks = f"the '{scope}' scope" if scope else "a scope this needs"
+    head = f"This UI's API key lacks {lacks}, so {blocked}"
+    if scope == "admin":
+        return f"{head}; that takes an admin key, which the UI is never given: use the API with one."
+    return (
+        f"{head}; an operator can grant it with `python -m cluster keys add <name> --scopes {','.join(UI_SCOPES)}` "
+        "and set UI_API_KEY to the new key (or leave UI_API_KEY unset: `cluster up` then registers "
+        "a key with these scopes for the UI)."
+    )
+
+
+def _scope_named(error: dict[str, Any], message: str) -> str | None:
+    """The scope a 403 names: in a detail's `ctx`, else in the message."""
+    for item in error.get("details") or []:
+        ctx = item.get("ctx") if isinstance(item, dict) else None
+        if isinstance(ctx, dict) and ctx.get("scope"):
+            return str(ctx["scope"])
+    named = _SCOPE_IN_MESSAGE.search(message)
+    return named.group("scope") if named else None
+
+
+def describe_response(response: httpx.Response, scope: str | None = None, blocked: str | None = None) -> str:
+    """E.g. `The API refused the key (401): invalid API key`, with 422 field details appended.
+    A 403 for a missing scope says which scope and what it blocks here instead: `blocked` is what
+    the call was for, `scope` the one it needs, should the API's message not name it."""
+    error = error_body(response)
     status = response.status_code
-    head = _STATUS_TEXT.get(status, "The API answered with an error")
-    text = f"{head} ({status}): {error.get('message') or response.reason_phrase}"
+    message = str(error.get("message") or response.reason_phrase)
+    request_id = f" [request id {error['request_id']}]" if error.get("request_id") else ""
+    if status == 403 and error.get("code") == MISSING_SCOPE:
+        lacking = _scope_named(error, message) or scope
+        return missing_scope_message(lacking, blocked or "this part of the page does not work") + request_id
+    head = _CODE_TEXT.get(str(error.get("code")), _STATUS_TEXT.get(status, "The API answered with an error"))
+    text = f"{head} ({status}): {message}"
     details = detail_lines(error.get("details"))
     if details:
         text += " - " + "; ".join(details)
-    if error.get("request_id"):
-        text += f" [request id {error['request_id']}]"
-    return text
+    wait = retry_after(response)
+    if wait is not None:
+        text += f"; try again in {wait}" if wait.endswith(" s") else f"; try again after {wait}"
+    elif status == 429:
+        text += "; try again shortly"
+    return text + request_id
 
 
 def describe_transport_error(exc: httpx.TransportError, service: str, url: str) -> str:

@@ -15,13 +15,13 @@ from opentelemetry.trace import SpanKind
 
 from core import telemetry, tracecontext
 from core.settings import Settings
-from ui.errors import ApiError, describe_response, describe_transport_error
+from ui.errors import ApiError, describe_response, describe_transport_error, error_code
 
 log = logging.getLogger("ui.http")
 
 NO_KEY_MESSAGE = (
-    "The UI has no API key: set UI_API_KEY to one of the API's keys "
-    "(`cluster up` hands it the first of API_KEYS when UI_API_KEY is unset)"
+    "The UI has no API key: set UI_API_KEY to one of the API's keys (with UI_API_KEY unset, "
+    "`cluster up` registers one for the UI where DATABASE_URL is set, else hands it the first of API_KEYS)"
 )
 
 
@@ -39,7 +39,11 @@ class _JsonHttp:
     def _headers(self) -> dict[str, str]:
         return {}
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def request(
+        self, method: str, path: str, *, scope: str | None = None, blocked: str | None = None, **kwargs: Any
+    ) -> Any:
+        """`scope` and `blocked`: the API key scope the route needs and what this call is for, so
+        that a key without it reads as what it stops on the page rather than as an error."""
         with telemetry.tracer("ui").start_as_current_span(f"{method} {path}", kind=SpanKind.CLIENT):
             headers = {**self._headers(), "traceparent": _traceparent()}
             started = time.perf_counter()
@@ -54,9 +58,9 @@ class _JsonHttp:
             if response.is_success:
                 log.info("%s %s -> %d", method, path, response.status_code, extra=extra)
                 return _json(response, self.service)
-            message = describe_response(response)
+            message = describe_response(response, scope, blocked)
             log.warning("%s %s -> %d: %s", method, path, response.status_code, message, extra=extra)
-            raise ApiError(message, response.status_code)
+            raise ApiError(message, response.status_code, error_code(response))
 
 
 def _traceparent() -> str:
@@ -106,29 +110,46 @@ class InferenceApi(_JsonHttp):
 
     def models(self) -> list[dict[str, Any]]:
         """Every model the API serves (`GET /v1/models`)."""
-        return list(self.request("GET", "/v1/models").get("models", []))
+        blocked = "the served models cannot be listed here"
+        return list(self.request("GET", "/v1/models", scope="predict", blocked=blocked).get("models", []))
 
     def current_model(self, model: str | None = None) -> dict[str, Any]:
         """The served version of `model`, or of the API's default model."""
         path = f"/v1/models/{quote(model, safe='')}" if model else "/v1/models/current"
-        return dict(self.request("GET", path))
+        return dict(self.request("GET", path, scope="predict", blocked="the served model cannot be shown here"))
 
     def predict(self, row: dict[str, Any], model: str | None = None) -> dict[str, Any]:
         path = f"/v1/models/{quote(model, safe='')}/predict" if model else "/v1/predict"
-        return dict(self.request("POST", path, json={"instances": [row]}))
+        blocked = "predictions cannot be made here"
+        return dict(self.request("POST", path, json={"instances": [row]}, scope="predict", blocked=blocked))
 
     def feedback(self, request_id: str, label: str, index: int = 0) -> dict[str, Any]:
         body = {"request_id": request_id, "index": index, "label": label}
-        return dict(self.request("POST", "/v1/feedback", json=body))
+        blocked = "feedback cannot be sent from here"
+        return dict(self.request("POST", "/v1/feedback", json=body, scope="feedback", blocked=blocked))
 
     def submit_job(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return dict(self.request("POST", "/v1/training-jobs", json=spec))
+        blocked = "training jobs cannot be started here"
+        return dict(self.request("POST", "/v1/training-jobs", json=spec, scope="train", blocked=blocked))
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return dict(self.request("GET", f"/v1/training-jobs/{job_id}"))
+        blocked = "training jobs cannot be followed here"
+        return dict(self.request("GET", _job_path(job_id), scope="train", blocked=blocked))
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
-        return list(self.request("GET", "/v1/training-jobs", params={"limit": limit}).get("jobs", []))
+        blocked = "training jobs cannot be listed here"
+        body = self.request("GET", "/v1/training-jobs", params={"limit": limit}, scope="train", blocked=blocked)
+        return list(body.get("jobs", []))
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """`DELETE /v1/training-jobs/{id}`: the job, now cancelled (also when it was already)."""
+        blocked = "training jobs cannot be cancelled here"
+        return dict(self.request("DELETE", _job_path(job_id), scope="train", blocked=blocked))
+
+
+def _job_path(job_id: str) -> str:
+    # A pasted id is text from a person: quoted, it cannot reach another route.
+    return f"/v1/training-jobs/{quote(job_id, safe='')}"
 
 
 class MlflowRest(_JsonHttp):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-JOB_COLUMNS = ["id", "kind", "config", "state", "attempts", "model version", "promoted", "created", "last error"]
-TERMINAL_STATES = frozenset({"succeeded", "failed", "dead_lettered"})
+JOB_COLUMNS = [
+    "id", "kind", "config", "state", "attempts", "model version", "promoted", "created", "started by", "last error"
+]  # fmt: skip
+# A job in one of these never changes again: the page stops following it, and it cannot be cancelled.
+TERMINAL_STATES = frozenset({"succeeded", "failed", "dead_lettered", "cancelled", "timed_out"})
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -48,12 +51,29 @@ def _short_time(value: Any) -> str:
     return str(value or "")[:19].replace("T", " ")
 
 
+def actor_label(actor: Any) -> str:
+    """Who did something to a job, as the API records it (`created_by`, an event's `actor`):
+    `key ui-20260101120000 (id 3fa2c1d0e9b8)`, `operator root@head-1`, `alert ModelAccuracyLow`."""
+    if not isinstance(actor, dict):
+        return ""
+    kind = actor.get("kind")
+    if kind == "api_key":
+        return f"key {actor.get('name') or '?'} (id {actor.get('key_id') or '?'})"
+    if kind == "operator":
+        return f"operator {actor.get('user') or '?'}@{actor.get('host') or '?'}"
+    if kind == "alert":
+        return f"alert {actor.get('name') or '?'}"
+    return str(kind or "")
+
+
 def job_markdown(job: dict[str, Any]) -> str:
     paragraphs = [
         f"### Job `{job.get('id')}`: **{job.get('state')}**",
         f"{job.get('kind')} with config `{job.get('config')}`, attempt {job.get('attempts')} of "
         f"{job.get('max_attempts')}",
     ]
+    if actor_label(job.get("created_by")):
+        paragraphs.append(f"Started by {actor_label(job['created_by'])}")
     if job.get("overrides"):
         paragraphs.append(f"Overrides: `{json.dumps(job['overrides'])}`")
     if job.get("ray_job_id"):
@@ -68,9 +88,10 @@ def job_markdown(job: dict[str, Any]) -> str:
         paragraphs.append(f"Last error: {job['last_error']}")
     events = job.get("events") or []
     if events:
-        table = ["| at (UTC) | state | attempt | message |", "| --- | --- | --- | --- |"]
+        table = ["| at (UTC) | state | attempt | by | message |", "| --- | --- | --- | --- | --- |"]
         table += [
-            f"| {_short_time(e.get('at'))} | {e.get('state')} | {e.get('attempt')} | {_cell(e.get('message'))} |"
+            f"| {_short_time(e.get('at'))} | {e.get('state')} | {e.get('attempt')} "
+            f"| {_cell(actor_label(e.get('actor')))} | {_cell(e.get('message'))} |"
             for e in events
         ]
         paragraphs.append("\n".join(table))
@@ -88,6 +109,7 @@ def job_rows(jobs: list[dict[str, Any]]) -> list[list[str]]:
             str(job.get("model_version") or ""),
             yes_no(job.get("promoted")),
             _short_time(job.get("created_at")),
+            actor_label(job.get("created_by")),
             str(job.get("last_error") or "")[:120],
         ]
         for job in jobs

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from core.audit import Actor
 from serve_apps.dependencies import ALERT_TOKEN, ReplicaDep
 from serve_apps.errors import ALERT_RESPONSES
 from serve_apps.schemas import Alert, AlertmanagerPayload, AlertWebhookResponse, RetrainRefusal, RetrainRequest
@@ -36,7 +37,9 @@ async def _retrain(alert: Alert, model: str, config: str, request: Request, repl
     )
     jobs = await replica.training_jobs()
     # The overrides come from the cluster's own settings (RETRAIN_OVERRIDES): an operator's.
-    job, created = await jobs.submit(spec, request.state.traceparent, operator=True)
+    job, created = await jobs.submit(
+        spec, request.state.traceparent, actor=Actor(kind="alert", name=name), operator=True
+    )
     replica.metrics.retrain_requests.inc(tags={"created": str(created).lower()})
     log.info(
         "alert %s (%s): retrain job %s of %s with config %s %s",

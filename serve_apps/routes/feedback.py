@@ -8,13 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from psycopg_pool import PoolTimeout
 
-from serve_apps.dependencies import API_KEY, ReplicaDep
+from serve_apps.dependencies import FeedbackGiver, ReplicaDep
 from serve_apps.errors import FEEDBACK_RESPONSES, error_response, validation_error
 from serve_apps.schemas import FeedbackRequest, FeedbackResponse
 from services.feedback.store import FeedbackOutcome
 
 log = logging.getLogger("ray.serve")
-router = APIRouter(tags=["inference"], dependencies=[API_KEY])
+router = APIRouter(tags=["inference"])
 
 
 @router.post(
@@ -26,7 +26,9 @@ router = APIRouter(tags=["inference"], dependencies=[API_KEY])
         **FEEDBACK_RESPONSES,
     },
 )
-async def feedback(body: FeedbackRequest, request: Request, response: Response, replica: ReplicaDep) -> Any:
+async def feedback(
+    body: FeedbackRequest, request: Request, response: Response, replica: ReplicaDep, principal: FeedbackGiver
+) -> Any:
     """The true label of one predicted instance (`request_id` and `index` from a predict answer,
     of any served model): one of that model's classes. Counts towards the live accuracy of the
     version that made the prediction; repeats are ignored (200, the first label stays)."""
@@ -39,6 +41,8 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response, 
         # flush() waits for that one and writes what is left.
         await recorder.flush()
         model_name = await recorder.store.predicted_by(body.request_id, body.index)
+    if model_name is not None and not principal.may_use_model(model_name):
+        model_name = None  # a key restricted to other models is told the prediction does not exist
     if model_name is None:
         replica.metrics.feedback.inc(tags={"outcome": FeedbackOutcome.UNKNOWN.value, "model": "", "model_version": ""})
         return error_response(request, 404, "not_found", f"no prediction {body.request_id!r} with index {body.index}")

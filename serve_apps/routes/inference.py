@@ -9,13 +9,13 @@ from fastapi import APIRouter, Request, Response
 from opentelemetry import trace
 
 from serve_apps.champion import BatchResult, ChampionModel
-from serve_apps.dependencies import API_KEY, ModelName, ReplicaDep
+from serve_apps.dependencies import ModelName, Predictor, ReplicaDep, visible_model
 from serve_apps.errors import MODEL_RESPONSES, PREDICT_RESPONSES, error_response, request_id_of
 from serve_apps.replica import Replica
 from serve_apps.schemas import PredictRequest, PredictResponse
 from services.feedback.store import PredictionRow
 
-router = APIRouter(tags=["inference"], dependencies=[API_KEY], responses=PREDICT_RESPONSES)
+router = APIRouter(tags=["inference"], responses=PREDICT_RESPONSES)
 _tracer = trace.get_tracer("serve_apps.ingress")
 
 
@@ -31,8 +31,9 @@ def _too_many_rows(request: Request, rows: int, max_rows: int) -> Response:
 
 
 @router.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True)
-async def predict(body: PredictRequest, request: Request, replica: ReplicaDep) -> Any:
+async def predict(body: PredictRequest, request: Request, replica: ReplicaDep, principal: Predictor) -> Any:
     """Predict with the default model (`MODEL_NAME`): a label and its probability for each instance."""
+    visible_model(principal, replica.champion.model_name, replica.champion.alias)
     return await _predict(body, request, replica, replica.champion, "/v1/predict")
 
 
@@ -42,9 +43,12 @@ async def predict(body: PredictRequest, request: Request, replica: ReplicaDep) -
     response_model_exclude_none=True,
     responses=MODEL_RESPONSES,
 )
-async def predict_with(name: ModelName, body: PredictRequest, request: Request, replica: ReplicaDep) -> Any:
+async def predict_with(
+    name: ModelName, body: PredictRequest, request: Request, replica: ReplicaDep, principal: Predictor
+) -> Any:
     """Predict with the champion of the registered model `name`: any model whose `champion` alias
     is set is served, from its first request on."""
+    visible_model(principal, name, replica.champion.alias)
     champion = await replica.fleet.get(name)
     return await _predict(body, request, replica, champion, "/v1/models/{name}/predict")
 

@@ -1,4 +1,4 @@
-"""`python -m services.dispatcher`: run a dispatcher; `list`, `show`, `requeue` for operators."""
+"""`python -m services.dispatcher`: run a dispatcher; `list`, `show`, `requeue`, `cancel` for operators."""
 
 from __future__ import annotations
 
@@ -12,17 +12,19 @@ from uuid import UUID
 
 import typer
 
+from core.audit import Actor
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
 from core.telemetry import init_tracing, shutdown_tracing
 from services.dispatcher.core import Dispatcher, dispatcher_name
 from services.dispatcher.ray_jobs import RayJobs
 from services.training_jobs.broker import Publisher, Topology, connect
-from services.training_jobs.models import JobState
-from services.training_jobs.store import JobStore
+from services.training_jobs.models import JobState, actor_log_fields
+from services.training_jobs.store import JobFinishedError, JobNotFoundError, JobStore
 
 T = TypeVar("T")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=False)
+log = logging.getLogger(__name__)
 
 
 def _require_enabled(settings: Settings) -> tuple[str, str]:
@@ -32,6 +34,12 @@ def _require_enabled(settings: Settings) -> tuple[str, str]:
         )
         raise typer.Exit(2)
     return settings.database.url.get_secret_value(), settings.amqp.url.get_secret_value()
+
+
+def _audit(settings: Settings, message: str, job_id: UUID, actor: Actor) -> None:
+    """One JSON line on stderr naming the operator, as the services log it; stdout stays for people."""
+    configure_logging("dispatcher-cli", settings.log_level, with_ray=False)
+    log.info(message, extra={"job_id": str(job_id), **actor_log_fields(actor)})
 
 
 def _with_store(fn: Callable[[JobStore], Awaitable[T]]) -> T:
@@ -108,8 +116,10 @@ def requeue(job_id: UUID) -> None:
     _, amqp = _require_enabled(settings)
     topology = Topology.from_settings(settings)
 
+    actor = Actor.operator()
+
     async def go(store: JobStore) -> None:
-        job = await store.requeue(job_id, settings.dispatcher.max_attempts)
+        job = await store.requeue(job_id, settings.dispatcher.max_attempts, actor)
         if job is None:
             current = await store.get(job_id)
             state = current.state.value if current else "not found"
@@ -122,7 +132,33 @@ def requeue(job_id: UUID) -> None:
             await store.mark_published(job_id)
         finally:
             await publisher.close()
+        _audit(settings, f"training job {job_id} re-queued by {actor.label()}", job_id, actor)
         typer.echo(f"job {job_id} re-queued ({removed} dead-letter message(s) removed)")
+
+    _with_store(go)
+
+
+@app.command()
+def cancel(job_id: UUID) -> None:
+    """Cancel a queued or running job: it ends as cancelled at once, and the dispatcher stops its
+    Ray job. A cancelled job stays cancelled; a job that ended otherwise cannot be cancelled."""
+    settings = get_settings()
+    actor = Actor.operator()
+
+    async def go(store: JobStore) -> None:
+        try:
+            job, cancelled = await store.cancel(job_id, actor, owner_key_id=None)
+        except JobNotFoundError:
+            typer.echo(f"no training job {job_id}", err=True)
+            raise typer.Exit(1) from None
+        except JobFinishedError as exc:
+            typer.echo(f"job {job_id} already ended ({exc.record.state.value}); nothing to cancel", err=True)
+            raise typer.Exit(1) from None
+        if not cancelled:
+            typer.echo(f"job {job_id} was already cancelled")
+            return
+        _audit(settings, f"training job {job_id} cancelled by {actor.label()}", job_id, actor)
+        typer.echo(f"job {job_id} {job.state.value}")
 
     _with_store(go)
 

@@ -6,6 +6,10 @@ Delivery guarantees come from three rules:
   killed, broker restarted, a second dispatcher) follows the Ray job already started;
 - the job row, not the message, holds the state: duplicates and stale messages are recognised
   and dropped, retries are scheduled in the row and re-published by the outbox relay.
+
+A job cancelled (or timed out) while in flight ends in the row at once; its Ray job is stopped by
+the dispatcher following it, which sees the row change before and after submitting and on every
+heartbeat, and by every dispatcher's reaper for jobs nobody follows.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from opentelemetry.trace import SpanKind
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from core.audit import Actor
 from core.database import TRANSIENT_DB_ERRORS
 from core.logs import log_context
-from core.settings import Settings
+from core.settings import DispatcherSettings, Settings
 from core.telemetry import current_traceparent, span_from
 from jobs.result import training_result
 from services.dispatcher.metrics import DispatcherMetrics
@@ -45,15 +50,20 @@ from services.training_jobs.broker import (
     declare,
     decode,
 )
-from services.training_jobs.models import JobRecord, JobState
-from services.training_jobs.store import JobStore
+from services.training_jobs.models import HALTED_STATES, JobDetail, JobKind, JobRecord, JobState, actor_log_fields
+from services.training_jobs.store import JobStore, PendingStop
 
 log = logging.getLogger(__name__)
+# Ray sends SIGTERM, then SIGKILL after its own short grace period: a job still not ended after
+# this long means Ray itself is in trouble, and the follower leaves the job to the reaper.
+STOP_WAIT_S = 120.0
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # succeeded | refused | failed | stopped | unavailable | superseded
+    # succeeded | refused | failed | unavailable | superseded; cancelled | timed_out (the row ended
+    # the attempt, the Ray job was stopped); stopped (someone ran `ray job stop` by hand).
+    status: str
     error: str = ""
     result: dict[str, Any] | None = None
 
@@ -72,6 +82,16 @@ def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
     """Exponential backoff with +-20% jitter, so retries of many jobs do not arrive together."""
     delay = min(max_s, base_s * 2 ** max(0, attempt - 1))
     return float(delay * random.uniform(0.8, 1.2))
+
+
+def wall_time_limit_s(settings: DispatcherSettings, kind: JobKind) -> float:
+    return settings.max_wall_time_tune_s if kind == "tune" else settings.max_wall_time_train_s
+
+
+def past_wall_time(submitted_at: datetime | None, now: datetime, limit_s: float) -> bool:
+    """Whether an attempt submitted at `submitted_at` (the row's, so a restarted dispatcher keeps
+    the clock) has run out of time; time spent waiting for Ray's resources counts."""
+    return submitted_at is not None and (now - submitted_at).total_seconds() >= limit_s
 
 
 def _header(message: AbstractIncomingMessage, name: str) -> str | None:
@@ -251,11 +271,21 @@ class Dispatcher:
         marked_running = job.state == JobState.RUNNING
         last_heartbeat = time.monotonic()
         while True:
+            # Cancelled since the claim: the attempt never reaches Ray.
+            if not submitted and (halted := await self._halted(job)) is not None:
+                return await self._halt(job, halted)
+            if await self._time_out_if_due(job):
+                return await self._halt(job, await self._halted(job))
             try:
                 if not submitted:
-                    status = await self.ray.ensure_submitted(job.ray_job_id, job.spec(), job.id, traceparent)
+                    status = await self.ray.ensure_submitted(
+                        job.ray_job_id, job.spec(), job.id, traceparent, job.created_by
+                    )
                     submitted = True
                     log.info("job %s: attempt %d is Ray job %s", job.id, job.attempts, job.ray_job_id)
+                    # Cancelled while being submitted: stop it before it gets anywhere.
+                    if (halted := await self._halted(job)) is not None:
+                        return await self._halt(job, halted)
                 else:
                     found = await self.ray.status(job.ray_job_id)
                     if found is None:
@@ -275,12 +305,83 @@ class Dispatcher:
             if status.status == "RUNNING" and not marked_running:
                 marked_running = await self.store.mark_running(job.id, job.attempts) or marked_running
             if status.terminal:
+                # STOPPED by the reaper for a cancel or a timeout this follower has not seen yet.
+                if status.status == "STOPPED" and (halted := await self._halted(job)) is not None:
+                    return await self._halt(job, halted)
                 return await self._ended(job, status.status, status.message, time.monotonic() - started)
             if time.monotonic() - last_heartbeat >= self.settings.dispatcher.poll_interval_s:
                 if not await self.store.heartbeat(job.id, job.attempts):
-                    return Outcome("superseded")
+                    halted = await self._halted(job)
+                    return await self._halt(job, halted) if halted is not None else Outcome("superseded")
                 last_heartbeat = time.monotonic()
             await asyncio.sleep(self.settings.dispatcher.poll_interval_s)
+
+    async def _halted(self, job: JobRecord) -> JobDetail | None:
+        """The job as stored, when this attempt was cancelled or timed out; else None."""
+        current = await self.store.detail(job.id)
+        if current is None or current.attempts != job.attempts or current.state not in HALTED_STATES:
+            return None
+        return current
+
+    async def _time_out_if_due(self, job: JobRecord) -> bool:
+        limit_s = wall_time_limit_s(self.settings.dispatcher, job.kind)
+        if not past_wall_time(job.submitted_at, datetime.now(UTC), limit_s):
+            return False
+        actor = Actor.system()
+        # Guarded by the database's clock too: False if it disagrees, or the job moved on.
+        if not await self.store.time_out(job.id, job.attempts, limit_s, actor):
+            return False
+        log.warning(
+            "job %s: attempt %d ran past the maximum wall time of %.0fs; stopping Ray job %s",
+            job.id,
+            job.attempts,
+            limit_s,
+            job.ray_job_id,
+            extra=actor_log_fields(actor),
+        )
+        return True
+
+    async def _halt(self, job: JobRecord, halted: JobDetail | None) -> Outcome:
+        """The row ended the attempt (cancelled, or timed out): stop its Ray job and wait until Ray
+        says it has ended. Nothing more is recorded on the job; the reaper finishes what this leaves."""
+        assert job.ray_job_id is not None
+        if halted is None:  # timed out, then moved on again: only an operator could do that
+            return Outcome("superseded")
+        by = next((e.actor for e in reversed(halted.events) if e.state == halted.state), None)
+        log.info(
+            "job %s %s%s; stopping Ray job %s",
+            job.id,
+            halted.state.value,
+            f" by {by.label()}" if by else "",
+            job.ray_job_id,
+            extra=actor_log_fields(by) if by else {},
+        )
+        if await self._stop_ray_job(job.ray_job_id):
+            await self.store.confirm_stopped(job.id, job.ray_job_id)
+        if job.submitted_at is not None:
+            elapsed_s = (datetime.now(UTC) - job.submitted_at).total_seconds()
+            self.metrics.duration.labels(job.kind, halted.state.value).observe(max(0.0, elapsed_s))
+        return Outcome(halted.state.value, halted.last_error or "")
+
+    async def _stop_ray_job(self, ray_job_id: str) -> bool:
+        """Stop the Ray job and wait for its end; True once Ray reports it ended. False when Ray has
+        never heard of it (it may yet be submitted by a dispatcher about to: the reaper settles
+        that), or did not stop it in time."""
+        deadline = time.monotonic() + STOP_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                await self.ray.stop(ray_job_id)
+                status = await self.ray.status(ray_job_id)
+            except RayUnavailableError as exc:
+                log.warning("Ray job %s: could not stop it yet (%s)", ray_job_id, exc)
+            else:
+                if status is None or status.terminal:
+                    return status is not None
+            await asyncio.sleep(self.settings.dispatcher.poll_interval_s)
+        log.warning(
+            "Ray job %s still running %.0fs after a stop; the reaper keeps stopping it", ray_job_id, STOP_WAIT_S
+        )
+        return False
 
     async def _ended(self, job: JobRecord, status: str, message: str, elapsed_s: float) -> Outcome:
         assert job.ray_job_id is not None
@@ -296,7 +397,7 @@ class Dispatcher:
                 else Outcome("failed", "the job ended without a TRAINING_RESULT line")
             )
         elif status == "STOPPED":
-            outcome = Outcome("stopped", f"Ray job {job.ray_job_id} was stopped")
+            outcome = Outcome("stopped", f"Ray job {job.ray_job_id} was stopped outside the platform")
         else:
             outcome = refusal(training_result(logs)) or Outcome("failed", error_summary(logs, message))
         self.metrics.duration.labels(job.kind, outcome.status).observe(elapsed_s)
@@ -313,7 +414,10 @@ class Dispatcher:
             await self.store.finish_with_result(job.id, job.attempts, outcome.result, outcome.error)
             log.error("job %s failed without retry: %s", job.id, outcome.error)
         elif outcome.status == "stopped":
-            await self.store.end(job.id, job.attempts, JobState.FAILED, outcome.error)
+            # `ray job stop` by hand is a deliberate end: cancelled, not failed, and not retried.
+            assert job.ray_job_id is not None
+            if await self.store.stopped_outside(job.id, job.attempts, job.ray_job_id):
+                log.warning("job %s cancelled: %s", job.id, outcome.error)
         elif outcome.status in {"failed", "unavailable"}:
             if job.attempts < job.max_attempts:
                 delay = backoff_s(
@@ -331,6 +435,7 @@ class Dispatcher:
                 self.metrics.dead_lettered.labels("attempts_exhausted").inc()
                 await self.store.end(job.id, job.attempts, JobState.DEAD_LETTERED, error)
                 log.error("job %s dead-lettered: %s", job.id, error)
+        # cancelled, timed_out, superseded: the row holds the end already; only the message is left.
         await self._ack(message)
 
     async def _dead_letter(
@@ -364,22 +469,47 @@ class Dispatcher:
 
     async def _relay_loop(self) -> None:
         """The outbox relay: publish jobs that are due but not on the broker (retries, or requests
-        accepted while the broker was down), and re-publish in-flight jobs nobody is following."""
+        accepted while the broker was down), and re-publish in-flight jobs nobody is following;
+        then the reaper."""
         while True:
-            try:
-                sent = await self.store.publish_due(self._publish_record)
-                if sent:
-                    self.metrics.relayed.labels("due").inc(sent)
-                for job, traceparent in await self.store.orphaned(self.settings.dispatcher.heartbeat_timeout_s):
-                    if job.id not in self._active:
-                        await self.publisher.publish(job.id, traceparent)
-                        self.metrics.relayed.labels("orphaned").inc()
-                        log.warning("job %s: no heartbeat; re-published", job.id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("relay round failed: %s: %s", type(exc).__name__, exc)
+            for name, step in (("relay", self._relay_round), ("reaper", self.reap_round)):
+                try:
+                    await step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("%s round failed: %s: %s", name, type(exc).__name__, exc)
             await asyncio.sleep(self.settings.dispatcher.poll_interval_s)
+
+    async def _relay_round(self) -> None:
+        sent = await self.store.publish_due(self._publish_record)
+        if sent:
+            self.metrics.relayed.labels("due").inc(sent)
+        for job, traceparent in await self.store.orphaned(self.settings.dispatcher.heartbeat_timeout_s):
+            if job.id not in self._active:
+                await self.publisher.publish(job.id, traceparent)
+                self.metrics.relayed.labels("orphaned").inc()
+                log.warning("job %s: no heartbeat; re-published", job.id)
+
+    async def reap_round(self) -> None:
+        """Stop the Ray jobs of cancelled and timed-out jobs that no follower saw end: its
+        dispatcher died, or the job was cancelled while nobody followed it."""
+        # A dispatcher that claimed the job may still submit its attempt until it next looks at
+        # the row; by two heartbeat timeouts it has (or its claim was handed to another).
+        settle_s = 2 * self.settings.dispatcher.heartbeat_timeout_s
+        for pending in await self.store.pending_stops(settle_s):
+            if pending.job_id not in self._active:  # a follower here stops it itself
+                await self._reap(pending)
+
+    async def _reap(self, pending: PendingStop) -> None:
+        status = await self.ray.status(pending.ray_job_id)
+        if status is None and not pending.settled:
+            return
+        if status is None or status.terminal:
+            await self.store.confirm_stopped(pending.job_id, pending.ray_job_id)
+            return
+        await self.ray.stop(pending.ray_job_id)
+        log.info("job %s: stopping Ray job %s (the job ended here)", pending.job_id, pending.ray_job_id)
 
     async def _publish_record(self, job: JobRecord, traceparent: str | None) -> None:
         await asyncio.wait_for(self.publisher.publish(job.id, traceparent), 10)

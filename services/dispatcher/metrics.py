@@ -7,6 +7,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from services.training_jobs.models import JobState
 
 DEAD_LETTER_REASONS = ("attempts_exhausted", "malformed", "unknown_job")
+# Attempts the platform ended (cancelled through the API or the CLI, or past their wall time) and
+# those stopped by hand with `ray job stop` (recorded as cancelled).
+HALT_OUTCOMES = ("cancelled", "timed_out", "stopped")
+JOB_KINDS = ("train", "tune")
 _DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 _WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -50,6 +54,9 @@ class DispatcherMetrics:
         # Series exist from the start, so alert rules see 0 and then an increase, not a gap.
         for reason in DEAD_LETTER_REASONS:
             self.dead_lettered.labels(reason)
+        for kind in JOB_KINDS:
+            for outcome in HALT_OUTCOMES:
+                self.attempts.labels(kind, outcome)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

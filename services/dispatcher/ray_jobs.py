@@ -1,4 +1,4 @@
-"""The Ray Jobs API as the dispatcher needs it: idempotent submission, status, and logs.
+"""The Ray Jobs API as the dispatcher needs it: idempotent submission and stop, status, and logs.
 
 The SDK client is synchronous and connects in its constructor, so every call runs in a thread
 with a fresh client; a head that is down or restarting shows up as RayUnavailableError.
@@ -16,6 +16,7 @@ from uuid import UUID
 
 import requests
 
+from core.audit import Actor
 from jobs.result import RESULT_MARKER
 from services.ray_submission import training_runtime_env
 from services.training_jobs.models import JobSpec
@@ -41,6 +42,22 @@ class RayJobStatus:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+
+def _not_found(exc: RuntimeError) -> bool:
+    return "status code 404" in str(exc) or "does not exist" in str(exc)
+
+
+def job_environment(job_id: UUID, traceparent: str | None, creator: Actor | None) -> dict[str, str]:
+    """What the Ray job reads from its environment through Settings: its record's id, the trace it
+    continues, and who started it (TRACEPARENT and AUDIT_ACTOR are settings.traceparent and
+    settings.audit_actor there)."""
+    env = {"TRAINING_JOB_ID": str(job_id)}
+    if traceparent:
+        env["TRACEPARENT"] = traceparent
+    if creator is not None:
+        env["AUDIT_ACTOR"] = creator.to_json()
+    return env
 
 
 def entrypoint(spec: JobSpec) -> str:
@@ -80,7 +97,7 @@ class RayJobs:
             try:
                 info = client.get_job_info(submission_id)
             except RuntimeError as exc:
-                if "status code 404" in str(exc) or "does not exist" in str(exc):
+                if _not_found(exc):
                     return None
                 raise
             return RayJobStatus(str(info.status.value), str(info.message or ""))
@@ -88,16 +105,20 @@ class RayJobs:
         return await self._call(get)
 
     async def ensure_submitted(
-        self, submission_id: str, spec: JobSpec, job_id: UUID, traceparent: str | None
+        self,
+        submission_id: str,
+        spec: JobSpec,
+        job_id: UUID,
+        traceparent: str | None,
+        creator: Actor | None = None,
     ) -> RayJobStatus:
         """Submit under a deterministic id unless Ray already has that job: a redelivered message,
-        a restarted dispatcher or a second dispatcher never starts the attempt twice."""
+        a restarted dispatcher or a second dispatcher never starts the attempt twice. `creator`
+        (who started the training job) travels in the job's environment as AUDIT_ACTOR."""
         existing = await self.status(submission_id)
         if existing is not None:
             return existing
-        env = {"TRAINING_JOB_ID": str(job_id)}
-        if traceparent:
-            env["TRACEPARENT"] = traceparent
+        env = job_environment(job_id, traceparent, creator)
 
         def submit(client: Any) -> None:
             try:
@@ -116,6 +137,20 @@ class RayJobs:
 
         await self._call(submit)
         return await self.status(submission_id) or RayJobStatus("PENDING", "")
+
+    async def stop(self, submission_id: str) -> bool:
+        """Ask Ray to stop the job (SIGTERM, then SIGKILL after Ray's grace period). Safe to repeat:
+        False when it had already ended or Ray has never heard of it."""
+
+        def stop(client: Any) -> bool:
+            try:
+                return bool(client.stop_job(submission_id))
+            except RuntimeError as exc:
+                if _not_found(exc):
+                    return False
+                raise
+
+        return await self._call(stop)
 
     async def logs(self, submission_id: str) -> str:
         return str(await self._call(lambda client: client.get_job_logs(submission_id)))

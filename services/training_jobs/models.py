@@ -15,6 +15,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core.audit import Actor
 from core.settings import REPO_ROOT
 from jobs.config import JobConfig, load_config, operator_only
 
@@ -32,15 +33,21 @@ class JobState(StrEnum):
     SUBMITTED = "submitted"  # claimed by a dispatcher, Ray job submitted or being submitted
     RUNNING = "running"
     SUCCEEDED = "succeeded"
-    FAILED = "failed"  # ended without retries: stopped by an operator, or no longer runnable
+    FAILED = "failed"  # ended without retries: no longer runnable, or refused by the promotion gate
     DEAD_LETTERED = "dead_lettered"  # every attempt failed; the request sits in the dead-letter queue
+    CANCELLED = "cancelled"  # by its owner, an admin or an operator, or its Ray job stopped by hand
+    TIMED_OUT = "timed_out"  # its attempt ran past the maximum wall time of its kind; not retried
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL_STATES
 
 
-TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD_LETTERED})
+TERMINAL_STATES = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD_LETTERED, JobState.CANCELLED, JobState.TIMED_OUT}
+)
+# Ended by the platform while in flight: their Ray job is stopped, not followed to its end.
+HALTED_STATES = frozenset({JobState.CANCELLED, JobState.TIMED_OUT})
 
 
 @lru_cache(maxsize=64)
@@ -82,6 +89,16 @@ def _storable_text(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+class ModelNotAllowedError(Exception):
+    """The job would register a model the caller's key is not restricted to."""
+
+    def __init__(self, model: str, allowed: frozenset[str]) -> None:
+        super().__init__(
+            f"this API key may only train the models {', '.join(sorted(allowed))}; the job registers {model!r}"
+        )
+        self.model = model
 
 
 class InvalidJobSpecError(ValueError):
@@ -218,6 +235,9 @@ class JobRecord(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     next_attempt_at: datetime | None = None
+    # Who started it: an API key, an operator on the cluster, or an alert (None for jobs accepted
+    # before this was recorded).
+    created_by: Actor | None = None
 
     def spec(self) -> JobSpec:
         return JobSpec(kind=self.kind, config=self.config, overrides=self.overrides)
@@ -228,6 +248,13 @@ class JobEvent(BaseModel):
     state: JobState
     attempt: int
     message: str | None = None
+    # Who caused the change; None for the dispatcher's own steps (submitted, running, retries).
+    actor: Actor | None = None
+
+
+def actor_log_fields(actor: Actor) -> dict[str, str | None]:
+    """What a JSON log line says about who did something: the label and the key id, never the key."""
+    return {"actor": actor.label(), "actor_kind": actor.kind, "actor_key_id": actor.key_id}
 
 
 class JobDetail(JobRecord):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster.sandbox import free_port, run_cli, serve_ingress_overrides
@@ -73,6 +74,8 @@ def test_up_without_api_key_fails_with_one_clear_line_and_starts_nothing(tmp_pat
     assert not (tmp_path / "pids").exists()
 
 
+# A second MLflow and Ray head start and stop here, minutes on a small machine: `make test-extended`.
+@pytest.mark.extended
 def test_failed_up_stops_what_it_started(tmp_path):
     # A Serve config that cannot be deployed: MLflow and Ray start, Serve fails, both are stopped.
     broken = tmp_path / "serve.yaml"

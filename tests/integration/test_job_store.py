@@ -1,13 +1,26 @@
-"""The job store on this machine's PostgreSQL: claims, retries and the outbox under concurrency."""
+"""The job store on this machine's PostgreSQL: claims, retries and the outbox under concurrency;
+per-key quotas, cancellation, wall-time limits and who did what."""
 
 import asyncio
 from collections.abc import Iterator
+from uuid import uuid4
 
+import psycopg
 import pytest
 
 from cluster.sandbox import temporary_database
+from core.audit import Actor
 from services.training_jobs.models import JobRecord, JobSpec, JobState
-from services.training_jobs.store import IdempotencyConflictError, JobStore
+from services.training_jobs.quota import ACTIVE_RETRY_AFTER_S, JobQuota, QuotaExceededError
+from services.training_jobs.store import (
+    MIGRATIONS,
+    IdempotencyConflictError,
+    JobFinishedError,
+    JobNotFoundError,
+    JobStore,
+)
+
+SYSTEM = Actor.system()
 
 
 @pytest.fixture
@@ -27,7 +40,9 @@ def test_concurrent_claims_start_one_attempt(dsn):
     async def scenario() -> list[JobRecord | None]:
         stores = [await _store(dsn) for _ in range(4)]
         try:
-            job, _ = await stores[0].create(JobSpec(), max_attempts=3, traceparent=None, publish_grace_s=0)
+            job, _ = await stores[0].create(
+                JobSpec(), max_attempts=3, traceparent=None, publish_grace_s=0, actor=SYSTEM
+            )
             # Four dispatchers received a copy of the same request at once.
             return await asyncio.gather(*(s.claim(job.id, f"d{i}") for i, s in enumerate(stores)))
         finally:
@@ -46,11 +61,11 @@ def test_idempotency_key_returns_the_same_job_or_conflicts(dsn):
         store = await _store(dsn)
         try:
             spec = JobSpec(overrides={"train.epochs": 2}, idempotency_key="nightly-1")
-            results = await asyncio.gather(*(store.create(spec, 3, None, 0) for _ in range(5)))
+            results = await asyncio.gather(*(store.create(spec, 3, None, 0, actor=SYSTEM) for _ in range(5)))
             assert len({job.id for job, _ in results}) == 1
             assert sum(created for _, created in results) == 1
             with pytest.raises(IdempotencyConflictError):
-                await store.create(spec.model_copy(update={"overrides": {"train.epochs": 3}}), 3, None, 0)
+                await store.create(spec.model_copy(update={"overrides": {"train.epochs": 3}}), 3, None, 0, actor=SYSTEM)
         finally:
             await store.close()
 
@@ -61,7 +76,7 @@ def test_failed_attempts_are_retried_then_end_and_stale_updates_are_ignored(dsn)
     async def scenario() -> None:
         store = await _store(dsn)
         try:
-            job, _ = await store.create(JobSpec(), max_attempts=2, traceparent="tp", publish_grace_s=0)
+            job, _ = await store.create(JobSpec(), max_attempts=2, traceparent="tp", publish_grace_s=0, actor=SYSTEM)
             first = await store.claim(job.id, "d")
             assert first is not None
             assert await store.schedule_retry(job.id, 1, "boom", delay_s=0)
@@ -80,9 +95,13 @@ def test_failed_attempts_are_retried_then_end_and_stale_updates_are_ignored(dsn)
             detail = await store.detail(job.id)
             assert detail is not None and detail.state == JobState.DEAD_LETTERED
             assert [e.state for e in detail.events] == ["queued", "submitted", "queued", "submitted", "dead_lettered"]
-            requeued = await store.requeue(job.id, extra_attempts=2)
+            operator = Actor(kind="operator", user="ops", host="head-1")
+            requeued = await store.requeue(job.id, extra_attempts=2, actor=operator)
             assert requeued is not None and requeued.state == JobState.QUEUED and requeued.max_attempts == 4
-            assert await store.requeue(job.id, extra_attempts=2) is None  # only ended jobs
+            assert await store.requeue(job.id, extra_attempts=2, actor=operator) is None  # only ended jobs
+            detail = await store.detail(job.id)
+            assert detail is not None and detail.events[-1].actor == operator
+            assert detail.events[-1].message == "re-queued by operator:ops@head-1"
         finally:
             await store.close()
 
@@ -94,7 +113,7 @@ def test_outbox_hands_each_due_job_to_one_relay(dsn):
         stores = [await _store(dsn) for _ in range(3)]
         try:
             for _ in range(20):
-                await stores[0].create(JobSpec(), 3, None, publish_grace_s=0)
+                await stores[0].create(JobSpec(), 3, None, publish_grace_s=0, actor=SYSTEM)
             sent: list[list[str]] = [[] for _ in stores]
 
             def collector(bucket: list[str]):
@@ -114,3 +133,275 @@ def test_outbox_hands_each_due_job_to_one_relay(dsn):
     sent = asyncio.run(scenario())
     everything = [job for bucket in sent for job in bucket]
     assert len(everything) == len(set(everything)) == 20
+
+
+def _key(name: str) -> Actor:
+    return Actor(kind="api_key", key_id=uuid4().hex[:12], name=name)
+
+
+def _set(dsn: str, job_id: object, assignment: str) -> None:
+    """Move a job's clock back (created or submitted earlier) as time passing would."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute(f"UPDATE training_jobs SET {assignment} WHERE id = %s", (job_id,))
+
+
+def test_concurrent_requests_of_one_key_never_exceed_its_active_limit(dsn):
+    async def scenario() -> list[object]:
+        stores = [await _store(dsn) for _ in range(3)]
+        key = _key("ci")
+        quota = JobQuota(max_active=2, max_per_hour=100)
+        try:
+            return await asyncio.gather(
+                *(
+                    stores[i % 3].create(JobSpec(), 3, None, 0, actor=key, quota=quota)
+                    for i in range(8)  # more requests than pool connections: they queue as well as race
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            for s in stores:
+                await s.close()
+
+    results = asyncio.run(scenario())
+    accepted = [r for r in results if isinstance(r, tuple)]
+    refused = [r for r in results if isinstance(r, QuotaExceededError)]
+    assert len(accepted) == 2 and len(refused) == 6, results
+    assert {(e.limit, e.limit_value, e.retry_after_s) for e in refused} == {("active", 2, ACTIVE_RETRY_AFTER_S)}
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM training_jobs").fetchone() == (2,)  # nothing stored for a 429
+
+
+def test_a_job_that_ends_frees_an_active_slot(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        key = _key("ci")
+        quota = JobQuota(max_active=1, max_per_hour=100)
+        try:
+            job, _ = await store.create(JobSpec(), 3, None, 0, actor=key, quota=quota)
+            with pytest.raises(QuotaExceededError):
+                await store.create(JobSpec(), 3, None, 0, actor=key, quota=quota)
+            await store.cancel(job.id, key, owner_key_id=key.key_id)
+            _, created = await store.create(JobSpec(), 3, None, 0, actor=key, quota=quota)
+            assert created
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_hourly_limit_says_when_the_oldest_job_leaves_the_window(dsn):
+    async def scenario() -> QuotaExceededError:
+        store = await _store(dsn)
+        key = _key("nightly")
+        quota = JobQuota(max_active=10, max_per_hour=2)
+        try:
+            first, _ = await store.create(JobSpec(), 3, None, 0, actor=key, quota=quota)
+            await store.create(JobSpec(), 3, None, 0, actor=key, quota=quota)
+            # The first job was started 50 minutes ago: it leaves the hour in 10 minutes.
+            _set(dsn, first.id, "created_at = now() - interval '50 minutes'")
+            with pytest.raises(QuotaExceededError) as refused:
+                await store.create(JobSpec(), 3, None, 0, actor=key, quota=quota)
+            # Another key is not held back by this one's jobs.
+            _, created = await store.create(JobSpec(), 3, None, 0, actor=_key("other"), quota=quota)
+            assert created
+            # Once it has left the window, the key may start one more.
+            _set(dsn, first.id, "created_at = now() - interval '61 minutes'")
+            _, created = await store.create(JobSpec(), 3, None, 0, actor=key, quota=quota)
+            assert created
+            return refused.value
+        finally:
+            await store.close()
+
+    refused = asyncio.run(scenario())
+    assert refused.limit == "hourly" and refused.limit_value == 2
+    assert 590 <= refused.retry_after_s <= 600, refused.retry_after_s
+    assert "TRAINING_MAX_PER_HOUR_PER_KEY" in refused.message
+
+
+def test_an_idempotent_replay_is_answered_past_the_quota(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        key = _key("ci")
+        quota = JobQuota(max_active=1, max_per_hour=1)
+        spec = JobSpec(overrides={"train.epochs": 2}, idempotency_key=f"deploy-{uuid4().hex}")
+        try:
+            original, created = await store.create(spec, 3, None, 0, actor=key, quota=quota)
+            assert created
+            replay, created = await store.create(spec, 3, None, 0, actor=key, quota=quota)
+            assert replay.id == original.id and not created
+            with pytest.raises(IdempotencyConflictError):
+                changed = spec.model_copy(update={"overrides": {"train.epochs": 3}})
+                await store.create(changed, 3, None, 0, actor=key, quota=quota)
+            with pytest.raises(QuotaExceededError):
+                await store.create(JobSpec(), 3, None, 0, actor=key, quota=quota)
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_alert_and_operator_jobs_count_against_no_key(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        key = _key("ci")
+        quota = JobQuota(max_active=1, max_per_hour=1)
+        alert = Actor(kind="alert", name="ModelAccuracyLow")
+        try:
+            for actor in (alert, alert, Actor(kind="operator", user="ops", host="h")):
+                job, _ = await store.create(JobSpec(), 3, None, 0, actor=actor, quota=None)
+                assert job.created_by == actor
+            _, created = await store.create(JobSpec(), 3, None, 0, actor=key, quota=quota)
+            assert created
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    with psycopg.connect(dsn) as conn:
+        owners = conn.execute("SELECT owner_key_id, count(*) FROM training_jobs GROUP BY 1 ORDER BY 2").fetchall()
+    assert [n for _, n in owners] == [1, 3] and owners[1][0] is None
+
+
+def test_the_creator_is_recorded_on_the_job_and_its_first_event(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        key = _key("ui")
+        try:
+            job, _ = await store.create(JobSpec(), 3, None, 0, actor=key)
+            assert job.created_by == key
+            detail = await store.detail(job.id)
+            assert detail is not None and detail.created_by == key
+            assert [(e.state, e.message, e.actor) for e in detail.events] == [("queued", "accepted", key)]
+            assert await store.detail(job.id, owner_key_id=key.key_id) is not None
+            assert await store.detail(job.id, owner_key_id="someone-else") is None
+            assert [j.id for j in await store.list(owner_key_id=key.key_id)] == [job.id]
+            assert await store.list(owner_key_id="someone-else") == []
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_queued_job_is_never_claimed(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        owner = _key("ci")
+        try:
+            job, _ = await store.create(JobSpec(), 3, None, 0, actor=owner)
+            cancelled, changed = await store.cancel(job.id, owner, owner_key_id=owner.key_id)
+            assert changed and cancelled.state == JobState.CANCELLED and cancelled.finished_at is not None
+            assert await store.claim(job.id, "d") is None  # the dispatcher acknowledges and drops its message
+            again, changed = await store.cancel(job.id, owner, owner_key_id=owner.key_id)
+            assert not changed and again == cancelled  # repeating the cancel changes nothing
+            detail = await store.detail(job.id)
+            assert detail is not None
+            assert [(e.state, e.actor) for e in detail.events] == [("queued", owner), ("cancelled", owner)]
+            assert detail.events[-1].message == f"cancelled by key:ci (id {owner.key_id})"
+            assert await store.pending_stops(settle_s=0) == ()  # nothing ran, nothing to stop
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_only_the_owner_or_an_admin_may_cancel_a_job(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        owner, other = _key("team-a"), _key("team-b")
+        try:
+            job, _ = await store.create(JobSpec(), 3, None, 0, actor=owner)
+            alert_job, _ = await store.create(JobSpec(), 3, None, 0, actor=Actor(kind="alert", name="A"))
+            for job_id in (job.id, alert_job.id, uuid4()):
+                with pytest.raises(JobNotFoundError):
+                    await store.cancel(job_id, other, owner_key_id=other.key_id)
+            assert (await store.get(job.id)).state == JobState.QUEUED  # type: ignore[union-attr]
+            admin = Actor(kind="api_key", key_id="ad0000000000", name="admin")
+            cancelled, _ = await store.cancel(alert_job.id, admin, owner_key_id=None)
+            assert cancelled.state == JobState.CANCELLED
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_finished_job_cannot_be_cancelled(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        try:
+            job, _ = await store.create(JobSpec(), 3, None, 0, actor=SYSTEM)
+            assert await store.claim(job.id, "d") is not None
+            assert await store.succeed(job.id, 1, {"run_id": "r", "model_version": "3"})
+            with pytest.raises(JobFinishedError) as refused:
+                await store.cancel(job.id, SYSTEM, owner_key_id=None)
+            assert refused.value.record.state == JobState.SUCCEEDED and refused.value.record.model_version == "3"
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_cancelling_an_attempt_in_flight_ends_it_and_leaves_its_ray_job_to_stop(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        try:
+            job, _ = await store.create(JobSpec(), 3, None, 0, actor=SYSTEM)
+            claimed = await store.claim(job.id, "d")
+            assert claimed is not None and claimed.ray_job_id is not None
+            operator = Actor(kind="operator", user="ops", host="h")
+            cancelled, _ = await store.cancel(job.id, operator, owner_key_id=None)
+            assert cancelled.state == JobState.CANCELLED
+            # The follower's next heartbeat fails, and no late result can overwrite the cancel.
+            assert not await store.heartbeat(job.id, 1)
+            assert not await store.succeed(job.id, 1, {"run_id": "late"})
+            assert await store.pending_stops(settle_s=3600) == ((job.id, claimed.ray_job_id, False),)
+            assert await store.confirm_stopped(job.id, claimed.ray_job_id)
+            assert await store.pending_stops(settle_s=0) == ()
+            assert (await store.get(job.id)).state == JobState.CANCELLED  # type: ignore[union-attr]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_attempt_times_out_only_past_its_wall_time(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        try:
+            job, _ = await store.create(JobSpec(), 3, None, 0, actor=SYSTEM)
+            assert await store.claim(job.id, "d") is not None
+            assert not await store.time_out(job.id, 1, limit_s=600, actor=SYSTEM)  # by the database's clock
+            _set(dsn, job.id, "submitted_at = now() - interval '11 minutes'")
+            assert await store.time_out(job.id, 1, limit_s=600, actor=SYSTEM)
+            detail = await store.detail(job.id)
+            assert detail is not None and detail.state == JobState.TIMED_OUT and detail.state.terminal
+            assert detail.events[-1].actor == SYSTEM and "600s" in (detail.events[-1].message or "")
+            with pytest.raises(JobFinishedError):
+                await store.cancel(job.id, SYSTEM, owner_key_id=None)
+            assert [p.job_id for p in await store.pending_stops(settle_s=0)] == [job.id]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_jobs_stored_before_the_migration_read_back_without_a_creator(dsn):
+    async def scenario() -> JobRecord | None:
+        old = JobStore(dsn, retry_for_s=10)
+        old.MIGRATIONS = MIGRATIONS[:1]  # type: ignore[misc]  # the schema as the previous release left it
+        await old.open()
+        await old.migrate()
+        await old.close()
+        with psycopg.connect(dsn) as conn:
+            conn.execute(
+                "INSERT INTO training_jobs (id, kind, config, fingerprint, state, max_attempts) "
+                "VALUES (%s, 'train', 'adult', 'f', 'failed', 3)",
+                (job_id,),
+            )
+        store = await _store(dsn)
+        try:
+            return await store.get(job_id)
+        finally:
+            await store.close()
+
+    job_id = uuid4()
+    job = asyncio.run(scenario())
+    assert job is not None and job.state == JobState.FAILED and job.created_by is None

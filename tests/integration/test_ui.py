@@ -1,16 +1,20 @@
 """The Gradio UI that `cluster up` starts, driven over HTTP with gradio_client as a user's
-script would, and once in headless Chromium as a person would."""
+script would, and once in headless Chromium as a person would; and the key of its own that
+`cluster up` registers for it in PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
 import ssl
+import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -18,16 +22,19 @@ from gradio_client import Client
 from PIL import Image
 from websockets.sync.client import ClientConnection, connect
 
+from cluster.apps import ui_environment
 from cluster.demo import wait_for_version
-from cluster.sandbox import Stack, free_port
+from cluster.sandbox import Stack, free_port, temporary_database
 from core.health import check, wait_until
-from core.settings import REPO_ROOT
+from core.keys import ApiKeyRecord, ApiKeyTable, Scope, hash_api_key
+from core.settings import REPO_ROOT, Settings, environment_variables
 from serve_apps.schemas import EXAMPLE_ROW
 from tests.conftest import UI_PASSWORD
 from tests.training_jobs_helpers import QUICK
 
 ARTIFACTS = REPO_ROOT / ".state" / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +164,101 @@ def test_training_job_started_and_followed_from_the_ui(ui: Client, stack: Stack)
     assert not state["job"]["promoted"]  # no gate ran: the champion stays
     table, _ = ui.predict(api_name="/recent_jobs")
     assert next(row for row in table["data"] if row[0] == job_id)[3] == "succeeded"
+
+
+def test_a_job_is_cancelled_from_the_ui_with_the_ui_s_own_key(ui: Client, stack: Stack):
+    overrides = json.dumps({**QUICK, "promotion.enabled": False})
+    job_id, _, job = ui.predict("train", "adult", overrides, api_name="/start_job")
+    assert job_id and "error" not in job, job
+    # Started with the key `cluster up` registered for the UI, not with an admin key of API_KEYS.
+    stored = json.loads((stack.settings.state_dir / "ui.key").read_text())
+    assert (job["created_by"]["kind"], job["created_by"]["name"]) == ("api_key", stored["name"]), job
+    cancelled = ui.predict(job_id, api_name="/cancel_job")
+    assert cancelled["state"] == "cancelled", cancelled
+    assert ui.predict(job_id, api_name="/cancel_job")["state"] == "cancelled"  # a second cancel changes nothing
+    text, shown = ui.predict(job_id, api_name="/job_status")
+    assert shown["state"] == "cancelled" and f"Started by key {stored['name']}" in text, text
+
+
+# The UI's own key: `cluster up` against this machine's PostgreSQL --------------------------------
+
+ADMIN_KEY = "admin-key-from-api-keys"
+UI_SCOPES = frozenset({Scope.PREDICT, Scope.FEEDBACK, Scope.TRAIN})
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@pytest.fixture
+def dsn(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh database; the session's stack settings stay out of the settings these tests build."""
+    for name, _, _ in environment_variables():
+        monkeypatch.delenv(name, raising=False)
+    with temporary_database("ui_key_test") as name:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def _settings(dsn: str, state_dir: Path) -> Settings:
+    return Settings(_env_file=None, api={"keys": ADMIN_KEY}, database={"url": dsn}, state_dir=state_dir)
+
+
+def _ui_key(settings: Settings) -> str:
+    return ui_environment(settings, {"X": "1"}, now=lambda: NOW)["UI_API_KEY"]
+
+
+def _table(dsn: str, op: Callable[[ApiKeyTable], Awaitable[T]]) -> T:
+    return asyncio.run(ApiKeyTable(dsn).run_once(op))
+
+
+def _records(dsn: str) -> dict[str, ApiKeyRecord]:
+    return {record.name: record for record in _table(dsn, lambda table: table.records())}
+
+
+def _active_name(dsn: str, key: str) -> str | None:
+    principal = _table(dsn, lambda table: table.keys()).active.get(hash_api_key(key))
+    return None if principal is None else principal.name
+
+
+def test_cluster_up_registers_a_ui_key_with_only_the_scopes_the_ui_uses(dsn, tmp_path):
+    settings = _settings(dsn, tmp_path)
+    key = _ui_key(settings)
+    assert key != ADMIN_KEY
+    (record,) = _records(dsn).values()
+    assert record.name == "ui-20260102030405" and _active_name(dsn, key) == record.name
+    assert record.scopes == UI_SCOPES and record.models is None and record.revoked_at is None
+    stored = tmp_path / "ui.key"
+    assert json.loads(stored.read_text()) == {"name": "ui-20260102030405", "key": key}
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert not list(tmp_path.glob(".ui.key*")), "no staging file left behind"
+    # The next `cluster up` hands the UI the same key and registers nothing.
+    assert _ui_key(settings) == key
+    assert list(_records(dsn)) == ["ui-20260102030405"]
+
+
+def test_a_ui_key_revoked_by_an_operator_is_replaced(dsn, tmp_path):
+    settings = _settings(dsn, tmp_path)
+    first = _ui_key(settings)
+    _table(dsn, lambda table: table.revoke("ui-20260102030405"))
+    second = _ui_key(settings)
+    assert second not in {first, ADMIN_KEY}
+    # Names are never reused: the same second takes a suffix.
+    assert _active_name(dsn, second) == "ui-20260102030405-1" and _active_name(dsn, first) is None
+    assert _records(dsn)["ui-20260102030405-1"].scopes == UI_SCOPES
+    assert json.loads((tmp_path / "ui.key").read_text()) == {"name": "ui-20260102030405-1", "key": second}
+    assert _ui_key(settings) == second
+
+
+def test_a_stored_key_that_is_not_the_ui_s_any_more_is_revoked_and_replaced(dsn, tmp_path):
+    settings = _settings(dsn, tmp_path)
+    # Under the name the file gives, but with other scopes: an older UI's key, or a mix-up.
+    _table(dsn, lambda table: table.add("ui-old", hash_api_key("old-key"), frozenset({Scope.PREDICT})))
+    (tmp_path / "ui.key").write_text(json.dumps({"name": "ui-old", "key": "old-key"}))
+    key = _ui_key(settings)
+    records = _records(dsn)
+    assert records["ui-old"].revoked_at is not None and _active_name(dsn, key) == "ui-20260102030405"
+    # A file that is not the UI's: a new key, and nothing else revoked.
+    (tmp_path / "ui.key").write_text("not json")
+    replaced = _ui_key(settings)
+    assert replaced != key and _active_name(dsn, replaced) == "ui-20260102030405-1"
+    assert _records(dsn)["ui-20260102030405"].revoked_at is None
 
 
 # Headless Chromium ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 import time
 from typing import Any
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster.sandbox import Stack
@@ -37,6 +38,11 @@ OVERRIDES = [
     "promotion.enabled=false",
 ]
 REPORT = re.compile(r"Reporting training result (\d+):")
+
+
+# Minutes of a second Ray node joining, training, dying and being replaced: `make test-extended`.
+# `make test` keeps the head-side faults (tests/reliability/test_training_queue_faults.py).
+pytestmark = pytest.mark.extended
 
 
 def train_workers(stack: Stack, job_id: str) -> list[tuple[str, str]]:

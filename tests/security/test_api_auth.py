@@ -1,6 +1,8 @@
 """Every route of the inference API, read from its own OpenAPI document (a new route is covered
 without touching this file), through Nginx, with no key, a wrong key, a revoked key and a valid one;
-and keys added and revoked with `python -m cluster keys` while the API serves."""
+every route by every scope (a key with only that scope: the route answers or gives 403 naming the
+scope it needs); a key restricted to one model; and keys added and revoked with
+`python -m cluster keys` while the API serves."""
 
 from __future__ import annotations
 
@@ -24,6 +26,21 @@ PUBLIC_DOCS = ["/docs", "/openapi.json"]
 # Routes that take Alertmanager's webhook token rather than a user's API key.
 ALERT_ROUTES = {("post", "/v1/alerts/alertmanager")}
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
+# The scope each route needs (admin holds every scope). Every secured route must be listed: a new
+# route fails `test_every_route_needs_a_known_scope` until someone decides who may call it.
+ROUTE_SCOPES: dict[tuple[str, str], str] = {
+    ("post", "/v1/predict"): "predict",
+    ("post", "/v1/models/{name}/predict"): "predict",
+    ("get", "/v1/models"): "predict",
+    ("get", "/v1/models/current"): "predict",
+    ("get", "/v1/models/{name}"): "predict",
+    ("post", "/v1/feedback"): "feedback",
+    ("post", "/v1/training-jobs"): "train",
+    ("get", "/v1/training-jobs"): "train",
+    ("get", "/v1/training-jobs/{job_id}"): "train",
+    ("delete", "/v1/training-jobs/{job_id}"): "train",
+}
+SCOPES = ["predict", "feedback", "train", "admin"]
 # The process title of an ingress replica of the `inference` Serve application.
 REPLICA_TITLE = "ServeReplica:inference:Ingress"
 
@@ -82,8 +99,9 @@ def operations(edge: Stack) -> list[Operation]:
     return found
 
 
-def add_key(stack: Stack, name: str) -> str:
-    added = run_cli("cluster", "keys", "add", name, env=stack.env, timeout=60)
+def add_key(stack: Stack, name: str, scopes: str = "predict,feedback,train", models: str | None = None) -> str:
+    extra = ["--models", models] if models else []
+    added = run_cli("cluster", "keys", "add", name, "--scopes", scopes, *extra, env=stack.env, timeout=60)
     assert added.returncode == 0, added.stderr
     key = added.stdout.strip()
     assert len(key) >= 32 and "\n" not in key
@@ -229,3 +247,75 @@ def test_keys_are_added_and_revoked_without_a_restart(edge: Stack) -> None:
     assert wait_until(lambda: status_with(key) == 401, deadline), "the revoked key was still accepted"
     assert status_with(edge.api_key) != 401, "revoking one key must leave the others alone"
     assert replicas <= replica_pids(edge), "an ingress replica was restarted"
+
+
+def test_every_route_needs_a_known_scope(operations: list[Operation]) -> None:
+    secured = {op.key for op in operations if op.key not in PUBLIC_ROUTES | ALERT_ROUTES}
+    assert secured == set(ROUTE_SCOPES), (
+        f"routes without a scope here: {sorted(secured - set(ROUTE_SCOPES))}; "
+        f"listed but gone: {sorted(set(ROUTE_SCOPES) - secured)}"
+    )
+
+
+@pytest.fixture(scope="module")
+def scoped_keys(edge: Stack) -> dict[str, str]:
+    """One key per scope, holding that scope only."""
+    suffix = uuid.uuid4().hex[:8]
+    keys = {scope: add_key(edge, f"scope-{scope}-{suffix}", scope) for scope in SCOPES}
+    deadline = refresh_deadline(edge)
+
+    def known(key: str) -> bool:
+        # Any answer but 401 means the replicas know the key (a 403 is an answer about its scope).
+        return edge.http.get("/v1/models", headers=bearer(key)).status_code != 401
+
+    for key in keys.values():
+        assert wait_until(lambda: known(key), deadline)  # noqa: B023 - called before the loop moves on
+    return keys
+
+
+def test_every_route_by_every_scope(edge: Stack, operations: list[Operation], scoped_keys: dict[str, str]) -> None:
+    matrix: dict[str, dict[str, int]] = {}
+    failures = []
+    for op in operations:
+        if op.key not in ROUTE_SCOPES:
+            continue
+        needed = ROUTE_SCOPES[op.key]
+        for scope, key in scoped_keys.items():
+            response = call(edge, op, bearer(key))
+            matrix.setdefault(str(op), {})[scope] = response.status_code
+            allowed = scope in {needed, "admin"}
+            if allowed and response.status_code in {401, 403}:
+                failures.append(f"{op} with a {scope} key: {response.status_code} {response.text[:200]}")
+            if not allowed:
+                error = response.json().get("error", {}) if response.status_code == 403 else {}
+                if response.status_code != 403 or error.get("code") != "missing_scope":
+                    failures.append(f"{op} with a {scope} key: {response.status_code}, not 403 missing_scope")
+                elif f"'{needed}'" not in error.get("message", ""):
+                    failures.append(f"{op} with a {scope} key: the 403 does not name the {needed!r} scope: {error}")
+    rows = [f"{route:42} " + " ".join(f"{s}={c}" for s, c in row.items()) for route, row in matrix.items()]
+    print("\nscope matrix (status per key scope):\n" + "\n".join(rows))
+    assert not failures, "\n".join(failures)
+
+
+def test_a_key_restricted_to_a_model_is_told_the_others_do_not_exist(edge: Stack) -> None:
+    default = edge.settings.model.name
+    name = f"restricted-{uuid.uuid4().hex[:8]}"
+    other = add_key(edge, name, "predict,train", models="some-other-model")
+    deadline = refresh_deadline(edge)
+    assert wait_until(lambda: edge.http.get("/v1/models", headers=bearer(other)).status_code == 200, deadline)
+
+    listed = edge.http.get("/v1/models", headers=bearer(other)).json()["models"]
+    assert [m["name"] for m in listed if m["name"] == default] == [], "the list shows a model the key may not use"
+    for method, path in [
+        ("GET", f"/v1/models/{default}"),
+        ("GET", "/v1/models/current"),
+        ("POST", "/v1/predict"),
+        ("POST", f"/v1/models/{default}/predict"),
+    ]:
+        response = edge.http.request(method, path, headers=bearer(other), json={"instances": [{"x": 1}]})
+        assert response.status_code == 404, (method, path, response.status_code, response.text)
+        assert response.json()["error"]["code"] == "model_not_found"
+    # The shipped default config registers the default model, which this key may not train.
+    refused = edge.http.post("/v1/training-jobs", headers=bearer(other), json={"kind": "train"})
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "model_not_allowed" and default in refused.json()["error"]["message"]

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from cluster.sandbox import PG_ADMIN_DSN, temporary_database
-from core.keys import ApiKeyTable, KeyRefresher, KeyStore, hash_api_key
+from core.keys import MIGRATIONS, ApiKeyTable, KeyRefresher, KeyStore, Scope, bootstrap_principals, hash_api_key
 from core.settings import REPO_ROOT
 
 
@@ -44,23 +44,24 @@ def rows(dsn: str) -> list[tuple[str, ...]]:
 
 
 def test_the_cli_stores_digests_and_shows_a_key_once(dsn: str) -> None:
-    code, key, _ = cli(dsn, "add", "alice")
+    code, key, _ = cli(dsn, "add", "alice", "--scopes", "predict,feedback")
     assert code == 0
     key = key.strip()
     stored = rows(dsn)
     assert len(stored) == 1 and stored[0][:2] == ("alice", hash_api_key(key))
     assert not any(key in value for value in stored[0])
     code, listed, _ = cli(dsn, "list")
-    assert code == 0 and "alice" in listed
+    assert code == 0 and "alice" in listed and "predict,feedback" in listed
+    assert hash_api_key(key)[:12] in listed, "the key id (a digest prefix) names the key in records"
     assert key not in listed and hash_api_key(key) not in listed
     # Names are never reused, and the same key cannot hide under a second name.
-    assert cli(dsn, "add", "alice")[0] == 1
-    code, _, err = cli(dsn, "add", "bob", "--stdin", stdin=key + "\n")
+    assert cli(dsn, "add", "alice", "--scopes", "predict")[0] == 1
+    code, _, err = cli(dsn, "add", "bob", "--stdin", "--scopes", "predict", stdin=key + "\n")
     assert code == 1 and "stored already, as 'alice'" in err
 
 
 def test_revocation_is_recorded_and_idempotent(dsn: str) -> None:
-    assert cli(dsn, "add", "alice")[0] == 0
+    assert cli(dsn, "add", "alice", "--scopes", "train")[0] == 0
     assert cli(dsn, "revoke", "alice")[0] == 0
     first = rows(dsn)[0][3]
     assert first != "None"
@@ -75,20 +76,27 @@ def test_the_refresher_follows_the_table_and_survives_its_loss(dsn: str) -> None
     when the database disappears (dropped here: the real failure, without stopping the server
     other tests share)."""
     boot_key = "bootstrap-key-from-api-keys"
-    store = KeyStore([hash_api_key(boot_key)])
+    bootstrap = bootstrap_principals([hash_api_key(boot_key)])
+    store = KeyStore(bootstrap)
     table = ApiKeyTable(dsn, retry_for_s=0.5, pool_timeout_s=1.0)
-    refresher = KeyRefresher(table, store, [hash_api_key(boot_key)], interval_s=60)
+    refresher = KeyRefresher(table, store, bootstrap, interval_s=60)
 
     async def scenario() -> None:
         await table.open()
         try:
             assert await refresher.refresh()  # creates the table
-            _, added, _ = cli(dsn, "add", "carol")
+            _, added, _ = cli(dsn, "add", "carol", "--scopes", "predict", "--models", "adult-income,other")
             carol = added.strip()
             assert not store.verify(carol)
             assert await refresher.refresh() and store.verify(carol) and store.verify(boot_key)
-            # The bootstrap key brought under the table, then revoked: refused though API_KEYS lists it.
-            assert cli(dsn, "add", "bootstrap", "--stdin", stdin=boot_key)[0] == 0
+            principal = store.verify(carol)
+            assert principal is not None and principal.scopes == {Scope.PREDICT} and not principal.admin
+            assert principal.models == frozenset({"adult-income", "other"}) and principal.name == "carol"
+            assert store.verify(boot_key).admin  # type: ignore[union-attr]
+            # The bootstrap key brought under the table narrows it to the table's scopes...
+            assert cli(dsn, "add", "bootstrap", "--stdin", "--scopes", "feedback", stdin=boot_key)[0] == 0
+            assert await refresher.refresh() and store.verify(boot_key).scopes == {Scope.FEEDBACK}  # type: ignore[union-attr]
+            # ...and revoked there, it is refused though API_KEYS lists it.
             assert cli(dsn, "revoke", "bootstrap")[0] == 0
             assert await refresher.refresh() and not store.verify(boot_key) and store.verify(carol)
             name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
@@ -100,3 +108,26 @@ def test_the_refresher_follows_the_table_and_survives_its_loss(dsn: str) -> None
             await table.close()
 
     asyncio.run(scenario())
+
+
+def test_keys_added_before_scopes_keep_what_they_could_do(dsn: str) -> None:
+    """A table from before scopes: its keys become predict, feedback and train (not admin)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE api_keys_schema (version integer NOT NULL)")
+        conn.execute(MIGRATIONS[0])
+        conn.execute("INSERT INTO api_keys_schema VALUES (1)")
+        conn.execute("INSERT INTO api_keys (name, key_sha256) VALUES ('old', %s)", (hash_api_key("old-key"),))
+    table = ApiKeyTable(dsn, retry_for_s=0.5, pool_timeout_s=1.0)
+
+    async def migrated() -> frozenset[Scope]:
+        await table.open()
+        try:
+            await table.migrate()
+            return (await table.keys()).active[hash_api_key("old-key")].scopes
+        finally:
+            await table.close()
+
+    assert asyncio.run(migrated()) == {Scope.PREDICT, Scope.FEEDBACK, Scope.TRAIN}
+    # New rows must say what they may do: the column has no default any more.
+    with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.NotNullViolation):
+        conn.execute("INSERT INTO api_keys (name, key_sha256) VALUES ('new', %s)", (hash_api_key("new-key"),))

@@ -68,7 +68,7 @@ def exercise(edge: Stack, extra_key: str) -> None:
 
 def test_no_secret_in_any_log(edge: Stack, trained: dict[str, Any]) -> None:
     name = f"logs-{uuid.uuid4().hex[:8]}"
-    added = run_cli("cluster", "keys", "add", name, env=edge.env, timeout=60)
+    added = run_cli("cluster", "keys", "add", name, "--scopes", "predict,feedback", env=edge.env, timeout=60)
     assert added.returncode == 0, added.stderr
     extra_key = added.stdout.strip()
     assert wait_until(

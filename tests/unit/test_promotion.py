@@ -112,3 +112,18 @@ def test_promote_cli_refuses_a_force_without_reason_and_a_missing_model(argv, me
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_the_version_records_who_the_decision_was_made_for_and_who_promoted_it():
+    from core.audit import Actor
+    from jobs.registry import REQUESTED_BY_JSON_TAG, requester, requester_tags
+
+    key = Actor(kind="api_key", key_id="3fa2c1d0e9b8", name="ci-deploy")
+    promoted = decision_tags(decide("roc_auc", 0.9, 0.0, None), None, key)
+    assert promoted["audit.promoted_by"] == "key:ci-deploy (id 3fa2c1d0e9b8)"
+    assert promoted["audit.decided_for"] == promoted["audit.promoted_by"]
+    rejected = decision_tags(decide("roc_auc", 0.5, 0.0, ChampionCheck("1", score=0.9)), None, key)
+    assert "audit.promoted_by" not in rejected and rejected["audit.decided_for"].startswith("key:ci-deploy")
+    # The dispatcher hands the requester over as JSON; without it, whoever runs the process.
+    assert requester(requester_tags(key)[REQUESTED_BY_JSON_TAG]) == key
+    assert requester(None).kind == "operator" and requester("not json").kind == "operator"

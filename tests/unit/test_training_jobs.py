@@ -125,7 +125,13 @@ def test_traceparent_is_continued_or_started():
 
 
 def test_terminal_states():
-    assert {s for s in JobState if s.terminal} == {JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD_LETTERED}
+    assert {s for s in JobState if s.terminal} == {
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.DEAD_LETTERED,
+        JobState.CANCELLED,
+        JobState.TIMED_OUT,
+    }
 
 
 def test_async_training_needs_both_urls_and_blank_means_off(monkeypatch):

@@ -5,6 +5,7 @@ import json
 import re
 from collections.abc import Iterator
 
+import gradio as gr
 import httpx
 import pytest
 from gradio_client import Client
@@ -12,11 +13,14 @@ from gradio_client import Client
 from cluster.sandbox import free_port
 from core.settings import Settings
 from ui.actions import UiActions
-from ui.app import build_app
+from ui.app import build_app, cancel_outputs, follow
 from ui.http import InferenceApi, MlflowRest
 from ui.launch import launch_options, login_credentials
 
 KEY = "ui-key"
+# A key that may only predict: everything else answers 403 missing_scope, as the API does.
+PREDICT_KEY = "predict-only-key"
+SCOPES = {KEY: {"predict", "feedback", "train"}, PREDICT_KEY: {"predict"}}
 CURRENT = {
     "name": "adult-income", "version": "3", "run_id": "run3", "alias": "champion", "loaded_at": 0,
     "task": "classification", "target": "income", "classes": ["<=50K", ">50K"], "metrics": {"test_accuracy": 0.85},
@@ -32,7 +36,49 @@ FLEET = {
 }  # fmt: skip
 SERVED = {"adult-income": CURRENT, "fleet-risk": FLEET}
 JOB = {"id": "0b7f", "kind": "train", "config": "adult", "overrides": {}, "state": "queued", "attempts": 0,
-       "max_attempts": 3, "created_at": "2026-01-01T00:00:00Z"}  # fmt: skip
+       "max_attempts": 3, "created_at": "2026-01-01T00:00:00Z",
+       "created_by": {"kind": "api_key", "key_id": "3fa2c1d0e9b8", "name": "ui-20260101000000"}}  # fmt: skip
+FINISHED = {**JOB, "id": "d0e5", "state": "succeeded", "attempts": 1, "model_version": "4", "promoted": False}
+
+
+def route_scope(request: httpx.Request) -> str:
+    path = request.url.path
+    if path.startswith("/v1/training-jobs"):
+        return "train"
+    return "feedback" if path == "/v1/feedback" else "predict"
+
+
+def missing_scope(scope: str) -> httpx.Response:
+    message = f"this API key (predict-only) lacks the '{scope}' scope; an operator can grant it"
+    details = [{"loc": ["header", "Authorization"], "msg": f"requires the {scope!r} scope", "type": "missing_scope",
+                "ctx": {"scope": scope}}]  # fmt: skip
+    error = {"code": "missing_scope", "message": message, "request_id": "rid-403", "details": details}
+    return httpx.Response(403, json={"error": error})
+
+
+def training_jobs(request: httpx.Request) -> httpx.Response:
+    path, method = request.url.path, request.method
+    if path == "/v1/training-jobs" and method == "POST":
+        spec = json.loads(request.content)
+        if spec.get("config") == "busy":
+            error = {"code": "job_limit_exceeded", "message": "this key has 2 jobs queued or running, its limit"}
+            return httpx.Response(429, json={"error": error}, headers={"Retry-After": "30"})
+        return httpx.Response(202, json={**JOB, **spec, "config": "adult"})
+    if path == "/v1/training-jobs":
+        return httpx.Response(200, json={"jobs": [JOB]})
+    job_id = path.removeprefix("/v1/training-jobs/")
+    if job_id == JOB["id"] and method == "DELETE":
+        event = {"at": "2026-01-01T00:00:05Z", "state": "cancelled", "attempt": 0, "message": "cancelled",
+                 "actor": JOB["created_by"]}  # fmt: skip
+        return httpx.Response(200, json={**JOB, "state": "cancelled", "events": [event]})
+    if job_id == JOB["id"]:
+        return httpx.Response(200, json={**JOB, "state": "running", "events": []})
+    if job_id == FINISHED["id"] and method == "DELETE":
+        error = {"code": "job_finished", "message": f"job {job_id} has already ended: succeeded"}
+        return httpx.Response(409, json={"error": error})
+    if job_id == FINISHED["id"]:
+        return httpx.Response(200, json=FINISHED)
+    return httpx.Response(404, json={"error": {"code": "job_not_found", "message": f"no training job {job_id!r}"}})
 
 
 def fake_api(request: httpx.Request) -> httpx.Response:
@@ -40,8 +86,11 @@ def fake_api(request: httpx.Request) -> httpx.Response:
     if path == "/openapi.json":
         examples = [{"instances": [{"age": 39, "sex": "Male"}]}]
         return httpx.Response(200, json={"components": {"schemas": {"PredictRequest": {"examples": examples}}}})
-    if request.headers.get("Authorization") != f"Bearer {KEY}":
+    key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if key not in SCOPES:
         return httpx.Response(401, json={"error": {"code": "unauthorized", "message": "invalid API key"}})
+    if route_scope(request) not in SCOPES[key]:
+        return missing_scope(route_scope(request))
     if path == "/v1/models/current":
         return httpx.Response(200, json=CURRENT)
     if path == "/v1/models":
@@ -69,12 +118,8 @@ def fake_api(request: httpx.Request) -> httpx.Response:
     if path == "/v1/feedback":
         body = json.loads(request.content)
         return httpx.Response(201, json={**body, "outcome": "recorded", "predicted": ">50K", "correct": False})
-    if path == "/v1/training-jobs" and request.method == "POST":
-        return httpx.Response(202, json={**JOB, **json.loads(request.content), "config": "adult"})
-    if path == "/v1/training-jobs":
-        return httpx.Response(200, json={"jobs": [JOB]})
-    if path == f"/v1/training-jobs/{JOB['id']}":
-        return httpx.Response(200, json={**JOB, "state": "running", "events": []})
+    if path.startswith("/v1/training-jobs"):
+        return training_jobs(request)
     return httpx.Response(404, json={"error": {"message": f"no route {path}"}})
 
 
@@ -118,7 +163,8 @@ def client(ui_url) -> Client:
 def test_named_endpoints(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {
-        "/predict", "/feedback", "/form_schema", "/models", "/model_card", "/start_job", "/job_status", "/recent_jobs"
+        "/predict", "/feedback", "/form_schema", "/models", "/model_card", "/start_job", "/job_status", "/recent_jobs",
+        "/cancel_job",
     } <= endpoints  # fmt: skip
 
 
@@ -186,6 +232,80 @@ def test_training_jobs(client):
     assert job == {
         "error": "overrides: not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"
     }
+
+
+def test_a_job_is_cancelled_and_shows_who_started_it(client):
+    job = client.predict(JOB["id"], api_name="/cancel_job")
+    assert job["state"] == "cancelled" and job["events"][0]["actor"]["name"] == "ui-20260101000000"
+    table, _ = client.predict(api_name="/recent_jobs")
+    assert table["data"][0][8] == "key ui-20260101000000 (id 3fa2c1d0e9b8)"
+
+
+def test_cancel_failures_come_back_readable(client):
+    assert client.predict(FINISHED["id"], api_name="/cancel_job") == {
+        "error": f"The job has already ended (409): job {FINISHED['id']} has already ended: succeeded"
+    }
+    assert client.predict("nope", api_name="/cancel_job") == {"error": "Not found (404): no training job 'nope'"}
+    assert client.predict(" ", api_name="/cancel_job") == {"error": "Enter a job id, or start a job, to cancel it"}
+
+
+def test_the_cancel_button_shows_the_outcome():
+    """What the page's button puts on the page: a line on the cancel, and the job (unchanged when
+    the API refused, so that a job being followed stays followed)."""
+    api = InferenceApi("http://api", KEY, transport=httpx.MockTransport(fake_api))
+    actions = UiActions(api, MlflowRest("http://mlflow", transport=httpx.MockTransport(fake_mlflow)), "adult-income")
+    status, text, job = cancel_outputs(actions, str(JOB["id"]))
+    assert status == f"Job `{JOB['id']}` is **cancelled**." and job["state"] == "cancelled"
+    assert "**cancelled**" in text and "Started by key ui-20260101000000 (id 3fa2c1d0e9b8)" in text
+    assert "| cancelled | 0 | key ui-20260101000000 (id 3fa2c1d0e9b8) | cancelled |" in text
+    assert not follow(job).active
+    status, text, job = cancel_outputs(actions, str(FINISHED["id"]))
+    assert status == f"**Error:** The job has already ended (409): job {FINISHED['id']} has already ended: succeeded"
+    assert job["state"] == "succeeded" and "**succeeded**" in text  # as it ended
+    status, text, job = cancel_outputs(actions, "nope")
+    assert status == "**Error:** Not found (404): no training job 'nope'"
+    assert text == job == gr.skip()
+
+
+def test_the_job_limit_says_when_to_try_again(client):
+    _, text, job = client.predict("train", "busy", "{}", api_name="/start_job")
+    assert job["error"] == (
+        "Job limit reached (429): this key has 2 jobs queued or running, its limit; try again in 30 s"
+    )
+    assert text == f"**Error:** {job['error']}"
+
+
+@pytest.fixture(scope="module")
+def predict_only() -> Iterator[Client]:
+    for url in _serve(PREDICT_KEY):
+        yield Client(url, auth=("u", "p"), verbose=False)
+
+
+def test_a_key_without_a_scope_loses_only_that_part(predict_only):
+    # Predictions work as ever.
+    view = predict_only.predict({"age": 39, "sex": "Male"}, api_name="/predict")
+    assert view["request_id"] == "rid1"
+    assert predict_only.predict(api_name="/form_schema")["model"] == "adult-income v3"
+    grant = (
+        "an operator can grant it with `python -m cluster keys add <name> --scopes predict,feedback,train` "
+        "and set UI_API_KEY to the new key"
+    )
+    _, text, job = predict_only.predict("train", "", "{}", api_name="/start_job")
+    assert job["error"].startswith(
+        f"This UI's API key lacks the 'train' scope, so training jobs cannot be started here; {grant}"
+    )
+    assert job["error"].endswith("[request id rid-403]")
+    assert text == f"**Not available with this key:** {job['error']}"
+    table, status = predict_only.predict(api_name="/recent_jobs")
+    assert table["data"] == []
+    assert status.startswith(
+        "**Not available with this key:** This UI's API key lacks the 'train' scope, so training jobs cannot be "
+        "listed here"
+    )
+    refused = predict_only.predict(JOB["id"], api_name="/cancel_job")["error"]
+    assert refused.startswith("This UI's API key lacks the 'train' scope, so training jobs cannot be cancelled here")
+    refused = predict_only.predict("rid1", "<=50K", api_name="/feedback")["error"]
+    assert refused.startswith("This UI's API key lacks the 'feedback' scope, so feedback cannot be sent from here")
 
 
 def test_root_url_follows_the_proxy_s_prefix(ui_url):

@@ -53,6 +53,93 @@ def test_bodies_that_are_not_the_api_s():
     )
 
 
+GRANT = (
+    "an operator can grant it with `python -m cluster keys add <name> --scopes predict,feedback,train` and set "
+    "UI_API_KEY to the new key (or leave UI_API_KEY unset: `cluster up` then registers a key with these scopes "
+    "for the UI)."
+)
+
+
+def _missing_scope(message: str, scope: str | None = None) -> httpx.Response:
+    detail: dict[str, object] = {"loc": ["header", "Authorization"], "msg": message, "type": "missing_scope"}
+    if scope:
+        detail["ctx"] = {"scope": scope}
+    error = {"code": "missing_scope", "message": message, "request_id": "r3", "details": [detail]}
+    return _response(403, {"error": error})
+
+
+def test_a_missing_scope_says_what_it_blocks_and_how_to_grant_it():
+    message = "this API key (ui-1) lacks the 'train' scope; an operator can grant it: python -m cluster keys add"
+    refused = _missing_scope(message, "train")
+    assert describe_response(refused, "train", "training jobs cannot be started here") == (
+        f"This UI's API key lacks the 'train' scope, so training jobs cannot be started here; {GRANT} [request id r3]"
+    )
+    # The API names the scope; the caller's guess only fills in where it does not.
+    assert describe_response(refused, "predict", "x").startswith("This UI's API key lacks the 'train' scope, so x;")
+    in_message_only = _missing_scope(message)
+    assert describe_response(in_message_only, "predict", "x").startswith("This UI's API key lacks the 'train' scope")
+    unnamed = _missing_scope("forbidden")
+    assert describe_response(unnamed, "feedback", "feedback cannot be sent from here").startswith(
+        "This UI's API key lacks the 'feedback' scope, so feedback cannot be sent from here;"
+    )
+    assert describe_response(unnamed).startswith(
+        "This UI's API key lacks a scope this needs, so this part of the page does not work;"
+    )
+    # The UI is never given admin: granting it is not the way out.
+    admin = describe_response(_missing_scope("no", "admin"), None, "x")
+    assert admin == (
+        "This UI's API key lacks the 'admin' scope, so x; that takes an admin key, which the UI is never given: "
+        "use the API with one. [request id r3]"
+    )
+
+
+def test_other_refusals_stay_as_they_were():
+    forbidden = _response(403, {"error": {"code": "forbidden", "message": "not yours"}})
+    assert describe_response(forbidden, "train", "x") == "The API refused access (403): not yours"
+
+
+def test_too_many_requests_says_when_to_try_again():
+    body = {"error": {"code": "job_limit_exceeded", "message": "this key has 2 jobs queued or running"}}
+    limited = httpx.Response(429, json=body, headers={"Retry-After": "30"})
+    assert (
+        describe_response(limited)
+        == "Job limit reached (429): this key has 2 jobs queued or running; try again in 30 s"
+    )
+    dated = httpx.Response(
+        429, json={"error": {"message": "slow down"}}, headers={"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}
+    )
+    assert describe_response(dated) == (
+        "Too many requests (429): slow down; try again after Wed, 21 Oct 2026 07:28:00 GMT"
+    )
+    assert describe_response(_response(429, {"error": {"message": "slow down"}})) == (
+        "Too many requests (429): slow down; try again shortly"
+    )
+    # Only where waiting is the answer.
+    ignored = httpx.Response(404, json={"error": {"message": "gone"}}, headers={"Retry-After": "30"})
+    assert describe_response(ignored) == "Not found (404): gone"
+
+
+def test_a_job_that_has_ended_cannot_be_cancelled():
+    body = {"error": {"code": "job_finished", "message": "job j1 has already ended: succeeded", "request_id": "r4"}}
+    assert describe_response(_response(409, body)) == (
+        "The job has already ended (409): job j1 has already ended: succeeded [request id r4]"
+    )
+
+
+def test_the_client_keeps_the_api_s_error_code():
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.method == "DELETE" and request.url.raw_path == b"/v1/training-jobs/a%2Fb"
+        return _missing_scope("this API key lacks the 'train' scope")
+
+    api = InferenceApi("http://api", "k", transport=httpx.MockTransport(handler))
+    with pytest.raises(ApiError) as raised:
+        api.cancel_job("a/b")
+    assert raised.value.missing_scope and (raised.value.status, raised.value.code) == (403, "missing_scope")
+    assert raised.value.message.startswith(
+        "This UI's API key lacks the 'train' scope, so training jobs cannot be cancelled here;"
+    )
+
+
 def test_transport_errors():
     url = "http://127.0.0.1:8000"
     refused = describe_transport_error(httpx.ConnectError("refused"), "inference API", url)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ui.jobs import JOB_COLUMNS, is_terminal, job_markdown, job_request, job_rows, parse_overrides
+from ui.jobs import JOB_COLUMNS, actor_label, is_terminal, job_markdown, job_request, job_rows, parse_overrides
 
 
 def test_overrides_are_a_json_object_or_nothing():
@@ -38,13 +38,34 @@ def test_job_markdown_and_rows():
         "promoted": False,
         "test_metrics": {"accuracy": 0.8512},
         "created_at": "2026-01-02T03:04:05.678+00:00",
+        "created_by": {"kind": "operator", "user": "root", "host": "head-1"},
         "events": [{"at": "2026-01-02T03:04:05Z", "state": "queued", "attempt": 0, "message": "a | b\nc"}],
     }
     text = job_markdown(job)
     assert text.startswith("### Job `j1`: **succeeded**")
     assert "Model version **4** (not promoted)" in text and "accuracy 0.8512" in text
-    assert "| 2026-01-02 03:04:05 | queued | 0 | a \\| b c |" in text  # the table survives the message
+    assert "Started by operator root@head-1" in text
+    assert "| 2026-01-02 03:04:05 | queued | 0 |  | a \\| b c |" in text  # the table survives the message
     assert is_terminal(job) and not is_terminal({**job, "state": "running"})
     (row,) = job_rows([job])
     assert len(row) == len(JOB_COLUMNS)
     assert row[:4] == ["j1", "train", "adult", "succeeded"] and row[6] == "no" and row[7] == "2026-01-02 03:04:05"
+    assert row[8] == "operator root@head-1"
+
+
+@pytest.mark.parametrize("state", ["succeeded", "failed", "dead_lettered", "cancelled", "timed_out"])
+def test_the_page_stops_following_a_job_that_has_ended(state):
+    assert is_terminal({"state": state})
+
+
+@pytest.mark.parametrize("state", ["queued", "submitted", "running"])
+def test_the_page_follows_a_job_that_has_not_ended(state):
+    assert not is_terminal({"state": state})
+
+
+def test_who_did_it():
+    assert actor_label({"kind": "api_key", "key_id": "3fa2c1d0e9b8", "name": "ui-1"}) == "key ui-1 (id 3fa2c1d0e9b8)"
+    assert actor_label({"kind": "alert", "name": "ModelAccuracyLow"}) == "alert ModelAccuracyLow"
+    assert actor_label({"kind": "system"}) == "system"
+    # Jobs recorded before actors were: nothing to show.
+    assert actor_label(None) == "" and job_markdown({"id": "j0", "state": "queued"}).count("Started by") == 0

@@ -1,11 +1,13 @@
 """The UI's settings, its login policy, its key from `cluster up`, and serving under a prefix."""
 
 import asyncio
+import logging
 import subprocess
 import sys
 
 import pytest
 
+from cluster import apps
 from cluster.apps import ui_environment
 from core.settings import REPO_ROOT, Settings, environment_variables
 from ui.launch import UiConfigError, login_credentials
@@ -67,10 +69,41 @@ def test_the_ui_refuses_to_start_without_a_login_in_production(tmp_path):
     ]
 
 
-def test_cluster_up_gives_the_ui_the_first_api_key_unless_it_has_its_own():
+def test_without_a_database_cluster_up_gives_the_ui_the_first_api_key_unless_it_has_its_own():
     env = {"X": "1"}
     assert ui_environment(Settings(_env_file=None, api={"keys": "k1,k2"}), env) == {"X": "1", "UI_API_KEY": "k1"}
     assert ui_environment(Settings(_env_file=None, api={"keys": "k1"}, ui={"api_key": "own"}), env) == env
+
+
+# `cluster up` with DATABASE_URL (tests/integration/test_ui.py has the key it registers there) -----
+
+ADMIN_KEY = "admin-key-from-api-keys"
+# Nothing listens on port 1: the database is away.
+NO_DATABASE = "postgresql://postgres@127.0.0.1:1/nowhere"
+
+
+def test_without_the_database_the_ui_runs_with_an_admin_key_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(apps, "UI_KEY_DB_WAIT_S", 0.5)
+    settings = Settings(_env_file=None, api={"keys": ADMIN_KEY}, database={"url": NO_DATABASE}, state_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="cluster"):
+        assert ui_environment(settings, {"X": "1"}) == {"X": "1", "UI_API_KEY": ADMIN_KEY}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "cluster"]
+    assert warnings[0].startswith("ui: could not register an API key of its own (PoolTimeout: ")
+    assert warnings[-1] == "ui: runs with the first of API_KEYS, an admin key, until `cluster up` can register its own"
+    assert not (tmp_path / "ui.key").exists()
+
+
+def test_a_ui_key_that_is_set_is_used_as_it_is_and_the_database_is_not_asked(tmp_path, caplog):
+    settings = Settings(
+        _env_file=None,
+        api={"keys": ADMIN_KEY},
+        database={"url": NO_DATABASE},
+        state_dir=tmp_path,
+        ui={"api_key": "own"},
+    )
+    with caplog.at_level(logging.WARNING):
+        assert ui_environment(settings, {"X": "1"}) == {"X": "1"}
+    assert caplog.records == [] and not (tmp_path / "ui.key").exists()
 
 
 @pytest.mark.parametrize(
