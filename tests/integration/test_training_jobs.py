@@ -82,7 +82,7 @@ def test_job_runs_once_per_idempotency_key_and_registers_a_model(stack, trained)
 
 
 def test_permanent_failure_is_dead_lettered_and_can_be_requeued(stack):
-    overrides = {**QUICK, "data.train_uri": "/nonexistent/adult.data.gz", "promotion.enabled": False}
+    overrides = {**QUICK, "data.train_uri": "data/nonexistent/adult.data.gz", "promotion.enabled": False}
     job = post_job(stack, {"overrides": overrides}).json()
     dead = wait_job(stack, job["id"], {"dead_lettered"}, timeout_s=300)
     assert dead["attempts"] == stack.settings.dispatcher.max_attempts == 2
@@ -90,6 +90,10 @@ def test_permanent_failure_is_dead_lettered_and_can_be_requeued(stack):
     queue = stack.settings.training.dead_letter_queue
     copies = [m for m in dead_letters(queue) if m.get("x-job-id") == job["id"]]
     assert len(copies) == 1 and "nonexistent" in copies[0]["x-error"]
+    # A job that has ended cannot be cancelled: 409, and it stays as it ended.
+    cancel = stack.http.delete(f"/v1/training-jobs/{job['id']}", headers=stack.auth, timeout=30)
+    assert cancel.status_code == 409 and cancel.json()["error"]["code"] == "job_finished", cancel.text
+    assert get_job(stack, job["id"])["state"] == "dead_lettered"
 
     shown = run_cli("services.dispatcher", "show", job["id"], env=stack.env, timeout=60)
     assert shown.returncode == 0 and '"dead_lettered"' in shown.stdout, shown.stderr
@@ -117,7 +121,7 @@ def test_malformed_message_is_dead_lettered_and_the_dispatcher_keeps_running(sta
     metrics = httpx.get(f"{stack.settings.dispatcher.url}/metrics", timeout=10).text
     assert 'training_dead_lettered_messages_total{reason="malformed"}' in metrics
     # Still consuming: the next request is claimed and attempted.
-    job = post_job(stack, {"overrides": {**QUICK, "data.train_uri": "/nonexistent.csv"}}).json()
+    job = post_job(stack, {"overrides": {**QUICK, "data.train_uri": "data/nonexistent.csv"}}).json()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and get_job(stack, job["id"])["attempts"] == 0:
         time.sleep(0.5)
