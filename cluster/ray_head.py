@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.startup import StartupError, require_free, venv_bin
-from cluster.supervisor import log_tail, managed, read_pid, spawn, stop
+from cluster.supervisor import local_cluster_environment, log_tail, managed, read_pid, spawn, stop
 from core.health import check, wait_healthy
 from core.settings import Settings
 
@@ -40,7 +40,7 @@ def start_ray(settings: Settings, env: dict[str, str]) -> str:
     ]  # fmt: skip
     if settings.ray.temp_dir:
         argv += ["--temp-dir", str(settings.ray.temp_dir)]
-    proc = spawn(item, argv, {**env, **ray_metrics_environment(settings)})
+    proc = spawn(item, argv, {**env, **ray_metrics_environment(settings), **local_cluster_environment(settings)})
     alive = lambda: proc.poll() is None  # noqa: E731
     ready = wait_healthy(f"{settings.ray.dashboard_url}/api/gcs_healthz", settings.startup_timeout_s, alive)
     version_url = f"{settings.ray.dashboard_url}/api/version"

@@ -31,6 +31,24 @@ def managed(settings: Settings, name: str) -> Managed:
     return Managed(name, settings.state_dir / "pids" / f"{name}.pid", settings.logs_dir / f"{name}.log")
 
 
+# Ray's switch for a cluster of one machine (its default on Windows and macOS).
+LOCAL_CLUSTER_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_cluster_environment(settings: Settings) -> dict[str, str]:
+    """What holds a loopback Ray head to loopback, and lets the stack's drivers reach it.
+
+    `ray start` and `ray.init` swap a loopback address (`--node-ip-address`, the GCS address) for
+    the machine's routable one (`resolve_ip_for_localhost` in ray/_private/services.py), and Ray's
+    servers then bind every interface. Told that the cluster is this machine only, Ray keeps the
+    loopback address: the GCS, raylet, workers, agents, Ray Client server and metrics endpoints
+    bind loopback, and a driver with the same switch finds the GCS there. `ray start` then refuses
+    to join a node to the cluster. A RAY_HOST other than loopback, a head that other machines
+    join, leaves Ray's own choice alone.
+    """
+    return {LOCAL_CLUSTER_VARIABLE: "0"} if settings.ray.local_only else {}
+
+
 def child_environment(settings: Settings) -> dict[str, str]:
     """What every process of the stack sees: .env, the settings' derived values, our code."""
     env = dict(os.environ)
@@ -45,6 +63,7 @@ def child_environment(settings: Settings) -> dict[str, str]:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.update(settings.s3_environment())
     env.update(settings.serve_environment())
+    env.update(local_cluster_environment(settings))
     if settings.ray.auth_token is not None:
         # Every Ray process and client of the stack (head, workers, job drivers, `serve deploy`,
         # the dispatcher) presents the cluster's token; Ray refuses anyone without it.

@@ -7,6 +7,7 @@ builds them once at its entry point (`get_settings()`) and hands them down.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Iterator
 from functools import lru_cache
@@ -33,6 +34,19 @@ OptionalSecret = Annotated[SecretStr | None, Unset]
 OptionalText = Annotated[str | None, Unset]
 OptionalPath = Annotated[Path | None, Unset]
 RepoPath = Annotated[Path, AfterValidator(_in_repo)]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address (a host setting, or where a socket is bound) reaches this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    # A dual-stack socket reports an IPv4 bind as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 class Group(BaseModel):
@@ -69,6 +83,11 @@ class RaySettings(Group):
     @property
     def gcs_address(self) -> str:
         return f"{self.host}:{self.gcs_port}"
+
+    @property
+    def local_only(self) -> bool:
+        """A head on loopback: a cluster of this machine, that no other machine can join."""
+        return is_loopback(self.host)
 
     @property
     def dashboard_url(self) -> str:

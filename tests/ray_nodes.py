@@ -8,6 +8,7 @@ stopping or killing the node reaches its raylet, agents and workers and nothing 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import shutil
 import signal
@@ -22,8 +23,19 @@ import psutil
 
 from cluster.observability import RAY_SERVICE_DISCOVERY_FILE
 from cluster.sandbox import Stack, free_port, reserve_ports
-from cluster.supervisor import Managed, child_environment, log_tail, managed, read_pid, session_members, spawn, stop
+from cluster.supervisor import (
+    LOCAL_CLUSTER_VARIABLE,
+    Managed,
+    child_environment,
+    log_tail,
+    managed,
+    read_pid,
+    session_members,
+    spawn,
+    stop,
+)
 from core.health import wait_until
+from core.settings import Settings
 
 # Its own loopback address: drivers on this machine (127.0.0.1) keep connecting to the head's
 # raylet, and the node shows up in the State API as a different host, as on a real cluster.
@@ -86,6 +98,18 @@ def discovered_targets(stack: Stack) -> list[str]:
     return [target for group in groups for target in group["targets"]]
 
 
+def joinable_gcs_address(settings: Settings) -> str:
+    """The head's GCS as `ray start --address` on this machine reaches it. Ray swaps a loopback
+    address for the machine's routable one before it joins (`resolve_ip_for_localhost` in
+    ray/_private/services.py), and a loopback head listens on loopback only; the IPv4-mapped
+    form of the address is the same dual-stack socket to the kernel but not loopback to Ray. Nodes
+    on other machines join a head whose RAY_HOST is its private address, which Ray keeps."""
+    host = "127.0.0.1" if settings.ray.host == "localhost" else settings.ray.host
+    if not settings.ray.local_only or ipaddress.ip_address(host).version != 4:
+        return settings.ray.gcs_address
+    return f"[::ffff:{host}]:{settings.ray.gcs_port}"
+
+
 def start_node(stack: Stack, name: str, resources: dict[str, float], cpus: int) -> RayNode:
     """Start a worker node that advertises `resources`; returns once the GCS lists it alive."""
     settings = stack.settings
@@ -96,7 +120,7 @@ def start_node(stack: Stack, name: str, resources: dict[str, float], cpus: int) 
     low, high = worker_port_range()
     argv = [
         str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
-        "--address", settings.ray.gcs_address,
+        "--address", joinable_gcs_address(settings),
         "--node-ip-address", NODE_IP,
         "--num-cpus", str(cpus),
         "--resources", json.dumps(resources),
@@ -127,6 +151,9 @@ def start_node(stack: Stack, name: str, resources: dict[str, float], cpus: int) 
         **ports.serve_environment(),
         "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(serve_port),
     }
+    # Another machine's node is no part of the head's one-machine cluster: `ray start` refuses to
+    # join a node with that switch set.
+    env.pop(LOCAL_CLUSTER_VARIABLE, None)
     # A node killed a moment ago may still be listed alive with the same address and resources.
     earlier = {n.node_id for n in alive_nodes(stack)}
     proc = spawn(item, argv, env)

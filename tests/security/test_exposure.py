@@ -30,9 +30,9 @@ def listening_addresses(port: int) -> set[str]:
 
 
 def test_the_dashboard_and_jobs_api_listen_on_loopback_only(stack: Stack) -> None:
-    """Nginx is the way in. Ray 2.60's GCS binds every interface whatever `--node-ip-address`
-    says, so the GCS relies on token authentication instead (test_operator_auth.py checks that
-    it refuses a driver without the token) and on the host's firewall (docs/operations.md)."""
+    """Nginx is the way in. Every other port of the stack is held to loopback too, or listed with
+    what guards it (test_listening_sockets.py); the GCS also refuses a driver without the token
+    (test_operator_auth.py)."""
     port = stack.settings.ray.dashboard_port
     addresses = listening_addresses(port)
     assert addresses, f"nothing listens on the dashboard port {port}"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster.sandbox import Stack
+from cluster.supervisor import local_cluster_environment
 from tests.conftest import MLFLOW_PASSWORD, RAY_AUTH_TOKEN
 from tests.edge_helpers import require_edge
 
@@ -60,6 +61,8 @@ def test_the_gcs_refuses_a_driver_without_the_token(edge: Stack, tmp_path: Path)
     code = f"import ray; ray.init(address='{edge.settings.ray.gcs_address}'); print('connected')"
     env = {k: v for k, v in edge.env.items() if k not in {"RAY_AUTH_TOKEN", "RAY_AUTH_MODE"}}
     env["HOME"] = str(tmp_path)
+    # Where the stack's drivers find a loopback GCS, as every process `cluster up` starts does.
+    env.update(local_cluster_environment(edge.settings))
     refused = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "connected" not in refused.stdout
     assert "AuthenticationError" in refused.stderr or "authentication" in refused.stderr.lower(), refused.stderr[-2000:]
