@@ -3,9 +3,11 @@ authentication (applied per router)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.exceptions import RequestValidationError
 
 from core.keys import Principal, Scope
 from jobs.config import MODEL_NAME_PATTERN
@@ -40,6 +42,23 @@ def visible_model(principal: Principal, name: str, alias: str) -> None:
     if not principal.may_use_model(name):
         raise UnknownModelError(name, alias)
 
+
+async def single_valued_query(request: Request) -> None:
+    """A scalar query parameter given twice is ambiguous (frameworks disagree on which value wins):
+    refuse it rather than pick one the client may not have meant."""
+    given = Counter(name for name, _ in request.query_params.multi_items())
+    repeated = sorted(name for name, times in given.items() if times > 1)
+    if repeated:
+        raise RequestValidationError(
+            [
+                {"loc": ("query", name), "msg": "given more than once; send a single value", "type": "single_value"}
+                for name in repeated
+            ]
+        )
+
+
+# Declared after the route's key dependency, so that an unauthenticated request is a 401 first.
+SingleValuedQuery = Annotated[None, Depends(single_valued_query)]
 
 # Router-level: every route of the alert router requires Alertmanager's token.
 ALERT_TOKEN = Depends(require_alert_token)

@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import aio_pika
 import httpx
 
-from cluster.sandbox import AMQP_URL, Stack
+from cluster.sandbox import AMQP_URL, Stack, run_cli
+from core.health import wait_until
 
 TERMINAL = {"succeeded", "failed", "dead_lettered", "cancelled", "timed_out"}
 QUICK = {"train.epochs": 1, "train.patience": 1}
+
+
+def add_key(stack: Stack, prefix: str, scopes: str) -> dict[str, str]:
+    """A new key with `scopes`, as an operator adds it; returned once the API accepts it."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    added = run_cli("cluster", "keys", "add", name, "--scopes", scopes, env=stack.env, timeout=60)
+    assert added.returncode == 0, added.stderr
+    headers = {"Authorization": f"Bearer {added.stdout.strip()}"}
+
+    def known() -> bool:
+        return stack.http.get("/v1/training-jobs", headers=headers, timeout=30).status_code != 401
+
+    assert wait_until(known, 3 * stack.settings.api.key_refresh_s + 5), "the new key was not picked up"
+    return headers
 
 
 def post_job(stack: Stack, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:

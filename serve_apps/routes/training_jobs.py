@@ -9,7 +9,7 @@ from uuid import UUID
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from core.keys import Principal
-from serve_apps.dependencies import ReplicaDep, Trainer
+from serve_apps.dependencies import ReplicaDep, SingleValuedQuery, Trainer
 from serve_apps.errors import JOB_RESPONSES, error_response
 from services.training_jobs.models import JobDetail, JobList, JobRecord, JobSpec, JobState
 
@@ -58,12 +58,13 @@ async def get_training_job(job_id: UUID, request: Request, replica: ReplicaDep, 
 async def list_training_jobs(
     replica: ReplicaDep,
     principal: Trainer,
+    _single: SingleValuedQuery,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     before: datetime | None = None,
 ) -> Any:
     """Training jobs, newest first; page with `before`. A key without `admin` lists only the jobs
-    it started."""
+    it started. Each query parameter is given at most once (a 422 otherwise)."""
     page = await (await replica.training_jobs()).list(state, limit, before, _owner_filter(principal))
     return JobList(jobs=page, next_before=page[-1].created_at if len(page) == limit else None)
 

@@ -26,7 +26,7 @@ from services.training_jobs.models import CONFIG_DIR
 from tests.conftest import train_job
 from tests.reliability.load import SteadyLoad
 from tests.stack_probes import current_model, firing_alerts, until
-from tests.training_jobs_helpers import QUICK, post_job, wait_job
+from tests.training_jobs_helpers import QUICK, add_key, post_job, wait_job
 
 ADULT = "adult-income"
 FLEET = "fleet-risk"
@@ -273,12 +273,19 @@ def test_an_alias_moved_around_the_gate_is_refused_by_the_replica_and_alerts(sta
     figures["swap_refused"] = {"alias_moved_to": incompatible, "served": adult_served, **summary.as_dict()}
 
 
+@pytest.fixture(scope="module")
+def trainer(stack: Stack) -> dict[str, str]:
+    return add_key(stack, "second-task-train", "train")
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{"model_name": "someone-else"}, {"name": "x"}, {"promotion.enabled": True}, {"promotion": {"margin": -1}}],
 )
-def test_training_requests_cannot_retarget_a_model_or_loosen_its_gate(stack, overrides):
-    response = stack.http.post("/v1/training-jobs", json={"kind": "train", "overrides": overrides}, headers=stack.auth)
+def test_training_requests_cannot_retarget_a_model_or_loosen_its_gate(stack, trainer, overrides):
+    """A key that may train (and is not an admin's) cannot point its job at another model or
+    loosen the gate that decides what it promotes."""
+    response = stack.http.post("/v1/training-jobs", json={"kind": "train", "overrides": overrides}, headers=trainer)
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     key = next(iter(overrides))

@@ -5,33 +5,18 @@ jobs only."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import httpx
 import pytest
 
-from cluster.sandbox import Stack, run_cli
-from core.health import wait_until
-from tests.training_jobs_helpers import QUICK, wait_job
+from cluster.sandbox import Stack
+from tests.training_jobs_helpers import QUICK, add_key, wait_job
 
 pytestmark = pytest.mark.integration
 
 # Nothing these jobs train may become a champion: other tests rely on the one they trained.
 NO_PROMOTION = {**QUICK, "promotion.enabled": False}
-
-
-def add_key(stack: Stack, prefix: str, scopes: str) -> dict[str, str]:
-    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    added = run_cli("cluster", "keys", "add", name, "--scopes", scopes, env=stack.env, timeout=60)
-    assert added.returncode == 0, added.stderr
-    headers = {"Authorization": f"Bearer {added.stdout.strip()}"}
-
-    def known() -> bool:
-        return stack.http.get("/v1/training-jobs", headers=headers, timeout=30).status_code != 401
-
-    assert wait_until(known, 3 * stack.settings.api.key_refresh_s + 5), "the new key was not picked up"
-    return headers
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,19 @@ def test_unknown_or_malformed_job_ids(stack):
     assert malformed.status_code == 422
 
 
+def test_a_list_parameter_given_twice_is_refused_not_guessed(stack):
+    """Which of two `before` values a server uses differs between frameworks: the API picks none."""
+    query = [("before", "2026-01-01T00:00:00Z"), ("before", "2020-01-01T00:00:00Z"), ("limit", "5")]
+    response = stack.http.get("/v1/training-jobs", params=query, headers=stack.auth, timeout=30)
+    assert response.status_code == 422, response.text
+    details = response.json()["error"]["details"]
+    assert [(d["loc"], d["type"]) for d in details] == [(["query", "before"], "single_value")]
+    # Without a key the answer is still the 401, not a hint about the parameters.
+    assert stack.http.get("/v1/training-jobs", params=query, timeout=30).status_code == 401
+    single = stack.http.get("/v1/training-jobs", params=query[1:], headers=stack.auth, timeout=30)
+    assert single.status_code == 200, single.text
+
+
 def test_job_runs_once_per_idempotency_key_and_registers_a_model(stack, trained):
     key = f"nightly-{uuid.uuid4().hex}"
     body: dict[str, Any] = {"kind": "train", "config": "adult", "overrides": QUICK}
