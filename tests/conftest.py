@@ -144,13 +144,13 @@ def stack(
         "API_KEY_REFRESH_S": "1",
         "MAX_BATCH_ROWS": "50",
         "DISPATCHER_MAX_ATTEMPTS": "2",
+        "DISPATCHER_BACKOFF_BASE_S": "1",
+        "DISPATCHER_POLL_INTERVAL_S": "1",
         # The session's admin key starts the jobs of many tests within the hour, and the fault
         # tests keep three in flight at once; the limits themselves are tested with keys of
         # their own against whatever these are (tests/integration/test_training_job_limits.py).
         "TRAINING_MAX_ACTIVE_PER_KEY": "3",
         "TRAINING_MAX_PER_HOUR_PER_KEY": "200",
-        "DISPATCHER_BACKOFF_BASE_S": "1",
-        "DISPATCHER_POLL_INTERVAL_S": "1",
         # Observability: spans to the test's receiver, Prometheus and Alertmanager with second-scale
         # intervals, and the closed loop's knobs turned down to test size. Not a 1 s scrape: each
         # scrape of Ray's metrics agent costs it a large share of a core, taken from the tests.
