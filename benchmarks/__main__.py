@@ -7,7 +7,8 @@ serves), the serving paths against `mlflow models serve`, a bare FastAPI server 
 in-process call, profiles the ingress replica, measures two models served at once against one
 (benchmarks/multi_model.py) and the shapes Serve offers for many models
 (benchmarks/serving_shapes.py), stops the stack, then measures training (Ray Train
-with 1 and 2 workers against a plain PyTorch loop, and Ray Tune) on a quiet machine. Writes
+with 1 and 2 workers against a plain PyTorch loop, and Ray Tune) on a quiet machine, and the drift
+monitor's cost and time to alert (benchmarks/monitor_overhead.py). Writes
 results.json, report.md and PNG plots to --out.
 """
 
@@ -27,7 +28,7 @@ from benchmarks.serving_shapes import run_shapes
 from cluster.sandbox import hermetic_stack
 from core.settings import REPO_ROOT
 
-SECTIONS = ("loop", "serving", "shapes", "training")
+SECTIONS = ("loop", "serving", "shapes", "training", "monitor")
 app = typer.Typer(add_completion=False)
 
 
@@ -85,6 +86,11 @@ def main(
         from benchmarks.training import run as run_training
 
         results["training"] = run_training(quick=quick)
+    if "monitor" not in skipped:
+        from benchmarks.monitor_overhead import run as run_monitor
+
+        # Stacks of its own, restarted with the drift monitor off and on (benchmarks/monitor_overhead.py).
+        results["monitor"] = run_monitor(duration=5 if quick else 20, rounds=1 if quick else 3)
     results["duration_s"] = time.monotonic() - started
     written = write_report(results, out)
     typer.echo(f"wrote {', '.join(str(p) for p in written.values())} in {results['duration_s']:.0f} s")

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import httpx
 
-from cluster.observability import WEBHOOK_PATH, alertmanager_config, dump, local_targets, prometheus_config
+from cluster.observability import (
+    RULES_DIR,
+    WEBHOOK_PATH,
+    alert_durations,
+    alertmanager_config,
+    dump,
+    local_targets,
+    prometheus_config,
+    write_rules,
+)
 from cluster.startup import Listener, StartupError, require_free, start_process
 from cluster.supervisor import log_tail, managed, read_pid, spawn, stop
 from core.health import check, wait_healthy
@@ -54,8 +63,17 @@ def render_alertmanager_config(settings: Settings) -> Path:
     return target
 
 
+def render_rules_dir(settings: Settings) -> Path:
+    """The rules Prometheus reads: the shipped ones with the settings' `for:` durations, rendered
+    into the state directory; a directory PROMETHEUS_RULES_DIR names instead is used as it is."""
+    chosen = settings.prometheus.rules_dir
+    if chosen.resolve() != RULES_DIR.resolve():
+        return chosen
+    return write_rules(_observability_dir(settings) / "rules", alert_durations(settings))
+
+
 def render_prometheus_config(settings: Settings) -> Path:
-    targets = local_targets(settings, settings.ray.resolved_temp_dir, settings.prometheus.rules_dir)
+    targets = local_targets(settings, settings.ray.resolved_temp_dir, render_rules_dir(settings))
     target = _observability_dir(settings) / "prometheus.yml"
     target.write_text(dump(prometheus_config(targets), "# Rendered by `cluster up`.\n"), encoding="utf-8")
     return target

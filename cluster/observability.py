@@ -4,11 +4,19 @@ The local stack (`cluster up`) renders it with loopback addresses from the setti
 the same jobs with its service names, written to cluster/prometheus/prometheus.yml and
 cluster/alertmanager/alertmanager.yml by `python -m cluster render-observability` (a test keeps
 the committed files equal to what this module produces).
+
+The alert rules are cluster/prometheus/rules. The `for:` of the drift and estimated-accuracy alerts
+is a setting (MONITOR_DRIFT_ALERT_FOR_S, MONITOR_ESTIMATED_ACCURACY_ALERT_FOR_S): `cluster up`
+renders a copy of the rules with those into its state directory (`render_rules`) and points
+Prometheus at it, unless PROMETHEUS_RULES_DIR names another directory, whose rules are used as
+they are. Compose mounts the shipped rules as they are, so it keeps the defaults written there;
+a compose deployment changes them by editing the rule file.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +96,79 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def prometheus_duration(seconds: float) -> str:
+    """Seconds as Prometheus writes a duration, in the largest unit that is exact: 600 -> 10m."""
+    milliseconds = round(seconds * 1000)
+    if milliseconds == 0:
+        return "0s"
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if milliseconds % size == 0:
+            return f"{milliseconds // size}{unit}"
+    return f"{milliseconds}ms"
+
+
+def alert_durations(settings: Settings) -> dict[str, float]:
+    """The alerts whose `for:` is a setting, in seconds."""
+    return {
+        "ModelDataDrift": settings.monitor.drift_alert_for_s,
+        "ModelEstimatedAccuracyLow": settings.monitor.estimated_accuracy_alert_for_s,
+    }
+
+
+class _RulesDumper(yaml.SafeDumper):
+    """Multi-line text (the rules' PromQL) as a block, as the shipped file writes it."""
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_RulesDumper.add_representer(str, _text)
+
+
+RENDERED_RULES_HEADER = (
+    "# Rendered by `cluster up` from cluster/prometheus/rules with the `for:` durations of the\n"
+    "# settings (MONITOR_*_ALERT_FOR_S); do not edit, it is rewritten on every `cluster up`.\n"
+)
+
+
+def render_rules(durations: Mapping[str, float], source: Path = RULES_DIR) -> dict[str, str]:
+    """Every rule file of `source` (file name -> text), with the `for:` of the alerts named in
+    `durations` set to theirs. An alert named there but in no file is an error: a renamed rule
+    would otherwise lose its setting without a word."""
+    rendered: dict[str, str] = {}
+    missing = set(durations)
+    for path in sorted(source.glob("*.yml")):
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for group in document.get("groups", []):
+            for rule in group.get("rules", []):
+                name = rule.get("alert")
+                if name in durations:
+                    rule["for"] = prometheus_duration(durations[name])
+                    missing.discard(name)
+        rendered[path.name] = RENDERED_RULES_HEADER + yaml.dump(
+            document, Dumper=_RulesDumper, sort_keys=False, allow_unicode=True, width=1000
+        )
+    if missing:
+        raise ValueError(f"no alert rule in {source} is named {', '.join(sorted(missing))}")
+    return rendered
+
+
+def write_rules(target: Path, durations: Mapping[str, float], source: Path = RULES_DIR) -> Path:
+    """Render the rules into `target`, a directory of their own: files no longer shipped go."""
+    rendered = render_rules(durations, source)
+    target.mkdir(parents=True, exist_ok=True)
+    for stale in target.glob("*.yml"):
+        if stale.name not in rendered:
+            stale.unlink()
+    for name, text in rendered.items():
+        # Written aside and renamed: a reload never reads half a file.
+        partial = target / f".{name}.tmp"
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(target / name)
+    return target
+
+
 def _static(job: str, target: str) -> dict[str, Any]:
     return {"job_name": job, "static_configs": [{"targets": [target]}]}
 
@@ -132,8 +213,9 @@ def prometheus_config(targets: Targets) -> dict[str, Any]:
 
 
 def alertmanager_config(webhook_url: str, credentials_file: str, group_wait_s: float) -> dict[str, Any]:
-    """The accuracy alert (label action=retrain) goes to the API's webhook; everything else stays
-    in Alertmanager and Grafana until a team adds its own receivers."""
+    """The alerts that act (label action=retrain: live accuracy, data drift, estimated accuracy)
+    go to the API's webhook; everything else stays in Alertmanager and Grafana until a team adds
+    its own receivers."""
     return {
         "route": {
             "receiver": "platform",
@@ -157,11 +239,12 @@ def alertmanager_config(webhook_url: str, credentials_file: str, group_wait_s: f
                 ],
             },
         ],
-        # A firing accuracy alert must not be silenced by the component-down alert of the same model.
+        # An alert that acts is never silenced by a component-down alert: inhibited, it would not
+        # reach the webhook, and the retraining it asks for would not be queued.
         "inhibit_rules": [
             {
                 "source_matchers": ['severity="critical"', 'alertname="ComponentDown"'],
-                "target_matchers": ['severity="warning"', 'alertname!="ModelAccuracyLow"'],
+                "target_matchers": ['severity="warning"', 'action!="retrain"'],
                 "equal": ["job"],
             }
         ],

@@ -291,6 +291,9 @@ class PredictionSettings(Group):
     # Predictions are written to PostgreSQL in batches, at most this long after their response went out.
     flush_interval_s: float = Field(default=0.2, gt=0)
     buffer_rows: int = Field(default=100_000, ge=1)
+    # Recorded predictions (and their feedback) older than this are deleted by the monitor, so the
+    # table stays bounded; a label sent for a deleted prediction is refused as unknown.
+    retention_s: float = Field(default=30 * 24 * 3600.0, gt=0)
 
 
 class FeedbackSettings(Group):
@@ -308,6 +311,31 @@ class AccuracySettings(Group):
     refresh_s: float = Field(default=15.0, gt=0)
 
 
+class MonitorSettings(Group):
+    """Drift and estimated accuracy of every served version, from its recorded predictions of the
+    last `window_s` (at most the `max_rows` most recent), judged against the reference profile its
+    training logged once `min_rows` are in the window. Statistical tests and thresholds:
+    docs/monitoring.md."""
+
+    enabled: bool = True
+    refresh_s: float = Field(default=30.0, gt=0)
+    window_s: float = Field(default=3600.0, gt=0)
+    min_rows: int = Field(default=200, ge=1)
+    max_rows: int = Field(default=5000, ge=1)
+    # Up to this many rows on the smaller side, a feature is judged by a test's p-value (KS,
+    # chi-square); above it by a distance (Wasserstein, Jensen-Shannon), which large samples need.
+    small_sample_rows: int = Field(default=1000, ge=1)
+    p_value: float = Field(default=0.05, gt=0, lt=1)
+    wasserstein_threshold: float = Field(default=0.1, gt=0)
+    jensen_shannon_threshold: float = Field(default=0.1, gt=0, le=1)
+    # ModelDataDrift: at least this share of the features drifted, for `drift_alert_for_s`.
+    drift_share_threshold: float = Field(default=0.5, gt=0, le=1)
+    drift_alert_for_s: float = Field(default=600.0, ge=0)
+    # ModelEstimatedAccuracyLow: estimated accuracy below the reference by more than this.
+    estimated_accuracy_max_drop: float = Field(default=0.05, gt=0, lt=1)
+    estimated_accuracy_alert_for_s: float = Field(default=600.0, ge=0)
+
+
 class RetrainSettings(Group):
     """What the accuracy alert's webhook enqueues."""
 
@@ -316,6 +344,11 @@ class RetrainSettings(Group):
     # other model is retrained by the one config that trains it (services/training_jobs/retrain.py).
     configs: dict[str, str] = Field(default_factory=dict)
     overrides: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # Jobs queued by an alert add the labelled feedback to their training data (`feedback.enabled`).
+    use_feedback: bool = True
+    # Jobs of the alerts that fire before any label (drift, estimated accuracy) wait this long at
+    # most for the config's `feedback.min_rows` new labels (`feedback.wait_s`).
+    feedback_wait_s: float = Field(default=24 * 3600.0, ge=0, le=30 * 24 * 3600)
 
 
 class AlertSettings(Group):
@@ -475,6 +508,7 @@ class Settings(BaseSettings):
     prediction: PredictionSettings = Field(default_factory=PredictionSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     accuracy: AccuracySettings = Field(default_factory=AccuracySettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     alert: AlertSettings = Field(default_factory=AlertSettings)
     otel: OtelSettings = Field(default_factory=OtelSettings)

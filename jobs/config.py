@@ -58,6 +58,16 @@ class DataConfig(_Strict):
     drop: list[str] = Field(default_factory=list)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    # A snapshot of labelled production rows (Parquet, jobs/feedback_data.py) to train on as well,
+    # and its sha256: set by the dispatcher for a job with `feedback.enabled`, never by hand.
+    feedback_uri: str | None = None
+    feedback_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _digest_names_a_snapshot(self) -> DataConfig:
+        if self.feedback_sha256 is not None and self.feedback_uri is None:
+            raise ValueError("data.feedback_sha256 is set without data.feedback_uri")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -100,10 +110,41 @@ class TrainConfig(_Strict):
         return resources
 
 
+# How the gate weighs the recent feedback slice against the test split (docs/promotion.md).
+RecentRule = Literal["recent_and_test", "recent_only", "test_only"]
+
+
 class PromotionConfig(_Strict):
     metric: str | None = None  # default: roc_auc (classification) or rmse (regression)
     margin: float = 0.0
     enabled: bool = True
+    # With a recent feedback slice: `recent_and_test` promotes a candidate that beats the champion
+    # on the slice by more than `margin` and is not worse on the test split by more than
+    # `test_tolerance`; `recent_only` looks at the slice alone; `test_only` ignores it.
+    recent_rule: RecentRule = "recent_and_test"
+    test_tolerance: float = Field(default=0.02, ge=0)
+
+
+class FeedbackConfig(_Strict):
+    """Retraining on what production saw: the labelled predictions of the registered model (the
+    features as recorded, the label from feedback) added to the training data."""
+
+    enabled: bool = False
+    # The most recent share of the labelled rows, by the time of their label: held out, never
+    # trained on, and scored by the gate next to the test split.
+    holdout_fraction: float = Field(default=0.3, ge=0, lt=1)
+    max_rows: int = Field(default=100_000, ge=1)  # the most recent labelled rows exported
+    # Fewer labelled rows than this: no snapshot, the job trains on its data set alone.
+    min_rows: int = Field(default=50, ge=1)
+    # A job queued before its labels exist (by an alert that needs none) stays queued until
+    # `min_rows` labels of the model arrived after it was queued, at most this long (0: no wait).
+    wait_s: float = Field(default=0.0, ge=0, le=30 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> FeedbackConfig:
+        if self.min_rows > self.max_rows:
+            raise ValueError(f"feedback.min_rows {self.min_rows} is above feedback.max_rows {self.max_rows}")
+        return self
 
 
 # Trials share one fitted preprocessor and one set of datasets, and their resources are reserved
@@ -214,6 +255,7 @@ class JobConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     tune: TuneConfig | None = None  # only `python -m jobs.tune` reads it
 
     @model_validator(mode="after")

@@ -1,7 +1,9 @@
 """The promotion gate: a version becomes `champion` only if it beats the champion.
 
 Both models are scored on the same held-out test set (the candidate's), so a champion trained on
-another split is never compared by a number it computed itself. The gate fails closed: a champion
+another split is never compared by a number it computed itself; a job that trained on feedback
+also scores both on its recent feedback slice, and `promotion.recent_rule` says how the two
+comparisons decide. The gate fails closed: a champion
 it cannot load or score, or a candidate that breaks the champion's serving contract, means
 "rejected", never "no champion to beat". Only an operator overrides it, by name and with a reason
 (`--force --reason`), and that approval is recorded on the version. The rules: docs/promotion.md.
@@ -12,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import pandas as pd
 import typer
@@ -30,7 +34,7 @@ from jobs.compatibility import (
     RULE_TAG,
     contract_changes,
 )
-from jobs.config import JobConfig
+from jobs.config import JobConfig, RecentRule
 from jobs.data.loading import load_test_frame
 from jobs.evaluate import evaluate, is_higher_better
 from jobs.predictor import TabularPredictor
@@ -55,7 +59,7 @@ class Rule(StrEnum):
     FORCED = "forced"  # promoted by an operator's explicit, recorded act
     ALREADY_CHAMPION = "already_champion"  # nothing to do
     INCOMPATIBLE = "incompatible"  # rejected: the candidate breaks the champion's serving contract
-    UNSCORABLE = "unscorable"  # rejected: the champion cannot be loaded or scored on the test set
+    UNSCORABLE = "unscorable"  # rejected: the champion (or a slice) cannot be scored: nothing to compare
 
     @property
     def refusal(self) -> bool:
@@ -83,6 +87,17 @@ class ChampionCheck:
     score: float | None = None
     changes: list[str] = field(default_factory=list)  # what the candidate changes in its contract
     problem: str | None = None  # why it could not be scored
+    recent_score: float | None = None  # on the recent feedback slice, when there is one
+    recent_problem: str | None = None  # why it could not be scored on that slice
+
+
+@dataclass(frozen=True)
+class RecentSlice:
+    """The candidate on the most recent labelled feedback, held out of its training."""
+
+    rows: int
+    score: float | None  # None: the metric is not defined on the slice (`problem` says why)
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,16 @@ class Decision:
     rule: Rule = Rule.SCORE
     contract_changes: list[str] = field(default_factory=list)
     forced_by: str | None = None
+    # With a recent feedback slice: both scores on it, its rows, and the rule that weighed it.
+    recent_candidate_score: float | None = None
+    recent_champion_score: float | None = None
+    recent_rows: int | None = None
+    recent_rule: RecentRule | None = None
+
+
+def improvement(metric: str, candidate: float, champion: float) -> float:
+    """How much better the candidate is, positive whichever way the metric points."""
+    return candidate - champion if is_higher_better(metric) else champion - candidate
 
 
 def decide(
@@ -105,19 +130,34 @@ def decide(
     margin: float,
     champion: ChampionCheck | None,
     approval: Approval | None = None,
+    recent: RecentSlice | None = None,
+    recent_rule: RecentRule = "recent_and_test",
+    test_tolerance: float = 0.02,
 ) -> Decision:
     """Promote when the candidate improves on a comparable champion by more than `margin`.
 
     The improvement is signed so that positive is better whichever way the metric points; a tie
-    never promotes, so retraining on identical data does not churn the serving model.
+    never promotes, so retraining on identical data does not churn the serving model. With a
+    `recent` slice, `recent_rule` decides which comparisons count (docs/promotion.md); without one,
+    the test split alone decides, whatever the rule.
     """
     version = champion.version if champion else None
     score = champion.score if champion else None
     changes = list(champion.changes) if champion else []
+    recent_fields: dict[str, Any] = {}
+    if recent is not None:
+        recent_fields = {
+            "recent_candidate_score": recent.score,
+            "recent_champion_score": champion.recent_score if champion else None,
+            "recent_rows": recent.rows,
+            "recent_rule": recent_rule,
+        }
 
     def made(promote: bool, rule: Rule, reason: str) -> Decision:
         forced_by = approval.operator if rule is Rule.FORCED and approval else None
-        return Decision(promote, metric, margin, candidate, score, version, reason, rule, changes, forced_by)
+        return Decision(
+            promote, metric, margin, candidate, score, version, reason, rule, changes, forced_by, **recent_fields
+        )
 
     if approval is not None:
         approved = f"; contract changes approved: {'; '.join(changes)}" if changes else ""
@@ -130,10 +170,66 @@ def decide(
     if score is None:
         problem = champion.problem or "no score"
         return made(False, Rule.UNSCORABLE, f"champion v{version} cannot be scored on this test set: {problem}")
-    improvement = candidate - score if is_higher_better(metric) else score - candidate
-    promote = improvement > margin
-    verb = "beats" if promote else "does not beat"
-    return made(promote, Rule.SCORE, f"{metric} {candidate:.5f} {verb} champion {score:.5f} by more than {margin}")
+    if recent is not None and recent.score is None and recent_rule != "test_only":
+        # The slice itself cannot be scored (ROC AUC on labels of one class, say): it cannot
+        # decide either way, so the test split's rule alone does, and the reason says so.
+        promote = improvement(metric, candidate, score) > margin
+        verb = "beats" if promote else "does not beat"
+        problem = recent.problem or "no score"
+        return made(
+            promote,
+            Rule.SCORE,
+            f"{metric} {candidate:.5f} {verb} champion {score:.5f} by more than {margin} "
+            f"(the recent slice ({recent.rows} rows) cannot decide: {problem})",
+        )
+    if recent is None or recent_rule == "test_only":
+        promote = improvement(metric, candidate, score) > margin
+        verb = "beats" if promote else "does not beat"
+        reason = f"{metric} {candidate:.5f} {verb} champion {score:.5f} by more than {margin}"
+        if recent is not None:
+            champion_recent = _shown(champion.recent_score)
+            reason += (
+                f" (test_only; on the recent slice ({recent.rows} rows) {_shown(recent.score)}, "
+                f"champion {champion_recent}, not deciding)"
+            )
+        return made(promote, Rule.SCORE, reason)
+    return _decide_with_recent(metric, candidate, score, margin, champion, recent, recent_rule, test_tolerance, made)
+
+
+def _shown(score: float | None) -> str:
+    return "unscored" if score is None else f"{score:.5f}"
+
+
+def _decide_with_recent(
+    metric: str,
+    candidate: float,
+    score: float,
+    margin: float,
+    champion: ChampionCheck,
+    recent: RecentSlice,
+    recent_rule: RecentRule,
+    test_tolerance: float,
+    made: Callable[[bool, Rule, str], Decision],
+) -> Decision:
+    """`recent_and_test` and `recent_only`: the recent slice must show the candidate better."""
+    on_slice = f"the recent slice ({recent.rows} rows)"
+    assert recent.score is not None  # a slice the candidate cannot be scored on does not decide (decide)
+    if champion.recent_score is None:
+        problem = champion.recent_problem or "no score"
+        return made(False, Rule.UNSCORABLE, f"champion v{champion.version} cannot be scored on {on_slice}: {problem}")
+    gained = improvement(metric, recent.score, champion.recent_score)
+    beats = gained > margin
+    verb = "beats" if beats else "does not beat"
+    recent_part = (
+        f"{metric} on {on_slice} {recent.score:.5f} {verb} champion {champion.recent_score:.5f} by more than {margin}"
+    )
+    test_part = f"{metric} on the test split {candidate:.5f}, champion {score:.5f}"
+    if recent_rule == "recent_only":
+        return made(beats, Rule.SCORE, f"{recent_part} (recent_only; {test_part}, not deciding)")
+    within = improvement(metric, candidate, score) >= -test_tolerance
+    worse = "not worse" if within else "worse"
+    reason = f"{recent_part}; {test_part}: {worse} by more than the tolerance {test_tolerance}"
+    return made(beats and within, Rule.SCORE, reason)
 
 
 def _metric_of(predictor: TabularPredictor, metric: str, test: pd.DataFrame) -> float:
@@ -148,9 +244,16 @@ def _metric_of(predictor: TabularPredictor, metric: str, test: pd.DataFrame) -> 
 
 
 def check_champion(
-    client: MlflowClient, model_name: str, version: str, candidate: TabularPredictor, metric: str, test: pd.DataFrame
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    candidate: TabularPredictor,
+    metric: str,
+    test: pd.DataFrame,
+    recent: pd.DataFrame | None = None,
 ) -> ChampionCheck:
-    """Load the champion, compare contracts, score it; every failure is a finding, never a pass."""
+    """Load the champion, compare contracts, score it (on `recent` too, when given); every failure
+    is a finding, never a pass."""
     try:
         champion = load_predictor(f"models:/{model_name}/{version}", client.tracking_uri)
     except Exception as exc:  # any failure to load means it cannot be compared
@@ -159,9 +262,27 @@ def check_champion(
     if changes:
         return ChampionCheck(version, changes=changes)
     try:
-        return ChampionCheck(version, score=_metric_of(champion, metric, test))
+        score = _metric_of(champion, metric, test)
     except Exception as exc:  # an error while scoring is as unsafe as a missing column
         return ChampionCheck(version, problem=f"{type(exc).__name__}: {exc}")
+    if recent is None:
+        return ChampionCheck(version, score=score)
+    try:
+        return ChampionCheck(version, score=score, recent_score=_metric_of(champion, metric, recent))
+    except Exception as exc:
+        return ChampionCheck(version, score=score, recent_problem=f"{type(exc).__name__}: {exc}")
+
+
+def score_recent(candidate: TabularPredictor, metric: str, recent: pd.DataFrame | None) -> RecentSlice | None:
+    """The candidate on the recent slice; None without one (no slice, or an empty one). A metric
+    the slice cannot define (one class only, for ROC AUC) is recorded as the problem, not raised:
+    the model trained fine, and the rule decides what an unscorable slice means."""
+    if recent is None or recent.empty:
+        return None
+    try:
+        return RecentSlice(len(recent), _metric_of(candidate, metric, recent))
+    except Exception as exc:  # as for the champion: whatever stops the scoring is the finding
+        return RecentSlice(len(recent), None, f"{type(exc).__name__}: {exc}")
 
 
 def gate(
@@ -175,8 +296,10 @@ def gate(
     margin: float | None = None,
     approval: Approval | None = None,
     actor: Actor | None = None,
+    recent: pd.DataFrame | None = None,
 ) -> Decision:
-    """Score candidate and champion on `test`, record the decision (and who it was made for),
+    """Score candidate and champion on `test` (and on the `recent` feedback slice, held out of the
+    candidate's training, when the job has one), record the decision (and who it was made for),
     then move the alias if it says so."""
     metric = config.promotion_metric
     margin = config.promotion.margin if margin is None else margin
@@ -189,10 +312,15 @@ def gate(
         return Decision(
             False, metric, margin, candidate_score, candidate_score, version, "already champion", Rule.ALREADY_CHAMPION
         )
+    on_slice = score_recent(candidate, metric, recent)
+    slice_frame = recent if on_slice is not None else None
     champion = (
-        None if current is None else check_champion(client, model_name, str(current.version), candidate, metric, test)
+        None
+        if current is None
+        else check_champion(client, model_name, str(current.version), candidate, metric, test, slice_frame)
     )
-    decision = decide(metric, candidate_score, margin, champion, approval)
+    rule, tolerance = config.promotion.recent_rule, config.promotion.test_tolerance
+    decision = decide(metric, candidate_score, margin, champion, approval, on_slice, rule, tolerance)
     # Recorded before the alias moves: a replica that sees the move finds the approval already there.
     _record(client, model_name, version, decision, approval, actor)
     if decision.promote:
@@ -223,6 +351,13 @@ def decision_tags(decision: Decision, approval: Approval | None, actor: Actor | 
         "promotion.champion_version": decision.champion_version or "",
         "promotion.contract_changes": "; ".join(decision.contract_changes)[:MAX_TAG_CHARS],
     }
+    if decision.recent_rows is not None:
+        tags |= {
+            "promotion.recent_rule": decision.recent_rule or "",
+            "promotion.recent_rows": str(decision.recent_rows),
+            "promotion.recent_candidate_score": _score_tag(decision.recent_candidate_score),
+            "promotion.recent_champion_score": _score_tag(decision.recent_champion_score),
+        }
     if approval is not None:
         tags |= {FORCED_BY_TAG: approval.operator, FORCE_REASON_TAG: approval.reason[:MAX_TAG_CHARS]}
     if actor is not None:
@@ -231,6 +366,10 @@ def decision_tags(decision: Decision, approval: Approval | None, actor: Actor | 
         if decision.promote:
             tags |= {PROMOTED_BY_TAG: actor.label()}
     return tags
+
+
+def _score_tag(score: float | None) -> str:
+    return "" if score is None else f"{score:.6f}"
 
 
 def _record(
@@ -252,6 +391,14 @@ def _record(
         client.log_metric(mv.run_id, "promotion_candidate_score", decision.candidate_score)
         if decision.champion_score is not None:
             client.log_metric(mv.run_id, "promotion_champion_score", decision.champion_score)
+        recent: dict[str, float | None] = {
+            "promotion_recent_rows": None if decision.recent_rows is None else float(decision.recent_rows),
+            "promotion_recent_candidate_score": decision.recent_candidate_score,
+            "promotion_recent_champion_score": decision.recent_champion_score,
+        }
+        for name, figure in recent.items():
+            if figure is not None:
+                client.log_metric(mv.run_id, name, figure)
 
 
 def operator_identity() -> str:
@@ -268,7 +415,8 @@ def promote_version(
     approval: Approval | None = None,
     actor: Actor | None = None,
 ) -> Decision:
-    """Run the gate for an already registered version, using the config its run logged."""
+    """Run the gate for an already registered version, using the config its run logged. The test
+    split alone decides: the recent feedback slice was the training job's, and is not kept."""
     settings = settings or get_settings()
     client = MlflowClient(settings.mlflow.tracking_uri)
     mv = client.get_model_version(model_name, version)

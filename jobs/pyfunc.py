@@ -1,6 +1,6 @@
 """The MLflow pyfunc wrapper of a registered version: `mlflow.pyfunc.load_model` and `mlflow models
 serve` run it anywhere its requirements are installed. It and the modules it imports (predictor,
-model, preprocess, schema) are all the platform code a version carries."""
+model, preprocess, schema, profile) are all the platform code a version carries."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from jobs.predictor import TabularPredictor
 PREDICTOR_ARTIFACT = "predictor"
 # What a version carries of this package, besides __init__.py: these modules import nothing of
 # the platform but each other (an import-linter contract in pyproject.toml keeps it so).
-INFERENCE_MODULES = ("pyfunc.py", "predictor.py", "model.py", "preprocess.py", "schema.py")
+INFERENCE_MODULES = ("pyfunc.py", "predictor.py", "model.py", "preprocess.py", "schema.py", "profile.py")
 # What scoring needs installed, pinned to the versions the model was trained with.
 INFERENCE_REQUIREMENTS = ("torch", "pandas", "numpy", "pydantic")
 

@@ -98,10 +98,23 @@ def log_and_register(
     version = info.registered_model_version
     if version is None:
         raise RuntimeError(f"model {model_name} was logged but not registered")
-    if requested_by is not None:
-        for key, value in requester_tags(requested_by).items():
-            client.set_model_version_tag(model_name, str(version), key, value)
+    tags = requester_tags(requested_by) if requested_by is not None else {}
+    for key, value in {**tags, **calibration_tags(predictor)}.items():
+        client.set_model_version_tag(model_name, str(version), key, value)
     return client.get_model_version(model_name, str(version))
+
+
+def calibration_tags(predictor: TabularPredictor) -> dict[str, str]:
+    """The version's calibration, where the registry shows it next to the version (the run has
+    the same figures as metrics)."""
+    calibration = predictor.profile.calibration if predictor.profile is not None else None
+    if calibration is None:
+        return {}
+    return {
+        "calibration.temperature": f"{calibration.temperature:.6f}",
+        "calibration.ece_before": f"{calibration.ece_before:.6f}",
+        "calibration.ece_after": f"{calibration.ece_after:.6f}",
+    }
 
 
 def download_model(model_uri: str, dst: Path, tracking_uri: str) -> Path:

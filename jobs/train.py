@@ -31,6 +31,8 @@ from core.telemetry import current_ids, init_tracing, shutdown_tracing, span_fro
 from jobs.config import JobConfig, load_config, parse_override
 from jobs.data.loading import Splits, combined_digest, load_splits
 from jobs.evaluate import evaluate
+from jobs.feedback_data import with_feedback
+from jobs.finish import calibrate_and_profile
 from jobs.predictor import Architecture, TabularPredictor
 from jobs.preprocess import Preprocessor
 from jobs.promote import EXIT_NOT_PROMOTED, Decision, gate
@@ -136,6 +138,26 @@ def log_inputs(splits: Splits, config: JobConfig, digest: str) -> None:
             targets=snake_case(config.data.target),
         )
         mlflow.log_input(dataset, context=name, tags={"sha256": digest})
+    if splits.feedback is not None:
+        log_feedback_input(splits, config)
+
+
+def log_feedback_input(splits: Splits, config: JobConfig) -> None:
+    """The feedback snapshot as a data set input of the run (its own sha256, not the combined one),
+    and how its rows were used: the training and validation splits' rows include
+    `data.feedback_train_rows` (a `data.val_fraction` share of them validates)."""
+    assert splits.feedback is not None
+    uri = splits.sources["feedback"]
+    recent = 0 if splits.recent is None else len(splits.recent)
+    rows = len(splits.feedback)
+    dataset = mlflow_dataset_from_pandas(
+        splits.feedback, source=uri, name=f"{config.name}-feedback", targets=snake_case(config.data.target)
+    )
+    tags = {"sha256": splits.digests[uri], "rows": str(rows), "recent_rows": str(recent)}
+    mlflow.log_input(dataset, context="feedback", tags=tags)
+    mlflow.log_params(
+        {"data.feedback_rows": rows, "data.feedback_train_rows": rows - recent, "data.feedback_recent_rows": recent}
+    )
 
 
 def ray_datasets(pre: Preprocessor, splits: Splits) -> dict[str, Any]:
@@ -237,7 +259,17 @@ def promote_if_enabled(
     if not config.promotion.enabled:
         return None
     actor = requester(settings.audit_actor)
-    return gate(client, model_name, settings.champion_alias, version, predictor, config, splits.test, actor=actor)
+    return gate(
+        client,
+        model_name,
+        settings.champion_alias,
+        version,
+        predictor,
+        config,
+        splits.test,
+        actor=actor,
+        recent=splits.recent,
+    )
 
 
 def run_training(config: JobConfig, settings: Settings | None = None) -> TrainingOutcome:
@@ -252,7 +284,8 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
     client = MlflowClient(settings.mlflow.tracking_uri)
     model_name = config.registered_model_name
 
-    splits = load_splits(config, settings)
+    # Feedback rows join the training split before the schema and the preprocessor are fitted.
+    splits = with_feedback(load_splits(config, settings), config, settings)
     schema = build_schema(splits.train, config)
     pre = Preprocessor.fit(splits.train, schema)
     digest = combined_digest(splits.digests)
@@ -270,6 +303,8 @@ def run_training(config: JobConfig, settings: Settings | None = None) -> Trainin
 
         best_state, epochs_run = fit(config, settings, pre, ray_datasets(pre, splits), run.info.run_id)
         predictor = TabularPredictor.from_state_dict(pre, architecture_for(pre, config), best_state)
+        # Calibrated before the test metrics: they score what gets registered and served.
+        mlflow.log_metrics(calibrate_and_profile(predictor, splits.train, splits.val))
         test_metrics = evaluate(predictor, splits.test)
         mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
         mlflow.log_metric("epochs_run", epochs_run)

@@ -36,6 +36,8 @@ from jobs.config import Distribution, JobConfig, candidate_values, load_config, 
 from jobs.config import TuneConfig as TuneSection
 from jobs.data.loading import Splits, combined_digest, load_splits
 from jobs.evaluate import evaluate
+from jobs.feedback_data import with_feedback
+from jobs.finish import calibrate_and_profile
 from jobs.predictor import TabularPredictor
 from jobs.preprocess import Preprocessor
 from jobs.promote import Decision
@@ -363,7 +365,8 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
     experiment_id = mlflow.set_experiment(settings.mlflow.experiment).experiment_id
     model_name = config.registered_model_name
 
-    splits = load_splits(config, settings)
+    # Feedback rows join the training split before the schema and the preprocessor are fitted.
+    splits = with_feedback(load_splits(config, settings), config, settings)
     schema = build_schema(splits.train, config)
     pre = Preprocessor.fit(splits.train, schema)  # once, for every trial
     digest = combined_digest(splits.digests)
@@ -395,12 +398,13 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
         log.info("best of %d trials: %s (run %s) with %s", len(grid), _trial_id(best), best_run_id, best_params)
         best_state, epochs_run = _best_weights(best)
         predictor = TabularPredictor.from_state_dict(pre, architecture_for(pre, best_config), best_state)
+        # Calibrated before the test metrics: they score what gets registered and served.
+        calibration = calibrate_and_profile(predictor, splits.train, splits.val)
         test_metrics = evaluate(predictor, splits.test)
-        scores = {f"test_{k}": v for k, v in test_metrics.items()}
-        mlflow.log_metrics({**scores, "epochs_run": epochs_run, "tune.trials": len(grid)})
-        version = _register_from_trial(
-            client, best_run_id, predictor, splits, model_name, {**scores, "epochs_run": epochs_run}, settings
-        )
+        # On the parent run and on the best trial's, which the version points at.
+        scores = {**{f"test_{k}": v for k, v in test_metrics.items()}, **calibration, "epochs_run": epochs_run}
+        mlflow.log_metrics({**scores, "tune.trials": len(grid)})
+        version = _register_from_trial(client, best_run_id, predictor, splits, model_name, scores, settings)
         decision = promote_if_enabled(client, best_config, settings, model_name, version.version, predictor, splits)
         _record_on_parent(best_run_id, best_params, decision)
         return TuningOutcome(

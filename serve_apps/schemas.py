@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -94,6 +95,50 @@ class ServedModel(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ServedModel]
+
+
+class FeatureDriftInfo(BaseModel):
+    """How one feature (or the model's output) of the recent traffic compares with the training data."""
+
+    name: str = Field(description="the feature; for the output: positive, labels or value")
+    kind: str = Field(description="numeric or categorical")
+    test: str = Field(
+        description="ks or chi2 (score is a p-value, drifted below the threshold); wasserstein or "
+        "jensen_shannon (score is a distance, drifted at or above it)"
+    )
+    score: float
+    threshold: float
+    drifted: bool
+    psi: float = Field(description="population stability index (reported, not judged)")
+    window_rows: int = Field(description="values of the feature in the window (missing ones left out)")
+
+
+class ModelMonitoring(BaseModel):
+    """The live monitor's latest judgement of the version this replica serves: the drift of its
+    recent traffic against its training data, and its accuracy estimated from its calibrated
+    probabilities next to the accuracy measured from feedback."""
+
+    model: str
+    version: str
+    status: Literal["ok", "pending", "too_few_rows", "no_reference_profile"] = Field(
+        description="ok: judged; pending: not judged yet; too_few_rows: fewer than min_rows predictions in the "
+        "window; no_reference_profile: the version was trained without a reference profile"
+    )
+    computed_at: datetime | None = Field(description="when the monitor judged it (null while pending)")
+    window_rows: int = Field(description="recent predictions judged")
+    min_rows: int
+    drift_share: float | None = Field(description="share of the features that drifted")
+    drift_share_threshold: float
+    dataset_drift: bool = Field(description="whether drift_share reached its threshold")
+    features: list[FeatureDriftInfo]
+    prediction: FeatureDriftInfo | None = Field(description="drift of the model's outputs")
+    estimated_accuracy: float | None = Field(description="mean top-class probability of the window")
+    estimated_roc_auc: float | None = Field(description="binary classifiers")
+    reference_accuracy: float | None = Field(description="on the validation split at training")
+    measured_accuracy: float | None = Field(
+        description="from the feedback of the live accuracy window, once it holds ACCURACY_MIN_FEEDBACK labels"
+    )
+    measured_feedback: int = Field(description="labels received in the live accuracy window")
 
 
 class ErrorDetail(BaseModel):

@@ -1,11 +1,21 @@
-"""A real HTTP server on a free loopback port, in a thread, for the length of a `with` block."""
+"""Real HTTP servers on free loopback ports for the length of a `with` block: one of a test's own
+handler in a thread, and moto's S3-compatible server as a process."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+
+from cluster.sandbox import free_port
+from core.health import wait_until
 
 
 @contextmanager
@@ -19,3 +29,27 @@ def local_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def moto_s3_server() -> Iterator[str]:
+    """moto in server mode, an S3-compatible endpoint over real HTTP: its base URL."""
+    port = free_port()
+    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    proc = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url, timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(up, 30), "moto_server did not start"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)

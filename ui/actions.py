@@ -104,6 +104,11 @@ class UiActions:
         self._add_promotions(card)
         return card
 
+    @traced("model monitoring")
+    def monitoring(self, model: str | None = None) -> dict[str, Any]:
+        """The monitor's latest report on the served version of `model` (default: the API's)."""
+        return self.api.monitoring(model or self.model_name)
+
     def _add_curves(self, card: ModelCard) -> None:
         run_id = str(card.current.get("run_id") or "")
         if not run_id:

@@ -16,6 +16,7 @@ from ui.errors import ApiError
 from ui.form import FieldSpec, FormSchema, row_from_values
 from ui.http import NO_KEY_MESSAGE
 from ui.jobs import JOB_COLUMNS, is_terminal, job_markdown, job_rows
+from ui.monitoring import FEATURE_COLUMNS, feature_rows, monitoring_markdown, unavailable_markdown
 from ui.prediction import error_markdown, feedback_markdown, prediction_markdown
 
 TITLE = "Ray cluster platform"
@@ -88,7 +89,7 @@ def build_app(actions: UiActions) -> gr.Blocks:
             with gr.Tab("Prediction", elem_id="tab-prediction"):
                 form = _predict_tab(actions, picker)
             with gr.Tab("Model", elem_id="tab-model") as model_tab:
-                card = _model_tab(actions, picker)
+                card, monitor = _model_tab(actions, picker)
             with gr.Tab("Training", elem_id="tab-training") as training_tab:
                 jobs = _training_tab(actions)
         _register_api(actions)
@@ -101,8 +102,11 @@ def build_app(actions: UiActions) -> gr.Blocks:
         picker.input(form.fn, inputs=list(form.inputs), outputs=form.outputs, api_visibility="private").then(
             card.fn, inputs=list(card.inputs), outputs=card.outputs, api_visibility="private"
         )
-        # The other tabs fill in when opened: the card costs several MLflow requests.
+        picker.input(monitor.fn, inputs=list(monitor.inputs), outputs=monitor.outputs, api_visibility="private")
+        # The other tabs fill in when opened: the card costs several MLflow requests. The
+        # monitoring report is one API call of its own, shown as soon as it is there.
         model_tab.select(card.fn, inputs=list(card.inputs), outputs=card.outputs, api_visibility="private")
+        model_tab.select(monitor.fn, inputs=list(monitor.inputs), outputs=monitor.outputs, api_visibility="private")
         training_tab.select(jobs.fn, outputs=jobs.outputs, api_visibility="private")
     return demo
 
@@ -232,9 +236,23 @@ def card_outputs(
     return text, losses, scores, promotion_rows(card.promotions), card_data(card)
 
 
-def _model_tab(actions: UiActions, picker: gr.Dropdown) -> Loader:
+def monitoring_outputs(actions: UiActions, model: str | None = None) -> tuple[str, list[list[str]]]:
+    """The drift summary and the per-feature table. Without them (an API without the route, a
+    key without the scope, the API away) a line says why; the card above is unaffected."""
+    try:
+        report = actions.monitoring(model)
+    except ApiError as exc:
+        return unavailable_markdown(exc.message), []
+    return monitoring_markdown(report), feature_rows(report)
+
+
+def _model_tab(actions: UiActions, picker: gr.Dropdown) -> tuple[Loader, Loader]:
     refresh = gr.Button("Refresh", size="sm")
     text = gr.Markdown("Open this tab to load the served model's card.")
+    monitoring = gr.Markdown(elem_id="model-monitoring")
+    drift = gr.Dataframe(
+        headers=FEATURE_COLUMNS, label="Drift per feature (drifted first)", interactive=False, wrap=True
+    )
     with gr.Row():
         plot = {"x": "epoch", "y": "value", "color": "metric", "x_title": "epoch", "y_title": "value"}
         losses = gr.LinePlot(title="Loss per epoch", **plot)  # type: ignore[arg-type]
@@ -243,8 +261,10 @@ def _model_tab(actions: UiActions, picker: gr.Dropdown) -> Loader:
     with gr.Accordion("Card as data", open=False):
         data = gr.JSON(label="Card")
     loader = Loader(lambda model: card_outputs(actions, model), [text, losses, scores, promotions, data], (picker,))
+    monitor = Loader(lambda model: monitoring_outputs(actions, model), [monitoring, drift], (picker,))
     refresh.click(loader.fn, inputs=list(loader.inputs), outputs=loader.outputs, api_name="model_card")
-    return loader
+    refresh.click(monitor.fn, inputs=list(monitor.inputs), outputs=monitor.outputs, api_visibility="private")
+    return loader, monitor
 
 
 # Training jobs ------------------------------------------------------------------------------
@@ -382,6 +402,14 @@ def _register_api(actions: UiActions) -> None:
         except ApiError as exc:
             return {"error": exc.message}
 
+    def model_monitoring(model: str = "") -> dict[str, Any]:
+        """Drift and estimated accuracy of the served version of `model` (empty: the API's default
+        model), as the API's monitor last judged them; or `error` with the API's reason."""
+        try:
+            return actions.monitoring(model or None)
+        except ApiError as exc:
+            return {"error": exc.message}
+
     def cancel_job(job_id: str) -> dict[str, Any]:
         """Cancel a training job: the job, now `cancelled`, or `error` with the API's reason (it
         has already ended, or this UI's key cannot see it)."""
@@ -395,3 +423,4 @@ def _register_api(actions: UiActions) -> None:
     gradio_api(form_schema, api_name="form_schema")
     gradio_api(models, api_name="models")
     gradio_api(cancel_job, api_name="cancel_job")
+    gradio_api(model_monitoring, api_name="model_monitoring")

@@ -118,6 +118,13 @@ class InferenceApi(_JsonHttp):
         path = f"/v1/models/{quote(model, safe='')}" if model else "/v1/models/current"
         return dict(self.request("GET", path, scope="predict", blocked="the served model cannot be shown here"))
 
+    def monitoring(self, model: str) -> dict[str, Any]:
+        """Drift and estimated accuracy of the served version of `model` (`GET
+        /v1/models/{name}/monitoring`)."""
+        path = f"/v1/models/{quote(model, safe='')}/monitoring"
+        blocked = "the model's drift cannot be shown here"
+        return dict(self.request("GET", path, scope="predict", blocked=blocked))
+
     def predict(self, row: dict[str, Any], model: str | None = None) -> dict[str, Any]:
         path = f"/v1/models/{quote(model, safe='')}/predict" if model else "/v1/predict"
         blocked = "predictions cannot be made here"

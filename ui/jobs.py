@@ -74,6 +74,8 @@ def job_markdown(job: dict[str, Any]) -> str:
     ]
     if actor_label(job.get("created_by")):
         paragraphs.append(f"Started by {actor_label(job['created_by'])}")
+    if job.get("reason"):
+        paragraphs.append(f"Reason: {job['reason']}")
     if job.get("overrides"):
         paragraphs.append(f"Overrides: `{json.dumps(job['overrides'])}`")
     if job.get("ray_job_id"):

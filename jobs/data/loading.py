@@ -22,6 +22,10 @@ class Splits:
     test: pd.DataFrame
     digests: dict[str, str] = field(default_factory=dict)  # uri -> sha256
     sources: dict[str, str] = field(default_factory=dict)  # split name -> uri
+    # Labelled production rows (jobs/feedback_data.py), when the job trains on feedback: every
+    # usable row of the snapshot, and the most recent of them, held out of `train` for the gate.
+    feedback: pd.DataFrame | None = None
+    recent: pd.DataFrame | None = None
 
 
 def _format_of(uri: str, declared: str | None) -> str:

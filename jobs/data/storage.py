@@ -82,7 +82,7 @@ def push_file(path: Path, name: str | None = None, settings: Settings | None = N
     dataset = name or path.name.split(".")[0]
     key = f"datasets/{dataset}/{digest}/{path.name}"
     client = s3_client(settings)
-    _ensure_bucket(client, settings.s3.bucket)
+    ensure_bucket(client, settings.s3.bucket)
     client.put_object(
         Bucket=settings.s3.bucket,
         Key=key,
@@ -93,7 +93,7 @@ def push_file(path: Path, name: str | None = None, settings: Settings | None = N
     return f"s3://{settings.s3.bucket}/{key}"
 
 
-def _ensure_bucket(client: S3Client, bucket: str) -> None:
+def ensure_bucket(client: S3Client, bucket: str) -> None:
     from botocore.exceptions import ClientError
 
     try:

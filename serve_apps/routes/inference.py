@@ -77,9 +77,20 @@ async def _predict(
     rid = request_id_of(request)
     recorder = replica.prediction_recorder()
     if recorder is not None:
+        # The output goes with the row for the drift monitor (services/monitoring/live.py): class
+        # probabilities for a classifier, the value for a regressor (serve_apps/champion.py).
         recorder.record(
             [
-                PredictionRow(rid, i, served.name, served.version, p.get("label"), p.get("probability"), instance)
+                PredictionRow(
+                    rid,
+                    i,
+                    served.name,
+                    served.version,
+                    p.get("label"),
+                    p.get("probability"),
+                    instance,
+                    {"probabilities": p["probabilities"]} if "probabilities" in p else {"value": p.get("value")},
+                )
                 for i, (instance, p) in enumerate(zip(body.instances, result.predictions, strict=True))
             ]
         )

@@ -1,16 +1,20 @@
-"""The models the API serves: their versions, schemas and test metrics."""
+"""The models the API serves: their versions, schemas and test metrics, and how their recent traffic
+compares with their training data."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
 
+from core.database import TRANSIENT_DB_ERRORS
 from serve_apps.dependencies import ModelName, Predictor, ReplicaDep, visible_model
 from serve_apps.errors import MODEL_RESPONSES, PREDICT_RESPONSES, error_response
 from serve_apps.fleet import ModelUnavailableError, UnknownModelError
-from serve_apps.schemas import CurrentModel, ModelList, ServedModel
+from serve_apps.schemas import CurrentModel, ErrorResponse, ModelList, ModelMonitoring, ServedModel
 
+log = logging.getLogger("ray.serve")
 router = APIRouter(tags=["models"], responses=PREDICT_RESPONSES)
 
 
@@ -63,3 +67,77 @@ async def get_model(name: ModelName, request: Request, replica: ReplicaDep, prin
     if current is None:
         return error_response(request, 503, "not_ready", f"no {champion.alias} of {name} is loaded yet")
     return current
+
+
+MONITORING_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **MODEL_RESPONSES,
+    503: {
+        "model": ErrorResponse,
+        "description": "the model is not loaded yet, the registry or the database is unreachable, or monitoring "
+        "is not configured (no DATABASE_URL)",
+    },
+}
+
+_MONITORING_UNAVAILABLE: tuple[type[Exception], ...] = (*TRANSIENT_DB_ERRORS, TimeoutError)
+
+
+@router.get("/v1/models/{name}/monitoring", response_model=ModelMonitoring, responses=MONITORING_RESPONSES)
+async def model_monitoring(name: ModelName, request: Request, replica: ReplicaDep, principal: Predictor) -> Any:
+    """How the recent traffic of the version of `name` this replica serves compares with its
+    training data: the drift of each feature and of the model's outputs, the accuracy estimated
+    from the calibrated probabilities, and the accuracy measured from feedback. The dispatcher's
+    monitor refreshes it every MONITOR_REFRESH_S from the predictions of the last
+    MONITOR_WINDOW_S; `pending` until it has judged the version."""
+    visible_model(principal, name, replica.champion.alias)
+    champion = await replica.fleet.get(name)
+    current = champion.current()
+    if current is None:
+        return error_response(request, 503, "not_ready", f"no {champion.alias} of {name} is loaded yet")
+    version = str(current["version"])
+    recorder = replica.prediction_recorder()
+    if recorder is None:
+        return error_response(
+            request, 503, "monitoring_disabled", "model monitoring is not configured: set DATABASE_URL for the cluster"
+        )
+    settings = replica.settings
+    try:
+        if not await recorder.wait_ready(5.0):
+            raise TimeoutError("the monitoring tables are not ready")
+        record = await recorder.store.monitoring_report(name, version)
+        feedback = await recorder.store.version_feedback(name, version, settings.accuracy.window_s)
+    except _MONITORING_UNAVAILABLE as exc:
+        log.warning("monitoring of %s unavailable: %s", name, exc)
+        return error_response(
+            request,
+            503,
+            "monitoring_store_unavailable",
+            "the monitoring store (PostgreSQL) is unreachable; retry later",
+            headers={"Retry-After": "5"},
+        )
+    if record is None:
+        body: dict[str, Any] = {
+            "status": "pending",
+            "computed_at": None,
+            "window_rows": 0,
+            "min_rows": settings.monitor.min_rows,
+            "drift_share": None,
+            "drift_share_threshold": settings.monitor.drift_share_threshold,
+            "dataset_drift": False,
+            "features": [],
+            "prediction": None,
+            "estimated_accuracy": None,
+            "estimated_roc_auc": None,
+            "reference_accuracy": None,
+        }
+    else:
+        body = {**record.report, "computed_at": record.computed_at}
+    measured = feedback.accuracy if feedback.feedback >= settings.accuracy.min_feedback else None
+    return ModelMonitoring.model_validate(
+        {
+            **body,
+            "model": name,
+            "version": version,
+            "measured_accuracy": measured,
+            "measured_feedback": feedback.feedback,
+        }
+    )

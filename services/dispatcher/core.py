@@ -39,8 +39,10 @@ from core.telemetry import current_traceparent, span_from
 from jobs.result import training_result
 from services.dispatcher.metrics import DispatcherMetrics
 from services.dispatcher.ray_jobs import RayJobs, RayRejectedError, RayUnavailableError, error_summary
+from services.dispatcher.snapshots import NoSnapshot, export_snapshot
 from services.feedback.store import FeedbackStore
 from services.monitoring.accuracy import AccuracyMonitor
+from services.monitoring.live import DriftMonitor
 from services.training_jobs.broker import (
     MalformedMessageError,
     Publisher,
@@ -50,7 +52,16 @@ from services.training_jobs.broker import (
     declare,
     decode,
 )
-from services.training_jobs.models import HALTED_STATES, JobDetail, JobKind, JobRecord, JobState, actor_log_fields
+from services.training_jobs.models import (
+    HALTED_STATES,
+    InvalidJobSpecError,
+    JobDetail,
+    JobKind,
+    JobRecord,
+    JobSpec,
+    JobState,
+    actor_log_fields,
+)
 from services.training_jobs.store import JobStore, PendingStop
 
 log = logging.getLogger(__name__)
@@ -113,9 +124,13 @@ class Dispatcher:
         self.ray = ray
         self.metrics = DispatcherMetrics()
         self.accuracy: AccuracyMonitor | None = None
+        self.drift: DriftMonitor | None = None
         if settings.database.url is not None:
             feedback = FeedbackStore(settings.database.url.get_secret_value(), retry_for_s=10.0)
             self.accuracy = AccuracyMonitor(settings, feedback, self.metrics.registry)
+            # The same store (one pool): both monitors read the prediction tables. It runs with
+            # MONITOR_ENABLED=false too, for the predictions' retention alone.
+            self.drift = DriftMonitor(settings, feedback, self.metrics.registry)
         self.name = dispatcher_name()
         self.topology = Topology.from_settings(settings)
         self._amqp_url = settings.amqp.url.get_secret_value()
@@ -145,6 +160,8 @@ class Dispatcher:
         loops = [asyncio.create_task(self._relay_loop()), asyncio.create_task(self._metrics_loop(queue))]
         if self.accuracy is not None:
             loops.append(asyncio.create_task(self.accuracy.run()))
+        if self.drift is not None:
+            loops.append(asyncio.create_task(self.drift.run()))
         try:
             await stop.wait()
         finally:
@@ -158,7 +175,7 @@ class Dispatcher:
             await self.publisher.close()
             await self.store.close()
             if self.accuracy is not None:
-                await self.accuracy.store.close()
+                await self.accuracy.store.close()  # the drift monitor's too
 
     async def _connect(self) -> AbstractRobustConnection:
         """The first connection, retried for as long as it takes (the broker may start later)."""
@@ -238,8 +255,15 @@ class Dispatcher:
             await self._ack(message)  # a duplicate of a finished job
             return
         if job.state == JobState.QUEUED:
-            if job.attempts > 0 and job.next_attempt_at and job.next_attempt_at > datetime.now(UTC):
+            now = datetime.now(UTC)
+            if job.attempts > 0 and job.next_attempt_at and job.next_attempt_at > now:
                 await self._ack(message)  # stale copy; the relay re-publishes the retry when it is due
+                return
+            if job.waiting_until and job.waiting_until > now:
+                await self._ack(message)  # a copy from before it began to wait: the relay re-publishes it
+                return
+            if await self._waits_for_labels(job):
+                await self._ack(message)
                 return
             claimed = await self.store.claim(job_id, self.name)
             if claimed is None:
@@ -270,6 +294,7 @@ class Dispatcher:
         submitted = False
         marked_running = job.state == JobState.RUNNING
         last_heartbeat = time.monotonic()
+        spec: JobSpec | None = None
         while True:
             # Cancelled since the claim: the attempt never reaches Ray.
             if not submitted and (halted := await self._halted(job)) is not None:
@@ -278,9 +303,12 @@ class Dispatcher:
                 return await self._halt(job, await self._halted(job))
             try:
                 if not submitted:
-                    status = await self.ray.ensure_submitted(
-                        job.ray_job_id, job.spec(), job.id, traceparent, job.created_by
-                    )
+                    if spec is None:
+                        prepared = await self._submission_spec(job)
+                        if isinstance(prepared, Outcome):
+                            return prepared
+                        spec = prepared
+                    status = await self.ray.ensure_submitted(job.ray_job_id, spec, job.id, traceparent, job.created_by)
                     submitted = True
                     log.info("job %s: attempt %d is Ray job %s", job.id, job.attempts, job.ray_job_id)
                     # Cancelled while being submitted: stop it before it gets anywhere.
@@ -315,6 +343,73 @@ class Dispatcher:
                     return await self._halt(job, halted) if halted is not None else Outcome("superseded")
                 last_heartbeat = time.monotonic()
             await asyncio.sleep(self.settings.dispatcher.poll_interval_s)
+
+    async def _waits_for_labels(self, job: JobRecord) -> bool:
+        """Postpone a queued job whose config waits for labels (`feedback.wait_s`, set for the jobs
+        of the alerts that fire before any label) while fewer than `feedback.min_rows` labels of
+        its model arrived after it was queued; it stays queued, using no attempt. After `wait_s`
+        it goes ahead with whatever feedback there is. True when postponed."""
+        try:
+            config = job.spec().resolve(operator=True)
+        except (InvalidJobSpecError, ValueError, OSError):
+            return False  # the attempt fails on the config and says why
+        wait = config.feedback
+        if not wait.enabled or wait.wait_s <= 0 or config.data.feedback_uri is not None or self.accuracy is None:
+            return False
+        waited_s = (datetime.now(UTC) - job.created_at).total_seconds()
+        if waited_s >= wait.wait_s:
+            return False
+        model = config.registered_model_name
+        await self.accuracy.store.open()  # no-op once the monitor has opened it
+        arrived = await self.accuracy.store.labels_since(model, job.created_at)
+        if arrived >= wait.min_rows:
+            return False
+        delay = min(wait.wait_s - waited_s, 2 * self.settings.dispatcher.poll_interval_s)
+        message = (
+            f"waiting for {wait.min_rows} labels of {model} arriving after the job was queued "
+            f"(at most {wait.wait_s:.0f} s; then it trains on the feedback there is)"
+        )
+        if await self.store.postpone(job.id, delay, message):
+            log.info("job %s: %d of %d labels of %s so far; waiting", job.id, arrived, wait.min_rows, model)
+            return True
+        return False
+
+    async def _submission_spec(self, job: JobRecord) -> JobSpec | Outcome:
+        """What this attempt submits: the job's spec, plus its feedback snapshot (`data.feedback_uri`
+        and `data.feedback_sha256`) when its effective config has `feedback.enabled` and names none.
+        The snapshot is exported before the attempt's first submission (a retry reuses its job's);
+        an export that fails fails the attempt, never letting the job train without its feedback."""
+        assert job.ray_job_id is not None
+        spec = job.spec()
+        try:
+            config = spec.resolve(operator=True)
+        except (InvalidJobSpecError, ValueError, OSError):
+            return spec  # the Ray job fails on the config and says why, as it would without feedback
+        if not config.feedback.enabled or config.data.feedback_uri is not None:
+            return spec
+        if await self.ray.status(job.ray_job_id) is not None:
+            return spec  # submitted before this dispatcher took over: with its snapshot already
+        model = config.registered_model_name
+        if self.accuracy is None:
+            return Outcome("failed", f"feedback of {model} cannot be exported: the dispatcher has no DATABASE_URL")
+        try:
+            await self.accuracy.store.open()  # no-op once the monitor has opened it
+            export = await export_snapshot(self.accuracy.store, self.settings, config, job.id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return Outcome(
+                "failed",
+                f"feedback snapshot of {model} could not be exported (the job trains on feedback only with it): "
+                f"{type(exc).__name__}: {exc}",
+            )
+        message = export.describe()
+        # An event of the attempt, in the job's history next to its submission.
+        await self.store.note(job.id, job.attempts, JobState.SUBMITTED, message)
+        log.info("job %s: %s", job.id, message)
+        if isinstance(export, NoSnapshot):
+            return spec
+        return spec.model_copy(update={"overrides": {**spec.overrides, **export.overrides()}})
 
     async def _halted(self, job: JobRecord) -> JobDetail | None:
         """The job as stored, when this attempt was cancelled or timed out; else None."""

@@ -1,8 +1,10 @@
-"""Predictions and feedback in PostgreSQL.
+"""Predictions, feedback and model monitoring reports in PostgreSQL.
 
 Every served prediction row is kept (request id, row index, model version, predicted label,
-features) so that a true label sent later can be checked against it, counted towards the live
-accuracy of the version that made it, and exported as training data.
+features, the model's output) so that a true label sent later can be checked against it, counted
+towards the live accuracy of the version that made it, and exported as training data; the live
+monitor (services/monitoring/live.py) judges the recent rows of each version for drift, stores its
+latest report per version here, and deletes rows past their retention.
 """
 
 from __future__ import annotations
@@ -45,6 +47,22 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX feedback_created ON feedback (created_at);
     """,
+    # The model's output with each row (NULL for rows recorded before); the index serves the
+    # monitor's most recent rows of one version.
+    """
+    ALTER TABLE predictions ADD COLUMN output jsonb;
+    CREATE INDEX predictions_version_created ON predictions (model_name, model_version, created_at);
+    """,
+    # The live monitor's latest report per version (what GET /v1/models/{name}/monitoring shows).
+    """
+    CREATE TABLE model_monitoring (
+        model_name text NOT NULL,
+        model_version text NOT NULL,
+        computed_at timestamptz NOT NULL DEFAULT now(),
+        report jsonb NOT NULL,
+        PRIMARY KEY (model_name, model_version)
+    );
+    """,
 ]
 
 
@@ -57,6 +75,8 @@ class PredictionRow:
     label: str | None
     probability: float | None
     features: dict[str, Any]
+    # What the model answered: {"probabilities": {class: p}} (classification) or {"value": v}.
+    output: dict[str, Any] | None = None
 
 
 class FeedbackOutcome(enum.StrEnum):
@@ -89,6 +109,41 @@ class VersionAccuracy:
         return self.correct / self.feedback if self.feedback else 0.0
 
 
+@dataclass(frozen=True)
+class WindowVersion:
+    """A model version with predictions in the monitor's window, and how many."""
+
+    model_name: str
+    model_version: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class WindowRows:
+    """Recorded rows of one version: request features and the model's outputs, in the same order
+    (an output is None for rows recorded before outputs were)."""
+
+    features: list[dict[str, Any]]
+    outputs: list[dict[str, Any] | None]
+
+    @classmethod
+    def parse(cls, document: str | bytes) -> WindowRows:
+        """The rows of `FeedbackStore.window_document`."""
+        pairs = orjson.loads(document)
+        return cls(
+            [dict(features) for features, _ in pairs],
+            [output if isinstance(output, dict) else None for _, output in pairs],
+        )
+
+
+@dataclass(frozen=True)
+class MonitoringRecord:
+    model_name: str
+    model_version: str
+    computed_at: datetime
+    report: dict[str, Any]
+
+
 class FeedbackStore(PostgresStore):
     SCHEMA_TABLE = "feedback_schema"
     MIGRATIONS = MIGRATIONS
@@ -116,6 +171,7 @@ class FeedbackStore(PostgresStore):
                     "l": row.label,
                     "p": row.probability,
                     "f": row.features,
+                    "o": row.output,
                 }
                 for row in rows
             ],
@@ -126,10 +182,10 @@ class FeedbackStore(PostgresStore):
             await conn.execute(
                 """
                 INSERT INTO predictions
-                    (request_id, row_index, model_name, model_version, label, probability, features)
-                SELECT r, i, n, v, l, p, f
+                    (request_id, row_index, model_name, model_version, label, probability, features, output)
+                SELECT r, i, n, v, l, p, f, o
                 FROM jsonb_to_recordset(%s::jsonb)
-                    AS t(r text, i int, n text, v text, l text, p float8, f jsonb)
+                    AS t(r text, i int, n text, v text, l text, p float8, f jsonb, o jsonb)
                 ON CONFLICT DO NOTHING
                 """,
                 (document,),
@@ -212,6 +268,23 @@ class FeedbackStore(PostgresStore):
 
         return await self._retrying(op)
 
+    async def version_feedback(self, model_name: str, model_version: str, window_s: float) -> VersionAccuracy:
+        """Feedback of the last window for one model version (what `live_accuracy` counts)."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> VersionAccuracy:
+            cur = await conn.execute(
+                """
+                SELECT count(*), count(*) FILTER (WHERE correct) FROM feedback
+                WHERE model_name = %s AND model_version = %s AND created_at > now() - make_interval(secs => %s)
+                """,
+                (model_name, model_version, window_s),
+            )
+            found = await cur.fetchone()
+            total, ok = (int(found[0]), int(found[1])) if found else (0, 0)
+            return VersionAccuracy(model_name, model_version, total, ok)
+
+        return await self._retrying(op)
+
     async def labelled_rows(self, since: datetime | None, limit: int) -> list[tuple[dict[str, Any], str, datetime]]:
         """(features, true label, time) of rows with feedback, oldest first: new training data."""
 
@@ -224,6 +297,150 @@ class FeedbackStore(PostgresStore):
                 ORDER BY f.created_at LIMIT %s
                 """,
                 (since, since, limit),
+            )
+            return [(dict(features), str(label), at) for features, label, at in await cur.fetchall()]
+
+        return await self._retrying(op)
+
+    # Live monitor ------------------------------------------------------------------------------
+
+    async def delete_predictions_older_than(self, age_s: float, batch_rows: int, max_batches: int) -> int:
+        """Delete predictions (their feedback cascades) recorded more than `age_s` ago, at most
+        `batch_rows` per statement and `max_batches` statements: each batch is its own short
+        transaction, so a large backlog neither holds locks long nor blocks the recorder's writes;
+        what is left goes in the next call. Returns the rows deleted."""
+
+        async def batch(conn: psycopg.AsyncConnection[Any]) -> int:
+            cur = await conn.execute(
+                """
+                DELETE FROM predictions WHERE ctid = ANY(ARRAY(
+                    SELECT ctid FROM predictions
+                    WHERE created_at < now() - make_interval(secs => %s) LIMIT %s
+                ))
+                """,
+                (age_s, batch_rows),
+            )
+            return cur.rowcount
+
+        deleted = 0
+        for _ in range(max_batches):
+            rows = await self._retrying(batch)
+            deleted += rows
+            if rows < batch_rows:
+                break
+        return deleted
+
+    async def window_versions(self, window_s: float) -> list[WindowVersion]:
+        """The model versions that made predictions in the last window, with their row counts."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> list[WindowVersion]:
+            cur = await conn.execute(
+                """
+                SELECT model_name, model_version, count(*) FROM predictions
+                WHERE created_at > now() - make_interval(secs => %s)
+                GROUP BY model_name, model_version ORDER BY model_name, model_version
+                """,
+                (window_s,),
+            )
+            return [WindowVersion(str(n), str(v), int(c)) for n, v, c in await cur.fetchall()]
+
+        return await self._retrying(op)
+
+    async def window_document(self, model_name: str, model_version: str, window_s: float, limit: int) -> str:
+        """The `limit` most recent rows of one version in the last window, newest first, as one JSON
+        document `[[features, output], ...]` (`WindowRows.parse` reads it): unparsed, so that the
+        caller can decode thousands of rows off its event loop."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> str:
+            cur = await conn.execute(
+                """
+                SELECT coalesce(json_agg(json_build_array(features, output) ORDER BY created_at DESC), '[]')::text
+                FROM (
+                    SELECT features, output, created_at FROM predictions
+                    WHERE model_name = %s AND model_version = %s
+                        AND created_at > now() - make_interval(secs => %s)
+                    ORDER BY created_at DESC LIMIT %s
+                ) recent
+                """,
+                (model_name, model_version, window_s, limit),
+            )
+            found = await cur.fetchone()
+            return str(found[0]) if found else "[]"
+
+        return await self._retrying(op)
+
+    async def save_monitoring(self, model_name: str, model_version: str, report: dict[str, Any]) -> None:
+        """The latest monitoring report of a version, replacing the one before."""
+        document = orjson.dumps(report, default=str).decode()
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(
+                """
+                INSERT INTO model_monitoring (model_name, model_version, computed_at, report)
+                VALUES (%s, %s, now(), %s::jsonb)
+                ON CONFLICT (model_name, model_version)
+                DO UPDATE SET computed_at = excluded.computed_at, report = excluded.report
+                """,
+                (model_name, model_version, document),
+            )
+
+        await self._retrying(op)
+
+    async def monitored_with_rows(self) -> list[tuple[str, str]]:
+        """The versions whose latest stored report counted rows in its window."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, str]]:
+            cur = await conn.execute(
+                """
+                SELECT model_name, model_version FROM model_monitoring
+                WHERE coalesce((report->>'window_rows')::int, 0) > 0 ORDER BY model_name, model_version
+                """
+            )
+            return [(str(n), str(v)) for n, v in await cur.fetchall()]
+
+        return await self._retrying(op)
+
+    async def monitoring_report(self, model_name: str, model_version: str) -> MonitoringRecord | None:
+        """The latest stored report of a version; None when the monitor has not judged it yet."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> MonitoringRecord | None:
+            cur = await conn.execute(
+                "SELECT computed_at, report FROM model_monitoring WHERE model_name = %s AND model_version = %s",
+                (model_name, model_version),
+            )
+            found = await cur.fetchone()
+            if found is None:
+                return None
+            return MonitoringRecord(model_name, model_version, found[0], dict(found[1]))
+
+        return await self._retrying(op)
+
+    async def labels_since(self, model_name: str, since: datetime) -> int:
+        """Labels of a registered model's predictions that arrived after `since`."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> int:
+            cur = await conn.execute(
+                "SELECT count(*) FROM feedback WHERE model_name = %s AND created_at > %s", (model_name, since)
+            )
+            found = await cur.fetchone()
+            return int(found[0]) if found else 0
+
+        return await self._retrying(op)
+
+    async def labelled_rows_of_model(self, model_name: str, limit: int) -> list[tuple[dict[str, Any], str, datetime]]:
+        """(features as recorded, true label, time of the label) of the `limit` most recently
+        labelled predictions of a registered model, whichever of its versions made them, newest
+        first: the rows a feedback snapshot exports for retraining that model."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> list[tuple[dict[str, Any], str, datetime]]:
+            cur = await conn.execute(
+                """
+                SELECT p.features, f.label, f.created_at
+                FROM feedback f JOIN predictions p USING (request_id, row_index)
+                WHERE f.model_name = %s
+                ORDER BY f.created_at DESC, f.request_id DESC, f.row_index DESC LIMIT %s
+                """,
+                (model_name, limit),
             )
             return [(dict(features), str(label), at) for features, label, at in await cur.fetchall()]
 

@@ -6,13 +6,13 @@ is the same whichever replica took the feedback, and survives restarts of every 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry, Gauge
 
 from core.settings import Settings
 from services.feedback.store import FeedbackStore, VersionAccuracy
+from services.monitoring.loop import refresh_forever
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +62,4 @@ class AccuracyMonitor:
         return rows
 
     async def run(self) -> None:
-        await self.store.open()
-        while True:
-            try:
-                await self.store.migrate()
-                break
-            except Exception as exc:
-                log.warning("feedback tables not ready (%s: %s); retrying", type(exc).__name__, exc)
-                await asyncio.sleep(self._settings.accuracy.refresh_s)
-        while True:
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Stale gauges would hide an outage; the `up`-style alerts cover the database.
-                log.warning("live accuracy not refreshed: %s: %s", type(exc).__name__, exc)
-            await asyncio.sleep(self._settings.accuracy.refresh_s)
+        await refresh_forever(self.store, self.refresh, self._settings.accuracy.refresh_s, "live accuracy")

@@ -46,7 +46,7 @@ from services.training_jobs.models import InvalidJobSpecError, JobKind, JobSpec
 TRIAL_DRIVER_CPUS = 0.25
 # Ray rounds resource amounts; a request equal to the total must not fail on float noise.
 TOLERANCE = 1e-6
-URI_FIELDS = ("train_uri", "test_uri")
+URI_FIELDS = ("train_uri", "test_uri", "feedback_uri")
 SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
 WORKERS_FIELD: dict[JobKind, str] = {"train": "train.num_workers", "tune": "tune.trial_workers"}
 

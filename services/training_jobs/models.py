@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from datetime import datetime
 from enum import StrEnum
 from functools import lru_cache
@@ -25,6 +26,8 @@ DEFAULT_CONFIG = {"train": "adult", "tune": "adult-tune"}
 MODULES = {"train": "jobs.train", "tune": "jobs.tune"}
 
 JobKind = Literal["train", "tune"]
+# Why a job was started, as its requester says (an alert's name and figures): one line of text.
+REASON_MAX_LENGTH = 500
 OverrideValue = str | int | float | bool | None | list[Any] | dict[str, Any]
 
 
@@ -81,6 +84,22 @@ def _unstorable(value: Any) -> str | None:
     return None
 
 
+def _is_control(char: str) -> bool:
+    # Unicode's "other" categories: controls (line breaks, tabs, NUL), format characters (which
+    # can reorder how the rest is displayed), surrogates, private-use and unassigned code points.
+    return unicodedata.category(char).startswith("C")
+
+
+def clean_reason(text: str) -> str | None:
+    """Text from elsewhere (an alert's annotations) as a valid `JobSpec.reason`: whitespace runs
+    become one space, other control characters go, and it is cut to the maximum length."""
+    spaced = "".join(" " if char.isspace() else char for char in text)
+    kept = " ".join("".join(char for char in spaced if not _is_control(char)).split())
+    if len(kept) > REASON_MAX_LENGTH:
+        kept = kept[: REASON_MAX_LENGTH - 1].rstrip() + "\u2026"
+    return kept or None
+
+
 def _storable_text(text: str) -> bool:
     if "\x00" in text:
         return False
@@ -127,6 +146,11 @@ class JobSpec(BaseModel):
         default_factory=dict, description='dotted config keys, e.g. {"train.epochs": 5}'
     )
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    reason: str | None = Field(
+        default=None,
+        max_length=REASON_MAX_LENGTH,
+        description="why the job is started, in one line; its first event reads 'accepted: <reason>'",
+    )
 
     @field_validator("config")
     @classmethod
@@ -153,6 +177,16 @@ class JobSpec(BaseModel):
             raise ValueError("must be printable text")
         return value
 
+    @field_validator("reason")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if any(_is_control(char) for char in value):
+            raise ValueError("must be one line of text without control characters")
+        # Blank says nothing: the job is accepted without a reason.
+        return value.strip() or None
+
     @property
     def config_name(self) -> str:
         return self.config or DEFAULT_CONFIG[self.kind]
@@ -166,7 +200,8 @@ class JobSpec(BaseModel):
         return MODULES[self.kind]
 
     def fingerprint(self) -> str:
-        """Identity of the request, to tell a replay of an idempotency key from a conflicting reuse."""
+        """Identity of the request, to tell a replay of an idempotency key from a conflicting reuse.
+        The reason is not part of it: an alert's repeats carry newer figures for the same episode."""
         canonical = json.dumps(
             {"kind": self.kind, "config": self.config_name, "overrides": self.overrides}, sort_keys=True
         )
@@ -218,6 +253,7 @@ class JobRecord(BaseModel):
     config: str
     overrides: dict[str, Any]
     idempotency_key: str | None = None
+    reason: str | None = None
     state: JobState
     attempts: int
     max_attempts: int
@@ -235,12 +271,14 @@ class JobRecord(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     next_attempt_at: datetime | None = None
+    # Set while the job waits, queued, for labels to train on (feedback.wait_s).
+    waiting_until: datetime | None = None
     # Who started it: an API key, an operator on the cluster, or an alert (None for jobs accepted
     # before this was recorded).
     created_by: Actor | None = None
 
     def spec(self) -> JobSpec:
-        return JobSpec(kind=self.kind, config=self.config, overrides=self.overrides)
+        return JobSpec(kind=self.kind, config=self.config, overrides=self.overrides, reason=self.reason)
 
 
 class JobEvent(BaseModel):

@@ -110,10 +110,25 @@ class TrainingJobs:
                 "training job %s accepted from %s",
                 record.id,
                 actor.label(),
-                extra={"job_id": str(record.id), **actor_log_fields(actor)},
+                extra={"job_id": str(record.id), "reason": record.reason, **actor_log_fields(actor)},
             )
             await self._publish_now(record.id, traceparent)
         return record, created
+
+    async def join_alert_job(self, spec: JobSpec, actor: Actor) -> JobRecord | None:
+        """The retraining job another alert already has queued or running for the same config, with
+        this alert recorded on it; None when there is none (JobStore.join_alert_job)."""
+        if spec.idempotency_key is None:
+            return None
+        record = await self.store.join_alert_job(spec.config_name, spec.idempotency_key, actor, spec.reason)
+        if record is not None:
+            audit_log.info(
+                "training job %s also requested by %s",
+                record.id,
+                actor.label(),
+                extra={"job_id": str(record.id), "reason": spec.reason, **actor_log_fields(actor)},
+            )
+        return record
 
     async def cancel(self, job_id: UUID, actor: Actor, owner_key_id: str | None) -> JobRecord:
         """Cancel a job for `actor`. `owner_key_id` None: any job (an admin); else only that key's,

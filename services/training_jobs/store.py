@@ -95,6 +95,16 @@ MIGRATIONS: list[str] = [
         WHERE state IN ('cancelled', 'timed_out') AND ray_job_id IS NOT NULL AND ray_stop_confirmed_at IS NULL;
     ALTER TABLE training_job_events ADD COLUMN actor jsonb;
     """,
+    # Why the job was started (an alert's name and figures, or a user's words); jobs accepted
+    # before have none.
+    """
+    ALTER TABLE training_jobs ADD COLUMN reason text;
+    """,
+    # Until when a queued job waits for labels before it may start (feedback.wait_s): not due, so
+    # neither claimed nor counted as queue lag until then.
+    """
+    ALTER TABLE training_jobs ADD COLUMN waiting_until timestamptz;
+    """,
 ]
 
 
@@ -135,14 +145,15 @@ class PendingStop(NamedTuple):
 _INSERT = """
     WITH job AS (
         INSERT INTO training_jobs (id, kind, config, overrides, idempotency_key, fingerprint, state,
-            max_attempts, traceparent, next_attempt_at, created_by, owner_key_id)
+            max_attempts, traceparent, next_attempt_at, created_by, owner_key_id, reason)
         VALUES (%(id)s, %(kind)s, %(config)s, %(overrides)s, %(idempotency_key)s, %(fingerprint)s, 'queued',
-            %(max_attempts)s, %(traceparent)s, now() + make_interval(secs => %(grace)s), %(actor)s, %(owner)s)
+            %(max_attempts)s, %(traceparent)s, now() + make_interval(secs => %(grace)s), %(actor)s, %(owner)s,
+            %(reason)s)
         ON CONFLICT (idempotency_key) DO NOTHING
         RETURNING *
     ), event AS (
         INSERT INTO training_job_events (job_id, state, attempt, message, actor)
-        SELECT id, 'queued', 0, 'accepted', created_by FROM job
+        SELECT id, 'queued', 0, %(accepted)s, created_by FROM job
     )
     SELECT * FROM job
 """
@@ -185,6 +196,8 @@ class JobStore(PostgresStore):
             "grace": publish_grace_s,
             "actor": Jsonb(actor.model_dump(exclude_none=True)),
             "owner": owner,
+            "reason": spec.reason,
+            "accepted": accepted_message(spec),
         }
 
         async def op(conn: psycopg.AsyncConnection[Any]) -> tuple[JobRecord, bool]:
@@ -201,6 +214,35 @@ class JobStore(PostgresStore):
                     return replayed, False
                 await _check_quota(cur, owner, quota)
                 return await _insert(cur, spec, params)
+
+        return await self._retrying(op)
+
+    async def join_alert_job(
+        self, config: str, idempotency_key: str, actor: Actor, reason: str | None
+    ) -> JobRecord | None:
+        """The queued or in-flight job another alert started for `config`, with an event saying this
+        alert asked too; None when there is none (or it is this alert episode's own job, which a
+        replay of the key returns). One retraining per model at a time: a second alert about the
+        same model would train the same data again and race the first to the alias."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> JobRecord | None:
+            async with self._transaction(conn) as cur:
+                await cur.execute(
+                    """
+                    SELECT * FROM training_jobs
+                    WHERE config = %s AND state IN ('queued', 'submitted', 'running')
+                        AND idempotency_key LIKE 'alert:%%' AND idempotency_key <> %s
+                    ORDER BY created_at LIMIT 1 FOR UPDATE
+                    """,
+                    (config, idempotency_key),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    return None
+                record = _record(row)
+                message = f"also requested: {reason}" if reason else "also requested"
+                await _event(cur, record.id, record.state, record.attempts, message, actor)
+                return record
 
         return await self._retrying(op)
 
@@ -359,12 +401,14 @@ class JobStore(PostgresStore):
         async def op(conn: psycopg.AsyncConnection[Any]) -> float:
             # A new job is due when accepted (its next_attempt_at only delays the relay); a retry
             # once its backoff has passed.
+            # A job that waited for labels is due from the end of its wait.
             cur = await conn.execute(
                 """
                 SELECT coalesce(extract(epoch FROM now() - min(
-                    CASE WHEN attempts = 0 THEN created_at ELSE next_attempt_at END)), 0)
+                    CASE WHEN attempts = 0 THEN coalesce(waiting_until, created_at) ELSE next_attempt_at END)), 0)
                 FROM training_jobs
                 WHERE state = 'queued' AND (attempts = 0 OR next_attempt_at <= now())
+                    AND (waiting_until IS NULL OR waiting_until <= now())
                 """
             )
             row = await cur.fetchone()
@@ -398,6 +442,38 @@ class JobStore(PostgresStore):
                 if updated and event is not None:
                     await _event(cur, job_id, event[0], attempt, event[1], actor)
                 return updated
+
+        return await self._retrying(op)
+
+    async def note(self, job_id: UUID, attempt: int, state: JobState, message: str) -> bool:
+        """An event in the history of a job still in flight on this attempt (what the attempt is
+        about to do: the feedback snapshot it trains on, say); False when the job moved on."""
+        return await self._in_flight_update(job_id, attempt, "heartbeat_at = now()", (), (state, message))
+
+    async def postpone(self, job_id: UUID, delay_s: float, message: str) -> bool:
+        """Leave a queued job queued for `delay_s` more, without using an attempt: the relay
+        publishes it again when it is due. The event `message` is written once per job, however
+        often the job is postponed with it. False when the job is no longer queued."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> bool:
+            async with self._transaction(conn) as cur:
+                await cur.execute(
+                    """
+                    UPDATE training_jobs SET next_attempt_at = now() + make_interval(secs => %s),
+                        waiting_until = now() + make_interval(secs => %s), published_at = NULL, updated_at = now()
+                    WHERE id = %s AND state = 'queued' RETURNING attempts
+                    """,
+                    (delay_s, delay_s, job_id),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    return False
+                await cur.execute(
+                    "SELECT 1 FROM training_job_events WHERE job_id = %s AND message = %s LIMIT 1", (job_id, message)
+                )
+                if await cur.fetchone() is None:
+                    await _event(cur, job_id, JobState.QUEUED, row["attempts"], message)
+                return True
 
         return await self._retrying(op)
 
@@ -586,6 +662,11 @@ class JobStore(PostgresStore):
                 return _record(row)
 
         return await self._retrying(op)
+
+
+def accepted_message(spec: JobSpec) -> str:
+    """The first event of a job: why it was started, when its requester said."""
+    return "accepted" if spec.reason is None else f"accepted: {spec.reason}"
 
 
 async def _event(

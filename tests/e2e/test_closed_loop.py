@@ -125,7 +125,10 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
     jobs = until("a retraining job", lambda: _alert_jobs(stack), 60)
     assert len(jobs) == 1
     job = wait_job(stack, jobs[0]["id"], {"succeeded"}, 600)
-    assert job["kind"] == "train" and job["overrides"] == {"train.epochs": 3, "train.patience": 2}
+    # RETRAIN_OVERRIDES of the test stack, and the labelled feedback (RETRAIN_USE_FEEDBACK).
+    assert job["kind"] == "train"
+    assert job["overrides"] == {"feedback.enabled": True, "train.epochs": 3, "train.patience": 2}
+    assert job["reason"].startswith("ModelAccuracyLow: ") and job["events"][0]["message"].startswith("accepted: ")
     # The job trains the alert's model, with the one shipped config that trains it.
     assert held[0]["labels"]["model"] == stack.settings.model.name and job["config"] == "adult"
 
@@ -183,8 +186,23 @@ def test_wrong_feedback_retrains_and_the_better_model_serves(
     assert _serve_log_lines(stack, "Ingress", trace_id)
 
 
-def test_dashboards_and_rules_use_only_metrics_prometheus_scraped(stack):
-    # Run after the loop, so feedback and retrain series exist.
+def _varied_adult_traffic(stack: Stack, rows: int) -> None:
+    """Rows of Adult's test split, so the drift monitor has a window of real inputs to judge."""
+    from jobs.config import load_config
+    from jobs.data.loading import load_test_frame
+
+    frame = load_test_frame(load_config(REPO / "jobs" / "configs" / "adult.yaml")).drop(columns=["income"]).head(rows)
+    records = [{k: (None if v != v else v) for k, v in r.items()} for r in frame.to_dict("records")]
+    for start in range(0, len(records), 50):
+        response = stack.http.post("/v1/predict", json={"instances": records[start : start + 50]}, headers=stack.auth)
+        assert response.status_code == 200, response.text
+
+
+def test_dashboards_and_rules_use_only_metrics_prometheus_scraped(stack, champion):
+    # Run after the loop, so feedback and retrain series exist; and after a window of predictions
+    # the drift monitor has judged, so its series exist.
+    _varied_adult_traffic(stack, stack.settings.monitor.max_rows)
+    wait_for(stack, f'model_estimated_accuracy{{model="{stack.settings.model.name}"}}', 120)
     names = set(httpx.get(f"{stack.settings.prometheus.url}/api/v1/label/__name__/values", timeout=10).json()["data"])
     used: dict[str, set[str]] = {}
     for dashboard in DASHBOARDS:

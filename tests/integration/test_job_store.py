@@ -281,6 +281,100 @@ def test_the_creator_is_recorded_on_the_job_and_its_first_event(dsn):
     asyncio.run(scenario())
 
 
+def test_the_reason_is_stored_and_opens_the_job_s_history(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        alert = Actor(kind="alert", name="ModelDataDrift")
+        reason = "ModelDataDrift: Drift share 0.67 >= 0.5 on adult-income v3"
+        try:
+            job, _ = await store.create(JobSpec(idempotency_key="episode-1", reason=reason), 3, None, 0, actor=alert)
+            assert job.reason == reason
+            detail = await store.detail(job.id)
+            assert detail is not None and detail.reason == reason
+            assert [(e.state, e.message) for e in detail.events] == [("queued", f"accepted: {reason}")]
+            # Alertmanager's repeat of the episode, with the figures of the moment: the same job.
+            again, created = await store.create(
+                JobSpec(idempotency_key="episode-1", reason="ModelDataDrift: Drift share 0.71 >= 0.5"),
+                3, None, 0, actor=alert,
+            )  # fmt: skip
+            assert not created and again.id == job.id and again.reason == reason
+            plain, _ = await store.create(JobSpec(), 3, None, 0, actor=alert)
+            plain_detail = await store.detail(plain.id)
+            assert plain.reason is None and plain_detail is not None
+            assert [e.message for e in plain_detail.events] == ["accepted"]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_second_alert_joins_the_retraining_already_queued_for_the_model(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        drift, accuracy = Actor(kind="alert", name="ModelDataDrift"), Actor(kind="alert", name="ModelAccuracyLow")
+        try:
+            first, _ = await store.create(
+                JobSpec(config="adult", idempotency_key="alert:ModelDataDrift:f1:t1", reason="drift"),
+                3, None, 0, actor=drift,
+            )  # fmt: skip
+            # The episode's own replay is not a join: the key returns its job.
+            assert await store.join_alert_job("adult", "alert:ModelDataDrift:f1:t1", drift, "drift") is None
+            joined = await store.join_alert_job("adult", "alert:ModelAccuracyLow:f2:t2", accuracy, "accuracy 0.2")
+            assert joined is not None and joined.id == first.id
+            detail = await store.detail(first.id)
+            assert detail is not None
+            assert [e.message for e in detail.events] == ["accepted: drift", "also requested: accuracy 0.2"]
+            assert detail.events[-1].actor is not None and detail.events[-1].actor.name == "ModelAccuracyLow"
+            # Another model's config, a job a user queued, or a job that ended: nothing to join.
+            assert await store.join_alert_job("fleet", "alert:ModelAccuracyLow:f3:t3", accuracy, None) is None
+            user, _ = await store.create(JobSpec(config="fleet", idempotency_key="mine"), 3, None, 0, actor=SYSTEM)
+            assert await store.join_alert_job("fleet", "alert:ModelAccuracyLow:f3:t3", accuracy, None) is None
+            claimed = await store.claim(first.id, "d1")
+            assert claimed is not None
+            assert await store.end(first.id, claimed.attempts, JobState.FAILED, "boom")
+            assert await store.join_alert_job("adult", "alert:ModelAccuracyLow:f4:t4", accuracy, None) is None
+            assert user.state == JobState.QUEUED
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_job_waiting_for_labels_stays_queued_uses_no_attempt_and_is_not_queue_lag(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        drift = Actor(kind="alert", name="ModelDataDrift")
+        message = "waiting for 300 labels of m arriving after the job was queued"
+        try:
+            job, _ = await store.create(JobSpec(idempotency_key="wait-1"), 3, None, 0, actor=drift)
+            await store.mark_published(job.id)
+            for _ in range(3):  # every look at the labels postpones it again
+                assert await store.postpone(job.id, 60, message)
+            waiting = await store.get(job.id)
+            assert waiting is not None and waiting.state == JobState.QUEUED and waiting.attempts == 0
+            assert waiting.waiting_until is not None and waiting.waiting_until > waiting.created_at
+            detail = await store.detail(job.id)
+            assert detail is not None and [e.message for e in detail.events] == ["accepted", message]
+            # Not due: the relay leaves it alone, and the queue is not stalled by it.
+            sent: list[JobRecord] = []
+
+            async def publish(record: JobRecord, _: str | None) -> None:
+                sent.append(record)
+
+            assert await store.publish_due(publish) == 0 and sent == []
+            assert await store.oldest_queued_age_s() == 0.0
+            # Its wait over, it is due again and starts its first attempt.
+            assert await store.postpone(job.id, 0, message)
+            assert await store.publish_due(publish) == 1 and sent[0].id == job.id
+            claimed = await store.claim(job.id, "d1")
+            assert claimed is not None and claimed.attempts == 1
+            assert not await store.postpone(job.id, 60, message)  # no longer queued
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_cancelled_queued_job_is_never_claimed(dsn):
     async def scenario() -> None:
         store = await _store(dsn)
@@ -404,4 +498,4 @@ def test_jobs_stored_before_the_migration_read_back_without_a_creator(dsn):
 
     job_id = uuid4()
     job = asyncio.run(scenario())
-    assert job is not None and job.state == JobState.FAILED and job.created_by is None
+    assert job is not None and job.state == JobState.FAILED and job.created_by is None and job.reason is None

@@ -2,41 +2,23 @@
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
-from cluster.sandbox import free_port
-from core.health import wait_until
 from core.settings import REPO_ROOT, Settings
 from jobs.config import load_config
 from jobs.data.loading import load_splits
 from jobs.data.storage import read_uri
+from tests.local_http import moto_s3_server
 
 
 @pytest.fixture(scope="module")
 def s3_server():
-    port = free_port()
-    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    proc = subprocess.Popen(
-        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url, timeout=1).status_code < 500
-        except httpx.HTTPError:
-            return False
-
-    assert wait_until(up, 30), "moto_server did not start"
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with moto_s3_server() as url:
+        yield url
 
 
 @pytest.fixture

@@ -20,6 +20,9 @@ def test_run_records_params_metrics_tags_and_model(stack, trained, pg_database):
     for name in ("test_accuracy", "test_roc_auc", "test_f1", "test_log_loss"):
         assert 0 < metrics[name] < 1, name
     assert metrics["test_roc_auc"] > 0.85  # two epochs already separate the classes
+    # Calibrated on the validation split: never worse than the raw probabilities there.
+    assert metrics["calibration_temperature"] > 0
+    assert metrics["val_ece_after"] <= metrics["val_ece_before"] + 1e-9
 
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == list(range(len(history))) and 1 <= len(history) <= 2
@@ -62,6 +65,20 @@ def test_version_is_registered_promoted_and_loadable(stack, trained):
     out = model.predict(pd.DataFrame([EXAMPLE_ROW]))
     assert out["label"].iloc[0] in {"<=50K", ">50K"}
     assert model.metadata.get_input_schema() is not None
+
+    # The version carries its calibration and the reference profile the drift monitor judges by.
+    from jobs.registry import load_predictor
+
+    predictor = load_predictor(f"models:/{name}/{version}", stack.settings.mlflow.tracking_uri)
+    metrics = client.get_run(mv.run_id).data.metrics
+    assert abs(predictor.temperature - metrics["calibration_temperature"]) < 1e-9
+    profile = predictor.profile
+    assert profile is not None and profile.classes == ["<=50K", ">50K"]
+    assert set(profile.features) == set(predictor.schema.feature_names)
+    assert profile.features["age"].kind == "numeric" and profile.features["workclass"].kind == "categorical"
+    assert profile.calibration is not None and abs(profile.calibration.temperature - predictor.temperature) < 1e-9
+    assert profile.reference_accuracy is not None and 0.7 < profile.reference_accuracy < 1
+    assert abs(float(mv.tags["calibration.ece_after"]) - metrics["val_ece_after"]) < 1e-6
 
 
 def test_promote_cli_rejects_a_version_that_does_not_beat_the_champion(stack, trained):

@@ -34,6 +34,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("get", "/v1/models"): "predict",
     ("get", "/v1/models/current"): "predict",
     ("get", "/v1/models/{name}"): "predict",
+    ("get", "/v1/models/{name}/monitoring"): "predict",
     ("post", "/v1/feedback"): "feedback",
     ("post", "/v1/training-jobs"): "train",
     ("get", "/v1/training-jobs"): "train",
@@ -308,6 +309,7 @@ def test_a_key_restricted_to_a_model_is_told_the_others_do_not_exist(edge: Stack
     assert [m["name"] for m in listed if m["name"] == default] == [], "the list shows a model the key may not use"
     for method, path in [
         ("GET", f"/v1/models/{default}"),
+        ("GET", f"/v1/models/{default}/monitoring"),
         ("GET", "/v1/models/current"),
         ("POST", "/v1/predict"),
         ("POST", f"/v1/models/{default}/predict"),

@@ -11,14 +11,19 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from cluster.monitoring import render_prometheus_config
 from cluster.observability import (
     RULES_DIR,
+    alert_durations,
     alertmanager_config,
     compose_files,
     dump,
     local_targets,
     nginx_exporter_enabled,
     prometheus_config,
+    prometheus_duration,
+    render_rules,
+    write_rules,
 )
 from core.settings import Settings
 from services.feedback.store import VersionAccuracy
@@ -165,14 +170,112 @@ SWAP_REFUSED = {
 }
 
 
+DATA_DRIFT = {
+    "evaluation_interval": "15s",
+    "tests": [
+        {
+            # Version 3 drifts on exactly the threshold's share of its features (the edge fires);
+            # version 2 on less, which never fires however long it lasts.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'model_drift_share{model="adult",model_version="3",job="dispatcher"}', "values": "0 0.5x20"},
+                {"series": 'model_drift_share{model="adult",model_version="2",job="dispatcher"}', "values": "0.25x20"},
+                {"series": 'model_drift_share_threshold{job="dispatcher"}', "values": "0.5x20"},
+            ],
+            "alert_rule_test": [
+                # Not yet for the whole `for:` (the shipped 10 minutes).
+                {"eval_time": "9m", "alertname": "ModelDataDrift", "exp_alerts": []},
+                {
+                    "eval_time": "12m",
+                    "alertname": "ModelDataDrift",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "warning", "action": "retrain", "model": "adult", "model_version": "3",
+                            },
+                            "exp_annotations": {
+                                "summary": "Drift share 0.50 >= 0.5 on adult v3",
+                                "description": "50% of the input features of adult version 3 drifted from its "
+                                "training data over the monitoring window; a retraining job is requested. "
+                                "Per-feature scores: GET /v1/models/adult/monitoring, or the Model drift row "
+                                "of the Grafana dashboard.",
+                            },
+                        }
+                    ],
+                },
+            ],
+        }
+    ],
+}  # fmt: skip
+
+
+ESTIMATED_ACCURACY = {
+    "evaluation_interval": "15s",
+    "tests": [
+        {
+            # Against a reference of 0.875 and an allowed drop of 0.0625 (exact in binary, so the
+            # edge is the edge): version 4's estimate falls by 0.125 and fires; version 3's by
+            # exactly the allowed drop, which does not; version 5 has no estimate (regression).
+            "interval": "1m",
+            "input_series": [
+                {"series": 'model_reference_accuracy{model="adult",model_version="4"}', "values": "0.875x20"},
+                {"series": 'model_estimated_accuracy{model="adult",model_version="4"}', "values": "0.87 0.75x20"},
+                {"series": 'model_reference_accuracy{model="adult",model_version="3"}', "values": "0.875x20"},
+                {"series": 'model_estimated_accuracy{model="adult",model_version="3"}', "values": "0.8125x20"},
+                {"series": 'model_reference_accuracy{model="adult",model_version="5"}', "values": "0.875x20"},
+                {"series": "model_estimated_accuracy_max_drop", "values": "0.0625x20"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "9m", "alertname": "ModelEstimatedAccuracyLow", "exp_alerts": []},
+                {
+                    "eval_time": "12m",
+                    "alertname": "ModelEstimatedAccuracyLow",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "warning", "action": "retrain", "model": "adult", "model_version": "4",
+                            },
+                            "exp_annotations": {
+                                "summary": "Estimated accuracy 0.750 of adult v4 is 0.125 below its reference "
+                                "0.875 (allowed drop 0.0625)",
+                                "description": "The accuracy of adult version 4, estimated from the confidence of "
+                                "its recent predictions, is 0.125 below the validation accuracy of its training, "
+                                "more than allowed; a retraining job is requested.",
+                            },
+                        }
+                    ],
+                },
+            ],
+        }
+    ],
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "tests", [RULE_TESTS, KEEP_FIRING, SWAP_REFUSED], ids=["fire", "keep-firing-through-a-gap", "swap-refused"]
+    "tests",
+    [RULE_TESTS, KEEP_FIRING, SWAP_REFUSED, DATA_DRIFT, ESTIMATED_ACCURACY],
+    ids=["fire", "keep-firing-through-a-gap", "swap-refused", "data-drift", "estimated-accuracy"],
 )
 def test_alerts_fire_when_they_should(tmp_path: Path, tests: dict[str, Any]):
     test_file = tmp_path / "rules.test.yml"
     test_file.write_text(yaml.safe_dump({**tests, "rule_files": [str(p) for p in RULES_DIR.glob("*.yml")]}))
     result = _run(_tool("promtool"), "test", "rules", str(test_file))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_that_retrains_outlasts_a_dispatcher_restart():
+    """A restart blanks the dispatcher's series for a few scrapes: without keep_firing_for, the
+    episode would end there and the webhook queue a second job for the same problem."""
+    acting = [
+        rule
+        for path in RULES_DIR.glob("*.yml")
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if rule.get("labels", {}).get("action") == "retrain"
+    ]
+    assert {r["alert"] for r in acting} >= {"ModelAccuracyLow", "ModelDataDrift", "ModelEstimatedAccuracyLow"}
+    for rule in acting:
+        assert rule.get("keep_firing_for"), rule["alert"]
 
 
 def _settings(tmp_path: Path) -> Settings:
@@ -207,7 +310,10 @@ def test_local_prometheus_config_passes_promtool_and_scrapes_every_component(tmp
     "labels, receiver",
     [
         ("alertname=ModelAccuracyLow action=retrain", "retrain"),
+        ("alertname=ModelDataDrift action=retrain severity=warning model=adult model_version=3", "retrain"),
+        ("alertname=ModelEstimatedAccuracyLow action=retrain severity=warning model=adult", "retrain"),
         ("alertname=ComponentDown severity=critical", "platform"),
+        ("alertname=TrainingQueueStalled severity=warning", "platform"),
     ],
 )
 def test_alertmanager_sends_only_the_retrain_alert_to_the_webhook(tmp_path: Path, labels: str, receiver: str):
@@ -243,3 +349,70 @@ def test_accuracy_is_published_only_with_enough_feedback_and_old_versions_disapp
     gauges.publish([VersionAccuracy("m", "2", 25, 25)], min_feedback=20)
     text = generate_latest(registry).decode()
     assert 'model_version="1"' not in text and 'model_live_accuracy{model="m",model_version="2"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "written"), [(600, "10m"), (3600, "1h"), (90, "90s"), (0, "0s"), (0.5, "500ms"), (5400, "90m")]
+)
+def test_durations_are_written_as_prometheus_reads_them(seconds: float, written: str):
+    assert prometheus_duration(seconds) == written
+
+
+def _rule(rules_dir: Path, alert: str) -> dict[str, Any]:
+    for path in rules_dir.glob("*.yml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if rule["alert"] == alert:
+                    return dict(rule)
+    raise AssertionError(f"no rule {alert} in {rules_dir}")
+
+
+def test_the_shipped_rules_hold_the_settings_defaults():
+    """Compose reads the shipped file as it is: its `for:` must be what the settings default to."""
+    for alert, seconds in alert_durations(Settings(_env_file=None)).items():
+        assert _rule(RULES_DIR, alert)["for"] == prometheus_duration(seconds), alert
+
+
+def test_cluster_up_renders_the_settings_durations_into_its_own_rules(tmp_path: Path):
+    settings = Settings(
+        _env_file=None,
+        state_dir=tmp_path,
+        monitor={"drift_alert_for_s": 90, "estimated_accuracy_alert_for_s": 1800},
+    )
+    config = yaml.safe_load(render_prometheus_config(settings).read_text())
+    rendered = tmp_path / "observability" / "rules"
+    assert config["rule_files"] == [f"{rendered}/*.yml"]
+    assert _rule(rendered, "ModelDataDrift")["for"] == "90s"
+    assert _rule(rendered, "ModelEstimatedAccuracyLow")["for"] == "30m"
+    # Everything else as shipped, and Prometheus's own checker takes it.
+    assert _rule(rendered, "ModelAccuracyLow") == _rule(RULES_DIR, "ModelAccuracyLow")
+    assert sorted(p.name for p in rendered.glob("*.yml")) == sorted(p.name for p in RULES_DIR.glob("*.yml"))
+    result = _run(_tool("promtool"), "check", "rules", *map(str, rendered.glob("*.yml")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # A later `cluster up` with other settings rewrites them.
+    settings.monitor.drift_alert_for_s = 300
+    render_prometheus_config(settings)
+    assert _rule(rendered, "ModelDataDrift")["for"] == "5m"
+
+
+def test_a_rules_dir_of_one_s_own_is_used_as_it_is(tmp_path: Path):
+    own = tmp_path / "my-rules"
+    own.mkdir()
+    (own / "mine.yml").write_text("groups: []\n")
+    settings = Settings(
+        _env_file=None, state_dir=tmp_path / "state", prometheus={"rules_dir": own}, monitor={"drift_alert_for_s": 90}
+    )
+    config = yaml.safe_load(render_prometheus_config(settings).read_text())
+    assert config["rule_files"] == [f"{own}/*.yml"]
+    assert (own / "mine.yml").read_text() == "groups: []\n"
+    assert not (tmp_path / "state" / "observability" / "rules").exists()
+
+
+def test_rendering_refuses_a_duration_for_an_alert_no_rule_has(tmp_path: Path):
+    with pytest.raises(ValueError, match="ModelDriftRenamed"):
+        render_rules({"ModelDriftRenamed": 60})
+    # A rule file the shipped directory no longer has leaves the rendered one.
+    stale = tmp_path / "removed.yml"
+    stale.write_text("groups: []\n")
+    write_rules(tmp_path, {"ModelDataDrift": 60})
+    assert not stale.exists() and _rule(tmp_path, "ModelDataDrift")["for"] == "1m"

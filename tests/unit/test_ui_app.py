@@ -13,7 +13,7 @@ from gradio_client import Client
 from cluster.sandbox import free_port
 from core.settings import Settings
 from ui.actions import UiActions
-from ui.app import build_app, cancel_outputs, follow
+from ui.app import build_app, cancel_outputs, card_outputs, follow, monitoring_outputs
 from ui.http import InferenceApi, MlflowRest
 from ui.launch import launch_options, login_credentials
 
@@ -35,6 +35,22 @@ FLEET = {
     "features": [{"name": "mileage", "kind": "numeric", "categories": [], "nullable": False}],
 }  # fmt: skip
 SERVED = {"adult-income": CURRENT, "fleet-risk": FLEET}
+# The monitor's report on adult-income v3 (`GET /v1/models/{name}/monitoring`); fleet-risk's API
+# answers 404 there, as an API from before the route would.
+MONITORING = {
+    "model": "adult-income", "version": "3", "status": "ok", "computed_at": "2026-01-01T10:00:00+00:00",
+    "window_rows": 500, "min_rows": 200, "drift_share": 0.5, "drift_share_threshold": 0.5, "dataset_drift": True,
+    "features": [
+        {"name": "age", "kind": "numeric", "test": "wasserstein", "score": 0.02, "threshold": 0.1,
+         "drifted": False, "psi": 0.01, "window_rows": 500},
+        {"name": "sex", "kind": "categorical", "test": "jensen_shannon", "score": 0.31, "threshold": 0.1,
+         "drifted": True, "psi": 0.42, "window_rows": 500},
+    ],
+    "prediction": {"name": "prediction", "kind": "categorical", "test": "jensen_shannon", "score": 0.05,
+                   "threshold": 0.1, "drifted": False, "psi": 0.03, "window_rows": 500},
+    "estimated_accuracy": 0.78, "estimated_roc_auc": 0.88, "reference_accuracy": 0.85,
+    "measured_accuracy": None, "measured_feedback": 0,
+}  # fmt: skip
 JOB = {"id": "0b7f", "kind": "train", "config": "adult", "overrides": {}, "state": "queued", "attempts": 0,
        "max_attempts": 3, "created_at": "2026-01-01T00:00:00Z",
        "created_by": {"kind": "api_key", "key_id": "3fa2c1d0e9b8", "name": "ui-20260101000000"}}  # fmt: skip
@@ -98,6 +114,8 @@ def fake_api(request: httpx.Request) -> httpx.Response:
             {"name": n, "default": n == "adult-income", "champion_version": m["version"]} for n, m in SERVED.items()
         ]
         return httpx.Response(200, json={"models": sorted(listed, key=lambda m: str(m["name"]), reverse=True)})
+    if path == "/v1/models/adult-income/monitoring":
+        return httpx.Response(200, json=MONITORING)
     name = path.removeprefix("/v1/models/").removesuffix("/predict")
     if path.startswith("/v1/models/") and name not in SERVED:
         return httpx.Response(404, json={"error": {"code": "model_not_found", "message": f"no model {name!r}"}})
@@ -164,7 +182,7 @@ def test_named_endpoints(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {
         "/predict", "/feedback", "/form_schema", "/models", "/model_card", "/start_job", "/job_status", "/recent_jobs",
-        "/cancel_job",
+        "/cancel_job", "/model_monitoring",
     } <= endpoints  # fmt: skip
 
 
@@ -219,6 +237,31 @@ def test_model_card(client):
     assert scores["data"] == []
     assert data["promotions"][0]["decision"] == "promoted" and data["promotions"][0]["aliases"] == "champion"
     assert promotions["data"][0][:3] == ["3", "champion", "promoted"]
+
+
+def test_model_monitoring(client):
+    assert client.predict(api_name="/model_monitoring") == MONITORING
+    assert client.predict("adult-income", api_name="/model_monitoring")["drift_share"] == 0.5
+    # An API without the route (or a model it does not know): a readable error, nothing else lost.
+    missing = client.predict("fleet-risk", api_name="/model_monitoring")
+    assert missing["error"].startswith("Not found (404):")
+    text, *_, data = client.predict("fleet-risk", api_name="/model_card")
+    assert text.startswith("### fleet-risk v2") and data["notes"] == []
+
+
+def test_the_model_tab_shows_the_drift_next_to_the_card():
+    """What the page's Model tab puts in its monitoring part, beside (not inside) the card."""
+    api = InferenceApi("http://api", KEY, transport=httpx.MockTransport(fake_api))
+    actions = UiActions(api, MlflowRest("http://mlflow", transport=httpx.MockTransport(fake_mlflow)), "adult-income")
+    text, rows = monitoring_outputs(actions, None)
+    assert "Status **ok**" in text and "| drift share (features drifted) | 0.50 | alerts at >= 0.50" in text
+    assert "**dataset drift**" in text and "| estimated accuracy" in text and "| 0.780 |" in text
+    assert [row[0] for row in rows] == ["sex", "age", "(prediction)"]
+    text, rows = monitoring_outputs(actions, "fleet-risk")
+    assert text.startswith("#### Drift and estimated accuracy\n\n_Monitoring unavailable: Not found (404)")
+    assert rows == []
+    # The card of the same model says nothing of it.
+    assert card_outputs(actions, "adult-income")[-1]["notes"] == []
 
 
 def test_training_jobs(client):

@@ -45,6 +45,9 @@ def test_job_markdown_and_rows():
     assert text.startswith("### Job `j1`: **succeeded**")
     assert "Model version **4** (not promoted)" in text and "accuracy 0.8512" in text
     assert "Started by operator root@head-1" in text
+    assert "Reason" not in text
+    reason = "ModelDataDrift: Drift share 0.67 >= 0.5 on adult-income v3"
+    assert f"Reason: {reason}" in job_markdown({**job, "reason": reason})
     assert "| 2026-01-02 03:04:05 | queued | 0 |  | a \\| b c |" in text  # the table survives the message
     assert is_terminal(job) and not is_terminal({**job, "state": "running"})
     (row,) = job_rows([job])
