@@ -22,17 +22,15 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pandas as pd
 import typer
 
-from benchmarks.tracing_overhead import LUA, _measure, _ready, _train
+from benchmarks.tracing_overhead import _measure, _ready, predict_load
 from cluster.sandbox import hermetic_stack, start, stop
 from core.settings import REPO_ROOT, Settings
-from serve_apps.schemas import EXAMPLE_ROW
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 BATCH = 20
@@ -125,10 +123,7 @@ def run(connections: int = 16, duration: int = 20, rounds: int = 3) -> dict[str,
     overrides = {**BENCH_MONITOR, "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
     with hermetic_stack("bench_monitor", overrides) as stack:
         env, key = stack.env, stack.api_key
-        url = f"http://127.0.0.1:{env['SERVE_PORT']}/v1/predict"
-        script = Path(env["STATE_DIR"]) / "predict.lua"
-        script.write_text(LUA.format(key=key, body=json.dumps({"instances": [EXAMPLE_ROW]})))
-        version = _train(stack.settings)
+        url, script, version = predict_load(stack)
         for _ in range(rounds):
             for monitor in (False, True):
                 stop(env)

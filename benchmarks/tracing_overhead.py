@@ -22,7 +22,7 @@ import httpx
 import typer
 
 from benchmarks.training_jobs_api import parse_wrk
-from cluster.sandbox import OtlpSink, hermetic_stack, start, stop
+from cluster.sandbox import OtlpSink, Stack, hermetic_stack, start, stop
 from core.settings import REPO_ROOT, Settings
 from serve_apps.schemas import EXAMPLE_ROW
 
@@ -49,6 +49,16 @@ def _train(settings: Settings) -> str:
     if not wait_for_version(settings, version, 120):
         raise SystemExit("the model was not served")
     return version
+
+
+def predict_load(stack: Stack) -> tuple[str, Path, str]:
+    """A hermetic stack made ready for wrk: the predict URL straight to Serve, the wrk script
+    posting one example row with the stack's key, and the version of a freshly trained model."""
+    env = stack.env
+    url = f"http://127.0.0.1:{env['SERVE_PORT']}/v1/predict"
+    script = Path(env["STATE_DIR"]) / "predict.lua"
+    script.write_text(LUA.format(key=stack.api_key, body=json.dumps({"instances": [EXAMPLE_ROW]})))
+    return url, script, _train(stack.settings)
 
 
 def _ready(url: str, key: str) -> None:
@@ -83,10 +93,7 @@ def main(connections: int = 16, duration: int = 20, rounds: int = 2) -> None:
     try:
         with hermetic_stack("bench_trace", overrides) as stack:
             env, key = stack.env, stack.api_key
-            url = f"http://127.0.0.1:{env['SERVE_PORT']}/v1/predict"
-            script = Path(env["STATE_DIR"]) / "predict.lua"
-            script.write_text(LUA.format(key=key, body=json.dumps({"instances": [EXAMPLE_ROW]})))
-            version = _train(stack.settings)
+            url, script, version = predict_load(stack)
             for _ in range(rounds):
                 for tracing in (False, True):
                     stop(env)
