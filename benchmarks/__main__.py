@@ -8,7 +8,8 @@ in-process call, profiles the ingress replica, measures two models served at onc
 (benchmarks/multi_model.py) and the shapes Serve offers for many models
 (benchmarks/serving_shapes.py), stops the stack, then measures training (Ray Train
 with 1 and 2 workers against a plain PyTorch loop, and Ray Tune) on a quiet machine, and the drift
-monitor's cost and time to alert (benchmarks/monitor_overhead.py). Writes
+monitor's cost and time to alert (benchmarks/monitor_overhead.py), and what a shadow challenger
+costs the clients (benchmarks/shadow_overhead.py). Writes
 results.json, report.md and PNG plots to --out.
 """
 
@@ -28,7 +29,7 @@ from benchmarks.serving_shapes import run_shapes
 from cluster.sandbox import hermetic_stack
 from core.settings import REPO_ROOT
 
-SECTIONS = ("loop", "serving", "shapes", "training", "monitor")
+SECTIONS = ("loop", "serving", "shapes", "training", "monitor", "shadow")
 app = typer.Typer(add_completion=False)
 
 
@@ -91,6 +92,11 @@ def main(
 
         # Stacks of its own, restarted with the drift monitor off and on (benchmarks/monitor_overhead.py).
         results["monitor"] = run_monitor(duration=5 if quick else 20, rounds=1 if quick else 3)
+    if "shadow" not in skipped:
+        from benchmarks.shadow_overhead import run as run_shadow
+
+        # A stack of its own, with a shadow challenger loaded and not, alternating.
+        results["shadow"] = run_shadow(duration=5 if quick else 20, rounds=1 if quick else 3)
     results["duration_s"] = time.monotonic() - started
     written = write_report(results, out)
     typer.echo(f"wrote {', '.join(str(p) for p in written.values())} in {results['duration_s']:.0f} s")

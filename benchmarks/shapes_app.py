@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from serve_apps.champion import BatchResult, ChampionModel
-from serve_apps.fleet import ModelFleet, UnknownModelError, predict_by_model
+from serve_apps.fleet import ModelFleet, Routed, UnknownModelError, predict_by_model
 
 # As many models as the platform's fleet keeps by default (MODEL_MAX_SERVED).
 MAX_MODELS = 16
@@ -71,7 +71,7 @@ class ShapeModels:
         return await self._fleet.get(request.url.path.rstrip("/").rsplit("/", 1)[-1])
 
     @serve.batch
-    async def _batch(self, requests: list[tuple[ChampionModel, list[dict[str, Any]]]]) -> list[BatchResult]:
+    async def _batch(self, requests: list[Routed]) -> list[BatchResult]:
         return predict_by_model(requests)
 
     async def __call__(self, request: Request) -> Response:
@@ -80,7 +80,9 @@ class ShapeModels:
         except UnknownModelError as error:
             return Response(orjson.dumps({"detail": str(error)}), status_code=404, media_type="application/json")
         rows = orjson.loads(await request.body())["instances"]
-        result: BatchResult = await self._batch((champion, rows))
+        model = champion.loaded
+        assert model is not None  # the fleet and _multiplexed_model hand out loaded models only
+        result: BatchResult = await self._batch(Routed(champion, model, rows))
         body = {"model": result.model.ref, "predictions": result.predictions}
         return Response(orjson.dumps(body), media_type="application/json")
 

@@ -12,6 +12,7 @@ from cluster.observability import (
     RULES_DIR,
     WEBHOOK_PATH,
     alert_durations,
+    alert_expressions,
     alertmanager_config,
     dump,
     local_targets,
@@ -64,12 +65,14 @@ def render_alertmanager_config(settings: Settings) -> Path:
 
 
 def render_rules_dir(settings: Settings) -> Path:
-    """The rules Prometheus reads: the shipped ones with the settings' `for:` durations, rendered
-    into the state directory; a directory PROMETHEUS_RULES_DIR names instead is used as it is."""
+    """The rules Prometheus reads: the shipped ones with the settings' `for:` durations and alert
+    windows, rendered into the state directory; a directory PROMETHEUS_RULES_DIR names instead is
+    used as it is."""
     chosen = settings.prometheus.rules_dir
     if chosen.resolve() != RULES_DIR.resolve():
         return chosen
-    return write_rules(_observability_dir(settings) / "rules", alert_durations(settings))
+    target = _observability_dir(settings) / "rules"
+    return write_rules(target, alert_durations(settings), expressions=alert_expressions(settings))
 
 
 def render_prometheus_config(settings: Settings) -> Path:

@@ -6,10 +6,11 @@ cluster/alertmanager/alertmanager.yml by `python -m cluster render-observability
 the committed files equal to what this module produces).
 
 The alert rules are cluster/prometheus/rules. The `for:` of the drift and estimated-accuracy alerts
-is a setting (MONITOR_DRIFT_ALERT_FOR_S, MONITOR_ESTIMATED_ACCURACY_ALERT_FOR_S): `cluster up`
-renders a copy of the rules with those into its state directory (`render_rules`) and points
-Prometheus at it, unless PROMETHEUS_RULES_DIR names another directory, whose rules are used as
-they are. Compose mounts the shipped rules as they are, so it keeps the defaults written there;
+is a setting (MONITOR_DRIFT_ALERT_FOR_S, MONITOR_ESTIMATED_ACCURACY_ALERT_FOR_S), and so is how
+long ModelRolledBack fires after a rollback (PROBATION_ALERT_S, a number in its expression):
+`cluster up` renders a copy of the rules with those into its state directory (`render_rules`) and
+points Prometheus at it, unless PROMETHEUS_RULES_DIR names another directory, whose rules are used
+as they are. Compose mounts the shipped rules as they are, so it keeps the defaults written there;
 a compose deployment changes them by editing the rule file.
 """
 
@@ -115,6 +116,29 @@ def alert_durations(settings: Settings) -> dict[str, float]:
     }
 
 
+ROLLED_BACK_ALERT = "ModelRolledBack"
+
+
+def _promql_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def rolled_back_expression(window_s: float) -> str:
+    """ModelRolledBack's expression: true for `window_s` after a model's latest rollback, with the
+    versions as labels. The window is in the expression rather than a `for:`, which would only
+    delay the start. The gauge is read from the database, so whichever dispatchers export it
+    (several, or a new leader after a failover) agree, and their series make one alert."""
+    return (
+        "time() - max by (model, model_version, restored_version) (model_last_rollback_timestamp_seconds)\n"
+        f"  < {_promql_number(window_s)}\n"
+    )
+
+
+def alert_expressions(settings: Settings) -> dict[str, str]:
+    """The alerts whose expression holds a setting."""
+    return {ROLLED_BACK_ALERT: rolled_back_expression(settings.probation.alert_s)}
+
+
 class _RulesDumper(yaml.SafeDumper):
     """Multi-line text (the rules' PromQL) as a block, as the shipped file writes it."""
 
@@ -127,17 +151,22 @@ _RulesDumper.add_representer(str, _text)
 
 
 RENDERED_RULES_HEADER = (
-    "# Rendered by `cluster up` from cluster/prometheus/rules with the `for:` durations of the\n"
-    "# settings (MONITOR_*_ALERT_FOR_S); do not edit, it is rewritten on every `cluster up`.\n"
+    "# Rendered by `cluster up` from cluster/prometheus/rules with the `for:` durations and the\n"
+    "# rollback alert's window of the settings (MONITOR_*_ALERT_FOR_S, PROBATION_ALERT_S); do not\n"
+    "# edit, it is rewritten on every `cluster up`.\n"
 )
 
 
-def render_rules(durations: Mapping[str, float], source: Path = RULES_DIR) -> dict[str, str]:
+def render_rules(
+    durations: Mapping[str, float], source: Path = RULES_DIR, expressions: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Every rule file of `source` (file name -> text), with the `for:` of the alerts named in
-    `durations` set to theirs. An alert named there but in no file is an error: a renamed rule
-    would otherwise lose its setting without a word."""
+    `durations` set to theirs, and the `expr` of those named in `expressions`. An alert named
+    there but in no file is an error: a renamed rule would otherwise lose its setting without a
+    word."""
+    expressions = expressions or {}
     rendered: dict[str, str] = {}
-    missing = set(durations)
+    missing = set(durations) | set(expressions)
     for path in sorted(source.glob("*.yml")):
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         for group in document.get("groups", []):
@@ -145,6 +174,9 @@ def render_rules(durations: Mapping[str, float], source: Path = RULES_DIR) -> di
                 name = rule.get("alert")
                 if name in durations:
                     rule["for"] = prometheus_duration(durations[name])
+                    missing.discard(name)
+                if name in expressions:
+                    rule["expr"] = expressions[name]
                     missing.discard(name)
         rendered[path.name] = RENDERED_RULES_HEADER + yaml.dump(
             document, Dumper=_RulesDumper, sort_keys=False, allow_unicode=True, width=1000
@@ -154,9 +186,11 @@ def render_rules(durations: Mapping[str, float], source: Path = RULES_DIR) -> di
     return rendered
 
 
-def write_rules(target: Path, durations: Mapping[str, float], source: Path = RULES_DIR) -> Path:
+def write_rules(
+    target: Path, durations: Mapping[str, float], source: Path = RULES_DIR, expressions: Mapping[str, str] | None = None
+) -> Path:
     """Render the rules into `target`, a directory of their own: files no longer shipped go."""
-    rendered = render_rules(durations, source)
+    rendered = render_rules(durations, source, expressions)
     target.mkdir(parents=True, exist_ok=True)
     for stale in target.glob("*.yml"):
         if stale.name not in rendered:

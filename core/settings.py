@@ -237,6 +237,9 @@ class TrainingQueueSettings(Group):
     # API answers 429 with Retry-After. Jobs of the alert webhook and of operators count against no key.
     max_active_per_key: int = Field(default=2, ge=1)
     max_per_hour_per_key: int = Field(default=10, ge=1)
+    # Inside a Ray job the dispatcher started: the training job it runs for (TRAINING_JOB_ID). A
+    # rollout of the job's candidate reports its decisions to that job's history.
+    job_id: str | None = None
 
 
 class DispatcherSettings(Group):
@@ -334,6 +337,53 @@ class MonitorSettings(Group):
     # ModelEstimatedAccuracyLow: estimated accuracy below the reference by more than this.
     estimated_accuracy_max_drop: float = Field(default=0.05, gt=0, lt=1)
     estimated_accuracy_alert_for_s: float = Field(default=600.0, ge=0)
+
+
+class RolloutSettings(Group):
+    """Shadow and canary rollouts and the service that owns them (services/rollout, run by the
+    dispatcher). A job config's `promotion.rollout` chooses the mode; the window and the rule below
+    apply where the config leaves them unset. The rule: docs/rollout.md."""
+
+    enabled: bool = True
+    refresh_s: float = Field(default=5.0, gt=0)
+    # A shadow window or canary step ends after this many mirrored requests, or this long.
+    window_requests: int = Field(default=1000, ge=1)
+    window_s: float = Field(default=3600.0, gt=0)
+    # Fewer paired rows than this when a window ends: nothing to judge by, so the candidate is rejected.
+    min_rows: int = Field(default=200, ge=1)
+    # Without `min_labels` labelled paired rows, the candidate must agree with the champion this often.
+    min_agreement: float = Field(default=0.9, ge=0, le=1)
+    min_labels: int = Field(default=50, ge=1)
+    # With them, its accuracy on the same rows may be at most this much below the champion's.
+    max_accuracy_drop: float = Field(default=0.02, ge=0, le=1)
+    # ... and by enough that chance does not explain it at this one-sided confidence (0.5: any drop).
+    confidence: float = Field(default=0.95, ge=0.5, lt=1)
+    # Two regression outputs agree when they differ by at most this share of the champion's value.
+    regression_tolerance: float = Field(default=0.1, ge=0)
+    # Mirrored requests waiting to be scored by the other version, per replica; more are dropped
+    # (and counted) rather than queued: the shadow path never holds memory or the client's answer.
+    shadow_queue_requests: int = Field(default=256, ge=1)
+    shadow_batch_rows: int = Field(default=256, ge=1)
+    # What the canary's stable hash is over: the API key's id, the request id, or a request header
+    # (`header:X-User-Id`; requests without it fall back to the API key's id).
+    canary_key: str = Field(default="api_key", pattern=r"^(api_key|request_id|header:[A-Za-z0-9-]+)$")
+
+
+class ProbationSettings(Group):
+    """After any promotion the new champion is on probation for `window_s`: when its live accuracy
+    (or, without enough labels, its estimated accuracy) falls below the previous champion's over
+    its last window of the same length by more than `max_drop`, the alias goes back."""
+
+    enabled: bool = True
+    window_s: float = Field(default=3600.0, gt=0)
+    min_labels: int = Field(default=50, ge=1)
+    min_rows: int = Field(default=200, ge=1)
+    max_drop: float = Field(default=0.02, ge=0, le=1)
+    use_estimate: bool = True
+    # A drop counts when chance does not explain it at this one-sided confidence (0.5: any drop).
+    confidence: float = Field(default=0.95, ge=0.5, lt=1)
+    # ModelRolledBack stays firing this long after a rollback.
+    alert_s: float = Field(default=3600.0, gt=0)
 
 
 class RetrainSettings(Group):
@@ -510,6 +560,8 @@ class Settings(BaseSettings):
     accuracy: AccuracySettings = Field(default_factory=AccuracySettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    probation: ProbationSettings = Field(default_factory=ProbationSettings)
     alert: AlertSettings = Field(default_factory=AlertSettings)
     otel: OtelSettings = Field(default_factory=OtelSettings)
     prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)

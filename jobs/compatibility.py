@@ -20,6 +20,8 @@ FORCE_REASON_TAG = "promotion.force_reason"
 # On the registered model: the version whose serving contract is in force, moved only by the gate
 # together with the alias. A replica starting cold compares the alias with it.
 CONTRACT_TAG = "serving.contract_version"
+# MLflow caps tag values (5,000 characters for model versions); reasons name columns and can be long.
+MAX_TAG_CHARS = 4000
 
 
 def _listed(names: list[str]) -> str:

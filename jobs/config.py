@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +115,38 @@ class TrainConfig(_Strict):
 RecentRule = Literal["recent_and_test", "recent_only", "test_only"]
 
 
+RolloutMode = Literal["immediate", "shadow", "canary"]
+
+
+class RolloutPolicy(_Strict):
+    """How a candidate that passed the gate reaches the clients (docs/rollout.md): at once
+    (`immediate`), after a window as a shadow that scores mirrored requests (`shadow`), or answering
+    growing shares of the traffic (`canary`). The window and thresholds left unset come from the
+    ROLLOUT_* settings."""
+
+    mode: RolloutMode = "immediate"
+    # Canary shares, increasing, each judged before the next; reaching 1.0 is the promotion.
+    canary_steps: list[float] = Field(default_factory=lambda: [0.05, 0.25, 1.0], min_length=1, max_length=10)
+    window_requests: int | None = Field(default=None, ge=1)
+    window_s: float | None = Field(default=None, gt=0)
+    min_agreement: float | None = Field(default=None, ge=0, le=1)
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _increasing_shares(self) -> RolloutPolicy:
+        steps = self.canary_steps
+        if any(not 0 < share <= 1 for share in steps):
+            raise ValueError("canary_steps are shares of the traffic in (0, 1]")
+        if any(later <= earlier for earlier, later in itertools.pairwise(steps)):
+            raise ValueError("canary_steps must increase")
+        return self
+
+    @property
+    def judged_steps(self) -> list[float]:
+        """The shares the candidate answers before it is promoted (1.0 is the promotion itself)."""
+        return [share for share in self.canary_steps if share < 1]
+
+
 class PromotionConfig(_Strict):
     metric: str | None = None  # default: roc_auc (classification) or rmse (regression)
     margin: float = 0.0
@@ -123,6 +156,8 @@ class PromotionConfig(_Strict):
     # `test_tolerance`; `recent_only` looks at the slice alone; `test_only` ignores it.
     recent_rule: RecentRule = "recent_and_test"
     test_tolerance: float = Field(default=0.02, ge=0)
+    # What happens to a candidate that passed: changed through a request's overrides by admins only.
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
 
 
 class FeedbackConfig(_Strict):

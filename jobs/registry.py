@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from core.audit import Actor
 from jobs.predictor import TabularPredictor
 from jobs.pyfunc import INFERENCE_MODULES, INFERENCE_REQUIREMENTS, PREDICTOR_ARTIFACT, TabularPyfunc
+from jobs.rollout import alias_version
 from jobs.tracking import artifact_upload
 
 CONFIG_ARTIFACT = "job_config.json"
@@ -138,18 +139,8 @@ def load_predictor(model_uri: str, tracking_uri: str) -> TabularPredictor:
 
 def champion_version(client: MlflowClient, model_name: str, alias: str) -> ModelVersion | None:
     """The version `alias` names; None only when the registry says the model or the alias does not
-    exist. Any other failure (the registry unreachable, a server error) raises: "no champion" lets
-    the gate promote anything and a replica call a model unknown, so it must never be a guess."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
-
-    absent = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
-    try:
-        return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException as exc:
-        if exc.error_code in absent:
-            return None
-        raise
+    exist, any other failure raises (`jobs.rollout.alias_version`)."""
+    return alias_version(client, model_name, alias)
 
 
 def run_config(client: MlflowClient, run_id: str) -> dict[str, Any]:

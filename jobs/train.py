@@ -269,6 +269,7 @@ def promote_if_enabled(
         splits.test,
         actor=actor,
         recent=splits.recent,
+        settings=settings,
     )
 
 

@@ -318,8 +318,7 @@ def _record_on_parent(best_run_id: str, best_params: dict[str, Any], decision: D
     mlflow.log_params({f"best_trial.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in best_params.items()})
     mlflow.set_tag("tune.best_run_id", best_run_id)
     if decision is not None:  # the gate tags the version's run (the best trial); this is the job's run
-        decided = "promoted" if decision.promote else "rejected"
-        mlflow.set_tags({"promotion.decision": decided, "promotion.reason": decision.reason})
+        mlflow.set_tags({"promotion.decision": decision.label, "promotion.reason": decision.reason})
 
 
 def _open_parent(

@@ -1,5 +1,6 @@
 """The champion model inside the ingress replica: follows the registry alias, hot-swaps versions,
-predicts joined batches.
+predicts joined batches; during a shadow or canary rollout it holds the challenger too
+(serve_apps/rollout.py loads it and routes to it).
 
 It lives in the replica that parses the request rather than in a deployment of its own: a Ray
 actor call per request cost more than the model itself (see benchmarks/README.md), and scaling
@@ -20,8 +21,10 @@ from mlflow.tracking import MlflowClient
 from jobs.compatibility import CONTRACT_TAG, contract_changes, operator_approval
 from jobs.predictor import TabularPredictor
 from jobs.registry import champion_version, load_predictor
+from jobs.rollout import RESTORED_FROM_TAG
 from serve_apps.metrics import ModelMetrics
 from serve_apps.validation import RowValidator
+from services.rollout.models import RolloutKind
 
 log = logging.getLogger("ray.serve")
 
@@ -39,6 +42,20 @@ class LoadedModel:
     @property
     def ref(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version, "run_id": self.run_id}
+
+
+@dataclass(frozen=True, slots=True)
+class ServingRollout:
+    """A shadow or canary rollout as this replica follows it for one model, with the challenger
+    loaded: replaced whole (one reference) whenever the rollout service's record changes."""
+
+    id: int
+    kind: RolloutKind
+    # The champion the rollout compares with: a replica still serving another version neither
+    # routes to the challenger nor mirrors, so every paired row compares these two versions.
+    champion_version: str
+    share: float  # of the traffic the challenger answers (canary); shadow: 0
+    challenger: LoadedModel
 
 
 @dataclass(frozen=True)
@@ -118,17 +135,29 @@ def _contract_in_force(client: MlflowClient, model_name: str, aliased: str) -> L
 
 
 def poll_alias(
-    client: MlflowClient, model_name: str, alias: str, current: LoadedModel | None, refused: RefusedSwap | None
+    client: MlflowClient,
+    model_name: str,
+    alias: str,
+    current: LoadedModel | None,
+    refused: RefusedSwap | None,
+    preloaded: LoadedModel | None = None,
 ) -> Poll:
-    """Blocking registry look-up; downloads a version only when the alias moved to one not yet refused."""
+    """Blocking registry look-up; downloads a version only when the alias moved to one not yet
+    refused and not `preloaded` (a promoted challenger is already in memory)."""
     mv = champion_version(client, model_name, alias)
     version = None if mv is None else str(mv.version)  # an int from some registry stores
     if mv is None or version is None or (current is not None and version == current.version):
         return Poll()
-    approved = operator_approval(mv.tags or {})
+    # A rollback restores the contract clients had before the version being served: it may be
+    # narrower than the one it replaces, and was in force until the promotion it undoes.
+    restored = current is not None and (mv.tags or {}).get(RESTORED_FROM_TAG) == current.version
+    approved = operator_approval(mv.tags or {}) or restored
     if refused is not None and refused.version == version and not approved:
         return Poll(refused=refused)
-    candidate = load_version(client, model_name, version, mv.run_id)
+    if preloaded is not None and preloaded.version == version:
+        candidate = preloaded
+    else:
+        candidate = load_version(client, model_name, version, mv.run_id)
     in_force = current or (None if approved else _contract_in_force(client, model_name, version))
     if in_force is None or approved:
         return Poll(model=candidate)
@@ -161,6 +190,8 @@ class ChampionModel:
         self.loaded: LoadedModel | None = None
         self.refused: RefusedSwap | None = None
         self.last_error: str | None = None
+        # Set by the replica's RolloutFollower (serve_apps/rollout.py); None: no rollout to follow.
+        self.rollout: ServingRollout | None = None
         self._follower: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -174,9 +205,16 @@ class ChampionModel:
     async def refresh(self) -> str | None:
         """Load the aliased version if it changed; requests keep using the old one until then."""
         current = self.loaded
+        rollout = self.rollout
         try:
             poll = await asyncio.to_thread(
-                poll_alias, self.registry, self.model_name, self.alias, current, self.refused
+                poll_alias,
+                self.registry,
+                self.model_name,
+                self.alias,
+                current,
+                self.refused,
+                rollout.challenger if rollout is not None else None,
             )
         except Exception as exc:  # keep serving the loaded version whatever the registry does
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -261,9 +299,10 @@ class ChampionModel:
             "swap_refused": self._refused_view(),
         }
 
-    def predict(self, requests: list[list[dict[str, Any]]]) -> list[BatchResult]:
-        """One model call for the rows of every request in the batch (already validated)."""
-        model = self.loaded
+    def predict(self, requests: list[list[dict[str, Any]]], model: LoadedModel | None = None) -> list[BatchResult]:
+        """One model call for the rows of every request in the batch (already validated): with
+        `model` (the champion or the challenger a request was routed to), else the loaded champion."""
+        model = model or self.loaded
         assert model is not None  # callers checked; the reference is only ever replaced
         schema = model.predictor.schema
         rows = [row for request in requests for row in request]

@@ -4,8 +4,9 @@ other registered model whose champion alias is set, loaded on its first request.
 A model becomes servable when the promotion gate sets its alias: no code change, no redeploy, no
 restart of the models already served. Each model is a `ChampionModel` of its own (alias polling,
 hot swap, the serving-contract check), and all of them share the replica's batch queue
-(`Ingress._predict_batch` groups a batch by model). The replica keeps at most `max_models` models;
-the least recently used one other than the default makes room, and loads again on its next request.
+(`Ingress._predict_batch` groups a batch by model version: a canary's challenger is one more). The
+replica keeps at most `max_models` models; the least recently used one other than the default
+makes room, and loads again on its next request.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from mlflow.tracking import MlflowClient
 
 from jobs.config import MODEL_NAME_PATTERN
-from serve_apps.champion import BatchResult, ChampionModel
+from serve_apps.champion import BatchResult, ChampionModel, LoadedModel
 
 # How many names that are not servable models the replica remembers, and for how long, so that
 # requests for them do not each cost a registry look-up.
@@ -135,13 +136,28 @@ class ModelFleet:
             loading.cancel()
 
 
-def predict_by_model(requests: list[tuple[ChampionModel, list[dict[str, Any]]]]) -> list[BatchResult]:
-    """One model call per model in a joined batch; the results in the requests' order."""
-    groups: dict[int, tuple[ChampionModel, list[int]]] = {}
-    for position, (champion, _) in enumerate(requests):
-        groups.setdefault(id(champion), (champion, []))[1].append(position)
+class Routed(NamedTuple):
+    """One request's share of the replica's batch queue: its rows, and the version that answers
+    them (the champion, or a canary's challenger), chosen when the request was validated."""
+
+    champion: ChampionModel
+    model: LoadedModel
+    rows: list[dict[str, Any]]
+
+
+def predict_by_model(requests: list[Routed]) -> list[BatchResult]:
+    """One model call per model version in a joined batch; the results in the requests' order."""
+    groups: dict[int, tuple[ChampionModel, LoadedModel, list[int]]] = {}
+    for position, (champion, model, _) in enumerate(requests):
+        group = groups.get(id(model))
+        if group is None:
+            group = groups[id(model)] = (champion, model, [])
+        group[2].append(position)
+    if len(groups) == 1:  # the usual batch: one model, results already in order
+        champion, model, _ = next(iter(groups.values()))
+        return champion.predict([rows for _, _, rows in requests], model)
     results: dict[int, BatchResult] = {}
-    for champion, positions in groups.values():
-        answered = champion.predict([requests[p][1] for p in positions])
+    for champion, model, positions in groups.values():
+        answered = champion.predict([requests[p].rows for p in positions], model)
         results.update(zip(positions, answered, strict=True))
     return [results[position] for position in range(len(requests))]

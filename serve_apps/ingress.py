@@ -18,7 +18,7 @@ from core.logs import add_context_filter
 from core.settings import get_settings
 from serve_apps.api import create_api
 from serve_apps.champion import BatchResult, ChampionModel
-from serve_apps.fleet import ModelFleet, predict_by_model
+from serve_apps.fleet import ModelFleet, Routed, predict_by_model
 from serve_apps.metrics import IngressMetrics, ModelMetrics
 from serve_apps.replica import Replica, ServingKnobs
 from serve_apps.serve_config import serving_knobs
@@ -100,6 +100,8 @@ class Ingress:
         # What the settings say until Serve's user_config (rendered from the same settings) arrives.
         self.reconfigure(serving_knobs(settings.serve, settings.model, settings.max_batch_rows).model_dump())
         await champion.start()
+        # After the champion: a challenger is checked against the contract of the one served.
+        self._replica.start_rollouts()
         self._log_flusher = asyncio.get_running_loop().create_task(flush_serve_logs(LOG_FLUSH_INTERVAL_S))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -121,7 +123,7 @@ class Ingress:
         log.info("serving knobs: %s", knobs.model_dump())
 
     @serve.batch
-    async def _predict_batch(self, requests: list[tuple[ChampionModel, list[dict[str, Any]]]]) -> list[BatchResult]:
+    async def _predict_batch(self, requests: list[Routed]) -> list[BatchResult]:
         # Runs on the replica's event loop: the model call for a batch of single rows is cheaper
         # than a hand-off to a thread would be.
         return predict_by_model(requests)

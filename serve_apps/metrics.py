@@ -58,3 +58,51 @@ class ModelMetrics:
             boundaries=ROW_BUCKETS,
             tag_keys=("model",),
         )
+
+
+class RolloutMetrics:
+    """The replica's side of a shadow or canary rollout (the rollout service's own figures are on
+    the dispatcher's registry). Counts are kept in plain dicts on the request path and reported
+    in bulk by `report`: a Ray counter's `inc` costs more than the routing decision it would count."""
+
+    def __init__(self) -> None:
+        self.shadow_requests = Counter(
+            "serve_shadow_requests",
+            "Requests mirrored to the other version of a rollout, by outcome: scored, dropped (the "
+            "replica's mirror queue was full) or failed (the model call raised).",
+            tag_keys=("model", "outcome"),
+        )
+        self.canary_requests = Counter(
+            "serve_canary_requests",
+            "Requests answered while a canary rollout routes a share of the traffic, by the version that answered.",
+            tag_keys=("model", "model_version"),
+        )
+        self.challenger_version = Gauge(
+            "serve_challenger_version",
+            "The challenger version this replica has loaded for a shadow or canary rollout (0: none).",
+            tag_keys=("model",),
+        )
+        self.challengers_refused = Counter(
+            "serve_challengers_refused",
+            "Challengers this replica would not load because they break the champion's serving contract.",
+            tag_keys=("model",),
+        )
+        self._shadow: dict[tuple[str, str], int] = {}
+        self._canary: dict[tuple[str, str], int] = {}
+
+    def count_shadow(self, model: str, outcome: str, requests: int = 1) -> None:
+        key = (model, outcome)
+        self._shadow[key] = self._shadow.get(key, 0) + requests
+
+    def count_canary(self, model: str, version: str) -> None:
+        key = (model, version)
+        self._canary[key] = self._canary.get(key, 0) + 1
+
+    def report(self) -> None:
+        """Hand the counts gathered since the last call to Ray's metrics agent."""
+        shadow, self._shadow = self._shadow, {}
+        canary, self._canary = self._canary, {}
+        for (model, outcome), count in shadow.items():
+            self.shadow_requests.inc(count, tags={"model": model, "outcome": outcome})
+        for (model, version), count in canary.items():
+            self.canary_requests.inc(count, tags={"model": model, "model_version": version})

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.rollout.models import RolloutOverview
+
 EXAMPLE_ROW: dict[str, Any] = {
     "age": 39,
     "workclass": "State-gov",
@@ -79,6 +81,13 @@ class CurrentModel(BaseModel):
     features: list[FeatureInfo]
     metrics: dict[str, float]
     swap_refused: RefusedSwapInfo | None = None
+    rollout: RolloutOverview | None = Field(
+        default=None,
+        description="the model's shadow or canary rollout (challenger, mode, step, share, figures so far) and "
+        "its probation after a promotion, as the rollout service recorded them, with their latest events; "
+        "null without a rollout service (no DATABASE_URL) or when its records could not be read",
+    )
+    rollout_error: str | None = Field(default=None, description="why the rollout records could not be read")
 
 
 class ServedModel(BaseModel):

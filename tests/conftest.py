@@ -188,6 +188,18 @@ def stack(
         "MONITOR_REFRESH_S": "2",
         "MONITOR_MIN_ROWS": "100",
         "MONITOR_MAX_ROWS": "300",
+        # Rollouts judged on test-sized windows; callers told apart by a header the tests set. The
+        # label-free estimate stays out of probation here: the session's tests promote versions
+        # of one model again and again on repeated example rows, whose estimates say nothing.
+        "ROLLOUT_REFRESH_S": "1",
+        "ROLLOUT_WINDOW_REQUESTS": "200",
+        "ROLLOUT_MIN_ROWS": "80",
+        "ROLLOUT_MIN_LABELS": "40",
+        "ROLLOUT_MIN_AGREEMENT": "0.85",
+        "ROLLOUT_CANARY_KEY": "header:X-Client-Id",
+        "PROBATION_WINDOW_S": "300",
+        "PROBATION_MIN_LABELS": "40",
+        "PROBATION_USE_ESTIMATE": "false",
     }
     # This process reaches the stack with the same settings as its own processes (get_settings,
     # the CLIs it runs), so they go into its environment for the session.

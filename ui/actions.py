@@ -109,6 +109,12 @@ class UiActions:
         """The monitor's latest report on the served version of `model` (default: the API's)."""
         return self.api.monitoring(model or self.model_name)
 
+    @traced("model rollout")
+    def rollout(self, model: str | None = None) -> dict[str, Any]:
+        """The served model as the API describes it, its `rollout` field (the rollout service's
+        challenger, probation and decisions) included."""
+        return self.api.current_model(model or None)
+
     def _add_curves(self, card: ModelCard) -> None:
         run_id = str(card.current.get("run_id") or "")
         if not run_id:

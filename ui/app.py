@@ -18,6 +18,8 @@ from ui.http import NO_KEY_MESSAGE
 from ui.jobs import JOB_COLUMNS, is_terminal, job_markdown, job_rows
 from ui.monitoring import FEATURE_COLUMNS, feature_rows, monitoring_markdown, unavailable_markdown
 from ui.prediction import error_markdown, feedback_markdown, prediction_markdown
+from ui.rollout import EVENT_COLUMNS, event_rows, rollout_markdown
+from ui.rollout import unavailable_markdown as rollout_unavailable
 
 TITLE = "Ray cluster platform"
 FOLLOW_EVERY_S = 3.0
@@ -89,7 +91,7 @@ def build_app(actions: UiActions) -> gr.Blocks:
             with gr.Tab("Prediction", elem_id="tab-prediction"):
                 form = _predict_tab(actions, picker)
             with gr.Tab("Model", elem_id="tab-model") as model_tab:
-                card, monitor = _model_tab(actions, picker)
+                card, rollout, monitor = _model_tab(actions, picker)
             with gr.Tab("Training", elem_id="tab-training") as training_tab:
                 jobs = _training_tab(actions)
         _register_api(actions)
@@ -102,11 +104,12 @@ def build_app(actions: UiActions) -> gr.Blocks:
         picker.input(form.fn, inputs=list(form.inputs), outputs=form.outputs, api_visibility="private").then(
             card.fn, inputs=list(card.inputs), outputs=card.outputs, api_visibility="private"
         )
-        picker.input(monitor.fn, inputs=list(monitor.inputs), outputs=monitor.outputs, api_visibility="private")
-        # The other tabs fill in when opened: the card costs several MLflow requests. The
-        # monitoring report is one API call of its own, shown as soon as it is there.
-        model_tab.select(card.fn, inputs=list(card.inputs), outputs=card.outputs, api_visibility="private")
-        model_tab.select(monitor.fn, inputs=list(monitor.inputs), outputs=monitor.outputs, api_visibility="private")
+        for part in (rollout, monitor):
+            picker.input(part.fn, inputs=list(part.inputs), outputs=part.outputs, api_visibility="private")
+        # The other tabs fill in when opened: the card costs several MLflow requests. The rollout
+        # and the monitoring report are one API call each, shown as soon as they are there.
+        for part in (card, rollout, monitor):
+            model_tab.select(part.fn, inputs=list(part.inputs), outputs=part.outputs, api_visibility="private")
         training_tab.select(jobs.fn, outputs=jobs.outputs, api_visibility="private")
     return demo
 
@@ -246,9 +249,23 @@ def monitoring_outputs(actions: UiActions, model: str | None = None) -> tuple[st
     return monitoring_markdown(report), feature_rows(report)
 
 
-def _model_tab(actions: UiActions, picker: gr.Dropdown) -> tuple[Loader, Loader]:
+def rollout_outputs(actions: UiActions, model: str | None = None) -> tuple[str, list[list[str]]]:
+    """The challenger, the champion on probation, and the rollout service's decisions (newest
+    first). Without them (the API away, a key without the scope) a line says why."""
+    try:
+        described = actions.rollout(model)
+    except ApiError as exc:
+        return rollout_unavailable(exc.message), []
+    return rollout_markdown(described), event_rows(described)
+
+
+def _model_tab(actions: UiActions, picker: gr.Dropdown) -> tuple[Loader, Loader, Loader]:
     refresh = gr.Button("Refresh", size="sm")
     text = gr.Markdown("Open this tab to load the served model's card.")
+    rollout = gr.Markdown(elem_id="model-rollout")
+    decisions = gr.Dataframe(
+        headers=EVENT_COLUMNS, label="Rollout decisions (newest first)", interactive=False, wrap=True
+    )
     monitoring = gr.Markdown(elem_id="model-monitoring")
     drift = gr.Dataframe(
         headers=FEATURE_COLUMNS, label="Drift per feature (drifted first)", interactive=False, wrap=True
@@ -261,10 +278,12 @@ def _model_tab(actions: UiActions, picker: gr.Dropdown) -> tuple[Loader, Loader]
     with gr.Accordion("Card as data", open=False):
         data = gr.JSON(label="Card")
     loader = Loader(lambda model: card_outputs(actions, model), [text, losses, scores, promotions, data], (picker,))
+    rolling = Loader(lambda model: rollout_outputs(actions, model), [rollout, decisions], (picker,))
     monitor = Loader(lambda model: monitoring_outputs(actions, model), [monitoring, drift], (picker,))
     refresh.click(loader.fn, inputs=list(loader.inputs), outputs=loader.outputs, api_name="model_card")
-    refresh.click(monitor.fn, inputs=list(monitor.inputs), outputs=monitor.outputs, api_visibility="private")
-    return loader, monitor
+    for part in (rolling, monitor):
+        refresh.click(part.fn, inputs=list(part.inputs), outputs=part.outputs, api_visibility="private")
+    return loader, rolling, monitor
 
 
 # Training jobs ------------------------------------------------------------------------------
@@ -410,6 +429,20 @@ def _register_api(actions: UiActions) -> None:
         except ApiError as exc:
             return {"error": exc.message}
 
+    def model_rollout(model: str = "") -> dict[str, Any]:
+        """The rollout of `model` (empty: the API's default model) as the API reports it: the
+        challenger in shadow or canary, the champion on probation, and the decisions, newest
+        first (`rollout`, null when the API has none to report); or `error` with the API's
+        reason."""
+        try:
+            described = actions.rollout(model or None)
+        except ApiError as exc:
+            return {"error": exc.message}
+        reported = {key: described.get(key) for key in ("name", "version", "rollout")}
+        if described.get("rollout_error"):
+            reported["rollout_error"] = described["rollout_error"]
+        return reported
+
     def cancel_job(job_id: str) -> dict[str, Any]:
         """Cancel a training job: the job, now `cancelled`, or `error` with the API's reason (it
         has already ended, or this UI's key cannot see it)."""
@@ -424,3 +457,4 @@ def _register_api(actions: UiActions) -> None:
     gradio_api(models, api_name="models")
     gradio_api(cancel_job, api_name="cancel_job")
     gradio_api(model_monitoring, api_name="model_monitoring")
+    gradio_api(model_rollout, api_name="model_rollout")

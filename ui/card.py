@@ -5,6 +5,7 @@ Pure shaping of what `/v1/models/current` and MLflow's REST API return.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,8 +24,15 @@ PROMOTION_COLUMNS = [
     "champion score",
     "against version",
     "reason",
+    "rollout",
     "registered (UTC)",
 ]
+# The rollout service's and a rollback's tags on a version (jobs/rollout.py; a test keeps them
+# equal): named here, so that the UI does not import the ML library for a few strings.
+ROLLOUT_STATE_TAG = "rollout.state"
+ROLLOUT_REASON_TAG = "rollout.reason"
+ROLLED_BACK_TAG = "rollback.rolled_back"
+RESTORED_FROM_TAG = "rollback.restored_from"
 
 
 def curve_keys(run: dict[str, Any]) -> list[str]:
@@ -69,6 +77,27 @@ def _utc(milliseconds: Any) -> str:
         return ""
 
 
+def rollout_outcome(tags: dict[str, str]) -> str:
+    """What the rollout service decided on a version (shadow or canary), and whether a rollback
+    moved the champion away from it or back to it; empty for a version it never handled."""
+    parts = []
+    if tags.get(ROLLOUT_STATE_TAG):
+        reason = tags.get(ROLLOUT_REASON_TAG)
+        parts.append(f"{tags[ROLLOUT_STATE_TAG]}: {reason}" if reason else tags[ROLLOUT_STATE_TAG])
+    if tags.get(ROLLED_BACK_TAG):
+        try:
+            rollback = json.loads(tags[ROLLED_BACK_TAG])
+        except ValueError:
+            rollback = None
+        if isinstance(rollback, dict):
+            parts.append(f"rolled back to v{rollback.get('to')} by {rollback.get('by')}: {rollback.get('reason')}")
+        else:
+            parts.append("rolled back")
+    if tags.get(RESTORED_FROM_TAG):
+        parts.append(f"restored by a rollback from v{tags[RESTORED_FROM_TAG]}")
+    return " · ".join(parts)
+
+
 def promotion_history(versions: list[dict[str, Any]], aliases: dict[str, str]) -> list[dict[str, Any]]:
     """One entry per registered version, newest first, with the gate's decision tags (written by
     jobs/promote.py); a version the gate never saw says so."""
@@ -86,6 +115,7 @@ def promotion_history(versions: list[dict[str, Any]], aliases: dict[str, str]) -
                 "champion score": tags.get("promotion.champion_score", ""),
                 "against version": tags.get("promotion.champion_version", ""),
                 "reason": tags.get("promotion.reason", ""),
+                "rollout": rollout_outcome(tags),
                 "registered (UTC)": _utc(version.get("creation_timestamp")),
             }
         )

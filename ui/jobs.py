@@ -82,6 +82,8 @@ def job_markdown(job: dict[str, Any]) -> str:
         paragraphs.append(f"Ray job `{job['ray_job_id']}`, MLflow run `{job.get('mlflow_run_id') or '-'}`")
     if job.get("model_version"):
         promoted = yes_no(job.get("promoted"), " (promoted to champion)", " (not promoted)")
+        if job.get("rollout"):
+            promoted = f" (passed the gate; rolled out as a {job['rollout']} challenger: see the Model tab)"
         paragraphs.append(f"Model version **{job['model_version']}**{promoted}")
     if job.get("test_metrics"):
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(job["test_metrics"].items()))
@@ -109,7 +111,7 @@ def job_rows(jobs: list[dict[str, Any]]) -> list[list[str]]:
             str(job.get("state")),
             str(job.get("attempts")),
             str(job.get("model_version") or ""),
-            yes_no(job.get("promoted")),
+            str(job["rollout"]) if job.get("rollout") else yes_no(job.get("promoted")),
             _short_time(job.get("created_at")),
             actor_label(job.get("created_by")),
             str(job.get("last_error") or "")[:120],

@@ -1,4 +1,6 @@
-"""Predictions from the champion of each served model, batched across requests inside the replica."""
+"""Predictions from the champion of each served model, batched across requests inside the replica;
+during a canary a share of the callers get the challenger's, and during a shadow or canary rollout
+every answered request is mirrored to the other version after the fact (serve_apps/shadow.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from opentelemetry import trace
 
-from serve_apps.champion import BatchResult, ChampionModel
+from core.keys import Principal
+from serve_apps.champion import BatchResult, ChampionModel, LoadedModel
 from serve_apps.dependencies import ModelName, Predictor, ReplicaDep, visible_model
 from serve_apps.errors import MODEL_RESPONSES, PREDICT_RESPONSES, error_response, request_id_of
+from serve_apps.fleet import Routed
 from serve_apps.replica import Replica
+from serve_apps.rollout import route
 from serve_apps.schemas import PredictRequest, PredictResponse
 from services.feedback.store import PredictionRow
 
@@ -34,7 +39,7 @@ def _too_many_rows(request: Request, rows: int, max_rows: int) -> Response:
 async def predict(body: PredictRequest, request: Request, replica: ReplicaDep, principal: Predictor) -> Any:
     """Predict with the default model (`MODEL_NAME`): a label and its probability for each instance."""
     visible_model(principal, replica.champion.model_name, replica.champion.alias)
-    return await _predict(body, request, replica, replica.champion, "/v1/predict")
+    return await _predict(body, request, replica, principal, replica.champion, "/v1/predict")
 
 
 @router.post(
@@ -50,11 +55,16 @@ async def predict_with(
     is set is served, from its first request on."""
     visible_model(principal, name, replica.champion.alias)
     champion = await replica.fleet.get(name)
-    return await _predict(body, request, replica, champion, "/v1/models/{name}/predict")
+    return await _predict(body, request, replica, principal, champion, "/v1/models/{name}/predict")
 
 
 async def _predict(
-    body: PredictRequest, request: Request, replica: Replica, champion: ChampionModel, route: str
+    body: PredictRequest,
+    request: Request,
+    replica: Replica,
+    principal: Principal,
+    champion: ChampionModel,
+    path: str,
 ) -> Response:
     if len(body.instances) > replica.max_rows:
         return _too_many_rows(request, len(body.instances), replica.max_rows)
@@ -65,10 +75,17 @@ async def _predict(
     if errors:
         fields = ", ".join(".".join(str(p) for p in e["loc"][1:]) for e in errors[:5])
         return error_response(request, 422, "validation_error", f"invalid instances: {fields}", errors)
-    replica.metrics.request_rows.observe(len(body.instances), tags={"route": route, "model": champion.model_name})
+    replica.metrics.request_rows.observe(len(body.instances), tags={"route": path, "model": champion.model_name})
+    # The challenger accepts whatever the champion does (serve_apps/rollout.py refuses one that
+    # does not), so the champion's validation stands for both.
+    rollout = champion.rollout
+    answering: LoadedModel = model
+    mirror_to: LoadedModel | None = None
+    if rollout is not None:
+        answering, mirror_to = route(rollout, model, replica.canary_key, request, principal)
     # A child span for the model's share of the request (a no-op without Serve's tracing).
     with _tracer.start_as_current_span("model.predict") as span:
-        result: BatchResult = await replica.predict_batch((champion, body.instances))
+        result: BatchResult = await replica.predict_batch(Routed(champion, answering, body.instances))
         served = result.model
         span.set_attribute("model.name", served.name)
         span.set_attribute("model.version", served.version)
@@ -94,6 +111,10 @@ async def _predict(
                 for i, (instance, p) in enumerate(zip(body.instances, result.predictions, strict=True))
             ]
         )
+    if mirror_to is not None and rollout is not None:
+        if rollout.kind == "canary":
+            replica.rollout_metrics.count_canary(served.name, served.version)
+        replica.mirror(rollout.id, mirror_to, rid, body.instances)
     # Serialised once with orjson, bypassing FastAPI's response-model validation: the body is
     # built here from typed values, and re-validating a large answer costs more than the model
     # (benchmarks/README.md).

@@ -12,6 +12,7 @@ from core.database import TRANSIENT_DB_ERRORS
 from serve_apps.dependencies import ModelName, Predictor, ReplicaDep, visible_model
 from serve_apps.errors import MODEL_RESPONSES, PREDICT_RESPONSES, error_response
 from serve_apps.fleet import ModelUnavailableError, UnknownModelError
+from serve_apps.replica import Replica
 from serve_apps.schemas import CurrentModel, ErrorResponse, ModelList, ModelMonitoring, ServedModel
 
 log = logging.getLogger("ray.serve")
@@ -26,7 +27,7 @@ async def current_model(request: Request, replica: ReplicaDep, principal: Predic
     current = replica.champion.current()
     if current is None:
         return error_response(request, 503, "not_ready", "no model loaded yet")
-    return current
+    return await _with_rollout(replica, replica.champion.model_name, current)
 
 
 @router.get("/v1/models", response_model=ModelList, responses={503: MODEL_RESPONSES[503]})
@@ -60,13 +61,19 @@ async def list_models(replica: ReplicaDep, principal: Predictor) -> Any:
 @router.get("/v1/models/{name}", response_model=CurrentModel, responses=MODEL_RESPONSES)
 async def get_model(name: ModelName, request: Request, replica: ReplicaDep, principal: Predictor) -> Any:
     """The champion of the registered model `name` as this replica serves it: version, schema,
-    test metrics, and a refused swap if any."""
+    test metrics, a refused swap if any, and its rollout: the challenger, the mode, the step and
+    share, the figures so far and the decisions (docs/rollout.md)."""
     visible_model(principal, name, replica.champion.alias)
     champion = await replica.fleet.get(name)
     current = champion.current()
     if current is None:
         return error_response(request, 503, "not_ready", f"no {champion.alias} of {name} is loaded yet")
-    return current
+    return await _with_rollout(replica, name, current)
+
+
+async def _with_rollout(replica: Replica, name: str, current: dict[str, Any]) -> dict[str, Any]:
+    rollout, error = await replica.rollout_overview(name)
+    return {**current, "rollout": rollout, "rollout_error": error}
 
 
 MONITORING_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -43,6 +43,8 @@ from services.dispatcher.snapshots import NoSnapshot, export_snapshot
 from services.feedback.store import FeedbackStore
 from services.monitoring.accuracy import AccuracyMonitor
 from services.monitoring.live import DriftMonitor
+from services.rollout.controller import RolloutController
+from services.rollout.store import RolloutStore
 from services.training_jobs.broker import (
     MalformedMessageError,
     Publisher,
@@ -125,12 +127,20 @@ class Dispatcher:
         self.metrics = DispatcherMetrics()
         self.accuracy: AccuracyMonitor | None = None
         self.drift: DriftMonitor | None = None
+        self.rollout: RolloutController | None = None
         if settings.database.url is not None:
-            feedback = FeedbackStore(settings.database.url.get_secret_value(), retry_for_s=10.0)
+            dsn = settings.database.url.get_secret_value()
+            feedback = FeedbackStore(dsn, retry_for_s=10.0)
             self.accuracy = AccuracyMonitor(settings, feedback, self.metrics.registry)
             # The same store (one pool): both monitors read the prediction tables. It runs with
             # MONITOR_ENABLED=false too, for the predictions' retention alone.
             self.drift = DriftMonitor(settings, feedback, self.metrics.registry)
+            if settings.rollout.enabled:
+                # The rollout service (one leader across dispatchers) reads the same tables, and
+                # writes its decisions into the jobs' histories through the dispatcher's store.
+                self.rollout = RolloutController(
+                    settings, RolloutStore(dsn, retry_for_s=10.0), feedback, store, self.metrics.registry
+                )
         self.name = dispatcher_name()
         self.topology = Topology.from_settings(settings)
         self._amqp_url = settings.amqp.url.get_secret_value()
@@ -162,6 +172,8 @@ class Dispatcher:
             loops.append(asyncio.create_task(self.accuracy.run()))
         if self.drift is not None:
             loops.append(asyncio.create_task(self.drift.run()))
+        if self.rollout is not None:
+            loops.append(asyncio.create_task(self.rollout.run()))
         try:
             await stop.wait()
         finally:
@@ -174,6 +186,8 @@ class Dispatcher:
                 await self._connection.close()
             await self.publisher.close()
             await self.store.close()
+            if self.rollout is not None:
+                await self.rollout.close()  # its leadership and its own store
             if self.accuracy is not None:
                 await self.accuracy.store.close()  # the drift monitor's too
 

@@ -4,6 +4,9 @@ A prediction's response never waits on the database: rows are buffered and flush
 `PREDICTION_FLUSH_INTERVAL_S`. While PostgreSQL is away the buffer holds up to
 `PREDICTION_BUFFER_ROWS` rows and then drops the oldest (counted), so an outage costs feedback
 on those rows, never a prediction.
+
+The rows a rollout's other version scored for the same requests (serve_apps/shadow.py) wait in a
+buffer of their own, with the same bound, and go out with the same flush.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from core.database import TRANSIENT_DB_ERRORS
-from services.feedback.store import FeedbackStore, PredictionRow
+from services.feedback.store import FeedbackStore, PredictionRow, ShadowRow
+
+Row = TypeVar("Row", PredictionRow, ShadowRow)
 
 log = logging.getLogger("ray.serve")
 
@@ -31,6 +37,7 @@ class PredictionRecorder:
         self._interval = flush_interval_s
         self._max_rows = max_rows
         self._buffer: deque[PredictionRow] = deque()
+        self._shadow: deque[ShadowRow] = deque()
         self._on_dropped = on_dropped
         self._flush_lock = asyncio.Lock()
         self._ready = asyncio.Event()
@@ -42,32 +49,42 @@ class PredictionRecorder:
 
     def record(self, rows: list[PredictionRow]) -> None:
         self._buffer.extend(rows)
-        self._trim()
+        self._trim(self._buffer)
 
-    def _trim(self) -> None:
-        overflow = len(self._buffer) - self._max_rows
+    def record_shadow(self, rows: list[ShadowRow]) -> None:
+        """Rows a rollout's other version scored for served requests (never shown to a client)."""
+        self._shadow.extend(rows)
+        self._trim(self._shadow)
+
+    def _trim(self, buffer: deque[Row]) -> None:
+        overflow = len(buffer) - self._max_rows
         if overflow > 0:
             for _ in range(overflow):
-                self._buffer.popleft()
+                buffer.popleft()
             self._on_dropped(overflow)
 
     @property
     def pending(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + len(self._shadow)
 
     async def flush(self) -> None:
         async with self._flush_lock:
-            if not self._buffer:
-                return
-            batch = list(self._buffer)
-            self._buffer.clear()
-            try:
-                await self.store.record_predictions(batch)
-            except Exception:
-                # Back to the front, in order, for the next flush; the buffer bound still applies.
-                self._buffer.extendleft(reversed(batch))
-                self._trim()
-                raise
+            # Served rows first: a shadow row is only judged next to the served row of its request.
+            await self._flush(self._buffer, self.store.record_predictions)
+            await self._flush(self._shadow, self.store.record_shadow_predictions)
+
+    async def _flush(self, buffer: deque[Row], write: Callable[[Sequence[Row]], Awaitable[None]]) -> None:
+        if not buffer:
+            return
+        batch = list(buffer)
+        buffer.clear()
+        try:
+            await write(batch)
+        except Exception:
+            # Back to the front, in order, for the next flush; the buffer bound still applies.
+            buffer.extendleft(reversed(batch))
+            self._trim(buffer)
+            raise
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """True once the tables exist; False if PostgreSQL did not answer in time."""

@@ -63,6 +63,24 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (model_name, model_version)
     );
     """,
+    # Rows scored by the version that did not answer (a shadow challenger, or the champion behind
+    # a canary's answer), kept apart from `predictions` so that both answers of a request are
+    # stored and the served one keeps its key; the rollout service pairs them (services/rollout).
+    """
+    CREATE TABLE shadow_predictions (
+        request_id text NOT NULL,
+        row_index integer NOT NULL,
+        model_name text NOT NULL,
+        model_version text NOT NULL,
+        label text,
+        probability double precision,
+        output jsonb,
+        rollout_id bigint,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (request_id, row_index, model_version)
+    );
+    CREATE INDEX shadow_predictions_created ON shadow_predictions (model_name, created_at);
+    """,
 ]
 
 
@@ -77,6 +95,79 @@ class PredictionRow:
     features: dict[str, Any]
     # What the model answered: {"probabilities": {class: p}} (classification) or {"value": v}.
     output: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ShadowRow:
+    """A row scored by the version that did not answer the request, after the answer was sent:
+    the same request id and row index as the served row in `predictions`."""
+
+    request_id: str
+    row_index: int
+    model_name: str
+    model_version: str
+    label: str | None
+    probability: float | None
+    output: dict[str, Any] | None
+    rollout_id: int | None
+
+
+@dataclass(frozen=True)
+class PairedFigures:
+    """Served rows of a rollout's two versions that have their mirror (the other version's answer
+    to the same row), since a time: what the rollout rule judges (docs/rollout.md).
+
+    Counts only; the shares are properties, None where nothing was counted."""
+
+    rows: int
+    requests: int
+    agreeing: int
+    # Paired rows with a true label (classification only), and how often each version was right
+    # on those same rows.
+    labelled: int
+    champion_correct: int
+    challenger_correct: int
+    challenger_served_rows: int
+    # Rows whose champion answer is a value, not a label: agreement is then by tolerance.
+    regression_rows: int = 0
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreeing / self.rows if self.rows else None
+
+    @property
+    def champion_accuracy(self) -> float | None:
+        return self.champion_correct / self.labelled if self.labelled else None
+
+    @property
+    def challenger_accuracy(self) -> float | None:
+        return self.challenger_correct / self.labelled if self.labelled else None
+
+    @property
+    def regression(self) -> bool:
+        return self.rows > 0 and self.regression_rows == self.rows
+
+
+@dataclass(frozen=True)
+class VersionWindow:
+    """Served predictions of one version made in a time range, and their feedback: what
+    probation compares a new champion with the one it replaced by."""
+
+    rows: int
+    # Rows with a predicted label and a true one, and how many of those were right.
+    labelled: int
+    correct: int
+    # Rows with a calibrated top-class probability, and its mean: the estimated accuracy.
+    probability_rows: int = 0
+    mean_probability: float | None = None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def estimated_accuracy(self) -> float | None:
+        return self.mean_probability if self.probability_rows else None
 
 
 class FeedbackOutcome(enum.StrEnum):
@@ -153,45 +244,77 @@ class FeedbackStore(PostgresStore):
     RETRY_FOR_S = 2.0
     POOL_TIMEOUT_S = 2.0
 
+    async def _insert_document(self, statement: str, records: list[dict[str, Any]]) -> None:
+        """Rows as one JSON document, encoded in C by orjson and unpacked by PostgreSQL's
+        jsonb_to_recordset in `statement`: psycopg's array parameters are quoted element by element
+        in Python, which cost the serving loop more than the prediction itself (py-spy,
+        benchmarks/README.md)."""
+        document = orjson.dumps(records, default=str).decode()
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(statement, (document,))
+
+        await self._retrying(op)
+
     async def record_predictions(self, rows: Sequence[PredictionRow]) -> None:
         """One statement per batch; a request id seen before (a client reusing X-Request-ID)
         keeps its first prediction."""
         if not rows:
             return
-        # The whole batch as one JSON document, encoded in C by orjson and unpacked by PostgreSQL:
-        # psycopg's array parameters are quoted element by element in Python, which cost the
-        # serving loop more than the prediction itself (py-spy, benchmarks/README.md).
-        document = orjson.dumps(
-            [
-                {
-                    "r": row.request_id,
-                    "i": row.row_index,
-                    "n": row.model_name,
-                    "v": row.model_version,
-                    "l": row.label,
-                    "p": row.probability,
-                    "f": row.features,
-                    "o": row.output,
-                }
-                for row in rows
-            ],
-            default=str,
-        ).decode()
+        records = [
+            {
+                "r": row.request_id,
+                "i": row.row_index,
+                "n": row.model_name,
+                "v": row.model_version,
+                "l": row.label,
+                "p": row.probability,
+                "f": row.features,
+                "o": row.output,
+            }
+            for row in rows
+        ]
+        await self._insert_document(
+            """
+            INSERT INTO predictions
+                (request_id, row_index, model_name, model_version, label, probability, features, output)
+            SELECT r, i, n, v, l, p, f, o
+            FROM jsonb_to_recordset(%s::jsonb)
+                AS t(r text, i int, n text, v text, l text, p float8, f jsonb, o jsonb)
+            ON CONFLICT DO NOTHING
+            """,
+            records,
+        )
 
-        async def op(conn: psycopg.AsyncConnection[Any]) -> None:
-            await conn.execute(
-                """
-                INSERT INTO predictions
-                    (request_id, row_index, model_name, model_version, label, probability, features, output)
-                SELECT r, i, n, v, l, p, f, o
-                FROM jsonb_to_recordset(%s::jsonb)
-                    AS t(r text, i int, n text, v text, l text, p float8, f jsonb, o jsonb)
-                ON CONFLICT DO NOTHING
-                """,
-                (document,),
-            )
-
-        await self._retrying(op)
+    async def record_shadow_predictions(self, rows: Sequence[ShadowRow]) -> None:
+        """Mirrored rows, one statement per batch (as `record_predictions`); a row already scored
+        by that version keeps its first answer."""
+        if not rows:
+            return
+        records = [
+            {
+                "r": row.request_id,
+                "i": row.row_index,
+                "n": row.model_name,
+                "v": row.model_version,
+                "l": row.label,
+                "p": row.probability,
+                "o": row.output,
+                "x": row.rollout_id,
+            }
+            for row in rows
+        ]
+        await self._insert_document(
+            """
+            INSERT INTO shadow_predictions
+                (request_id, row_index, model_name, model_version, label, probability, output, rollout_id)
+            SELECT r, i, n, v, l, p, o, x
+            FROM jsonb_to_recordset(%s::jsonb)
+                AS t(r text, i int, n text, v text, l text, p float8, o jsonb, x bigint)
+            ON CONFLICT DO NOTHING
+            """,
+            records,
+        )
 
     async def predicted_by(self, request_id: str, row_index: int) -> str | None:
         """The registered model that made this prediction (whose classes a label must be one of),
@@ -322,12 +445,27 @@ class FeedbackStore(PostgresStore):
             )
             return cur.rowcount
 
+        async def shadow_batch(conn: psycopg.AsyncConnection[Any]) -> int:
+            cur = await conn.execute(
+                """
+                DELETE FROM shadow_predictions WHERE ctid = ANY(ARRAY(
+                    SELECT ctid FROM shadow_predictions
+                    WHERE created_at < now() - make_interval(secs => %s) LIMIT %s
+                ))
+                """,
+                (age_s, batch_rows),
+            )
+            return cur.rowcount
+
         deleted = 0
-        for _ in range(max_batches):
-            rows = await self._retrying(batch)
-            deleted += rows
-            if rows < batch_rows:
-                break
+        # Mirrored rows have no foreign key to their served row (either may be written first),
+        # so they go by the same age in their own batches.
+        for statement in (batch, shadow_batch):
+            for _ in range(max_batches):
+                rows = await self._retrying(statement)
+                deleted += rows
+                if rows < batch_rows:
+                    break
         return deleted
 
     async def window_versions(self, window_s: float) -> list[WindowVersion]:
@@ -445,3 +583,94 @@ class FeedbackStore(PostgresStore):
             return [(dict(features), str(label), at) for features, label, at in await cur.fetchall()]
 
         return await self._retrying(op)
+
+    # Rollouts ----------------------------------------------------------------------------------
+
+    async def paired_figures(
+        self, model_name: str, champion: str, challenger: str, since: datetime, regression_tolerance: float
+    ) -> PairedFigures:
+        """Figures of the rows served since `since` by either version that the other one scored
+        too (shadow: the champion answered, the challenger mirrored; canary: both ways). Counted
+        in PostgreSQL: a window may hold many thousands of rows."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> PairedFigures:
+            cur = await conn.execute(
+                _PAIRED_FIGURES,
+                {
+                    "model": model_name,
+                    "champion": champion,
+                    "challenger": challenger,
+                    "since": since,
+                    "tolerance": regression_tolerance,
+                },
+            )
+            found = await cur.fetchone()
+            if found is None:  # pragma: no cover - an aggregate always returns a row
+                return PairedFigures(0, 0, 0, 0, 0, 0, 0)
+            return PairedFigures(*(int(value) for value in found))
+
+        return await self._retrying(op)
+
+    async def version_window(
+        self, model_name: str, model_version: str, start: datetime, end: datetime
+    ) -> VersionWindow:
+        """Figures of one version's served predictions made in [start, end], with their feedback."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> VersionWindow:
+            cur = await conn.execute(
+                """
+                SELECT count(*),
+                       count(f.request_id) FILTER (WHERE p.label IS NOT NULL),
+                       count(*) FILTER (WHERE f.correct AND p.label IS NOT NULL),
+                       count(p.probability),
+                       avg(p.probability)
+                FROM predictions p LEFT JOIN feedback f USING (request_id, row_index)
+                WHERE p.model_name = %s AND p.model_version = %s AND p.created_at >= %s AND p.created_at <= %s
+                """,
+                (model_name, model_version, start, end),
+            )
+            found = await cur.fetchone()
+            if found is None:  # pragma: no cover - an aggregate always returns a row
+                return VersionWindow(0, 0, 0)
+            rows, labelled, correct, probability_rows, mean = found
+            return VersionWindow(
+                int(rows), int(labelled), int(correct), int(probability_rows), None if mean is None else float(mean)
+            )
+
+        return await self._retrying(op)
+
+
+# A served row and its mirror share request id and row index; which of the two is the champion's
+# depends on which version answered (a canary's share is answered by the challenger).
+_PAIRED_FIGURES = """
+    WITH pairs AS (
+        SELECT p.request_id,
+               p.model_version = %(challenger)s AS challenger_served,
+               CASE WHEN p.model_version = %(champion)s THEN p.label ELSE s.label END AS champion_label,
+               CASE WHEN p.model_version = %(champion)s THEN s.label ELSE p.label END AS challenger_label,
+               ((CASE WHEN p.model_version = %(champion)s THEN p.output ELSE s.output END) ->> 'value')::float8
+                   AS champion_value,
+               ((CASE WHEN p.model_version = %(champion)s THEN s.output ELSE p.output END) ->> 'value')::float8
+                   AS challenger_value,
+               f.label AS truth
+        FROM predictions p
+        JOIN shadow_predictions s
+            ON s.request_id = p.request_id AND s.row_index = p.row_index AND s.model_name = p.model_name
+        LEFT JOIN feedback f ON f.request_id = p.request_id AND f.row_index = p.row_index
+        WHERE p.model_name = %(model)s AND p.created_at >= %(since)s
+          AND ((p.model_version = %(champion)s AND s.model_version = %(challenger)s)
+            OR (p.model_version = %(challenger)s AND s.model_version = %(champion)s))
+    )
+    SELECT count(*),
+           count(DISTINCT request_id),
+           count(*) FILTER (WHERE CASE
+               WHEN champion_label IS NOT NULL THEN champion_label = challenger_label
+               ELSE abs(champion_value - challenger_value) <= %(tolerance)s * greatest(abs(champion_value), 1e-12)
+           END),
+           count(*) FILTER (WHERE truth IS NOT NULL AND champion_label IS NOT NULL),
+           count(*) FILTER (WHERE truth IS NOT NULL AND champion_label = truth),
+           count(*) FILTER (WHERE truth IS NOT NULL AND champion_label IS NOT NULL AND challenger_label = truth),
+           count(*) FILTER (WHERE challenger_served),
+           count(*) FILTER (WHERE champion_label IS NULL)
+    FROM pairs
+"""

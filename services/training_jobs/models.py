@@ -261,7 +261,11 @@ class JobRecord(BaseModel):
     mlflow_run_id: str | None = None
     model_name: str | None = None
     model_version: str | None = None
+    # Whether the gate made the job's version the champion; a version it handed to a shadow or
+    # canary rollout instead has `rollout` set (the mode) and is not promoted (yet): the rollout
+    # service's decision follows in the job's events.
     promoted: bool | None = None
+    rollout: str | None = None
     test_metrics: dict[str, float] | None = None
     last_error: str | None = None
     trace_id: str | None = None

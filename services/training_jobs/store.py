@@ -105,7 +105,27 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE training_jobs ADD COLUMN waiting_until timestamptz;
     """,
+    # A version the gate passed under a shadow or canary policy: the mode it was handed to the
+    # rollout service in. `promoted` is then false (the champion did not move); NULL otherwise.
+    """
+    ALTER TABLE training_jobs ADD COLUMN rollout text;
+    """,
 ]
+
+
+def promotion_outcome(result: dict[str, Any]) -> tuple[bool | None, str | None]:
+    """(promoted, rollout) from a job's result line: promoted when the gate moved the champion to
+    its version; the rollout mode when it made the version the challenger instead. Result lines
+    of jobs from before rollouts have no `rollout`: their `promote` is the champion's move."""
+    promotion = result.get("promotion")
+    if not isinstance(promotion, dict):
+        return None, None
+    promote = promotion.get("promote")
+    rollout = promotion.get("rollout")
+    rollout = str(rollout) if rollout and promote else None
+    if promote is None:
+        return None, rollout
+    return bool(promote) and rollout is None, rollout
 
 
 class IdempotencyConflictError(Exception):
@@ -450,6 +470,23 @@ class JobStore(PostgresStore):
         about to do: the feedback snapshot it trains on, say); False when the job moved on."""
         return await self._in_flight_update(job_id, attempt, "heartbeat_at = now()", (), (state, message))
 
+    async def annotate(self, job_id: UUID, message: str, actor: Actor | None = None) -> bool:
+        """An event in the history of a job in any state, its state unchanged: what happened to
+        its version after the job (the rollout of its candidate, step by step, and the decision).
+        False for an unknown job."""
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> bool:
+            cur = await conn.execute(
+                """
+                INSERT INTO training_job_events (job_id, state, attempt, message, actor)
+                SELECT id, state, attempts, %s, %s FROM training_jobs WHERE id = %s
+                """,
+                (message, None if actor is None else Jsonb(actor.model_dump(exclude_none=True)), job_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._retrying(op)
+
     async def postpone(self, job_id: UUID, delay_s: float, message: str) -> bool:
         """Leave a queued job queued for `delay_s` more, without using an attempt: the relay
         publishes it again when it is due. The event `message` is written once per job, however
@@ -502,24 +539,28 @@ class JobStore(PostgresStore):
     async def finish_with_result(self, job_id: UUID, attempt: int, result: dict[str, Any], error: str | None) -> bool:
         """The job ran to its end and printed a result: succeeded, or failed for good with `error`
         (the gate refused its version: another attempt would train the same refusal again)."""
-        promotion = result.get("promotion") or {}
+        promoted, rollout = promotion_outcome(result)
         metrics = {k: float(v) for k, v in (result.get("test_metrics") or {}).items()}
         state = JobState.SUCCEEDED if error is None else JobState.FAILED
+        finished = f"model version {result.get('model_version')}"
+        if rollout is not None:
+            finished += f": rolled out as a {rollout} challenger (the rollout service decides)"
         return await self._in_flight_update(
             job_id,
             attempt,
             "state = %s, finished_at = now(), mlflow_run_id = %s, model_name = %s, model_version = %s, "
-            "promoted = %s, test_metrics = %s, last_error = %s",
+            "promoted = %s, rollout = %s, test_metrics = %s, last_error = %s",
             (
                 state.value,
                 result.get("run_id"),
                 result.get("model_name"),
                 None if result.get("model_version") is None else str(result["model_version"]),
-                promotion.get("promote") if isinstance(promotion, dict) else None,
+                promoted,
+                rollout,
                 Jsonb(metrics),
                 error,
             ),
-            (state, error or f"model version {result.get('model_version')}"),
+            (state, error or finished),
         )
 
     async def schedule_retry(self, job_id: UUID, attempt: int, error: str, delay_s: float) -> bool:

@@ -20,7 +20,6 @@ from serve_apps.schemas import EXAMPLE_ROW
 from services.ray_submission import jobs_client
 from tests.conftest import ALERT_WEBHOOK_TOKEN
 from tests.integration.test_prometheus import wait_for
-from tests.observability import dashboard_exprs, promql_metric_names, rule_exprs
 from tests.stack_probes import current_model, firing_alerts, until
 from tests.training_jobs_helpers import wait_job
 
@@ -196,25 +195,6 @@ def _varied_adult_traffic(stack: Stack, rows: int) -> None:
     for start in range(0, len(records), 50):
         response = stack.http.post("/v1/predict", json={"instances": records[start : start + 50]}, headers=stack.auth)
         assert response.status_code == 200, response.text
-
-
-def test_dashboards_and_rules_use_only_metrics_prometheus_scraped(stack, champion):
-    # Run after the loop, so feedback and retrain series exist; and after a window of predictions
-    # the drift monitor has judged, so its series exist.
-    _varied_adult_traffic(stack, stack.settings.monitor.max_rows)
-    wait_for(stack, f'model_estimated_accuracy{{model="{stack.settings.model.name}"}}', 120)
-    names = set(httpx.get(f"{stack.settings.prometheus.url}/api/v1/label/__name__/values", timeout=10).json()["data"])
-    used: dict[str, set[str]] = {}
-    for dashboard in DASHBOARDS:
-        for expr in dashboard_exprs(dashboard):
-            for name in promql_metric_names(expr):
-                used.setdefault(name, set()).add(dashboard.name)
-    for rules in RULES:
-        for alert, expr in rule_exprs(rules):
-            for name in promql_metric_names(expr):
-                used.setdefault(name, set()).add(alert)
-    missing = {name: where for name, where in used.items() if name not in names}
-    assert not missing, f"metrics used but never scraped: {missing}"
 
 
 def test_rays_generated_dashboards_resolve_to_the_provisioned_prometheus(stack):

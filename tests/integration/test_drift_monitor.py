@@ -32,7 +32,7 @@ from jobs.profile import ReferenceProfile
 from jobs.registry import log_and_register
 from serve_apps.api import create_api
 from serve_apps.champion import BatchResult, ChampionModel, to_predictions
-from serve_apps.fleet import ModelFleet, predict_by_model
+from serve_apps.fleet import ModelFleet, Routed, predict_by_model
 from serve_apps.metrics import IngressMetrics
 from serve_apps.replica import Replica
 from services.feedback.store import FeedbackStore, PredictionRow
@@ -337,7 +337,7 @@ def test_the_monitoring_route_shows_the_served_versions_report(dsn, registry_uri
         fleet = ModelFleet(champion(MODEL), champion, 4)
         await fleet.default.start()
 
-        async def predict_batch(request: tuple[ChampionModel, list[dict[str, Any]]]) -> BatchResult:
+        async def predict_batch(request: Routed) -> BatchResult:
             return predict_by_model([request])[0]
 
         replica = Replica(settings, fleet, IngressMetrics(), predict_batch, max_rows=1000)

@@ -499,3 +499,28 @@ def test_jobs_stored_before_the_migration_read_back_without_a_creator(dsn):
     job_id = uuid4()
     job = asyncio.run(scenario())
     assert job is not None and job.state == JobState.FAILED and job.created_by is None and job.reason is None
+
+
+def test_a_job_whose_version_became_the_challenger_is_not_recorded_as_promoted(dsn):
+    async def scenario() -> None:
+        store = await _store(dsn)
+        try:
+            challenger, _ = await store.create(JobSpec(), 3, None, 0, actor=SYSTEM)
+            assert await store.claim(challenger.id, "d") is not None
+            promotion = {"promote": True, "rollout": "shadow", "reason": "beats it; rolled out as a shadow challenger"}
+            assert await store.succeed(challenger.id, 1, {"run_id": "r", "model_version": "4", "promotion": promotion})
+            detail = await store.detail(challenger.id)
+            assert detail is not None and detail.promoted is False and detail.rollout == "shadow"
+            assert "model version 4: rolled out as a shadow challenger" in (detail.events[-1].message or "")
+            # A result line from before rollouts: `promote` is the champion's move.
+            promoted, _ = await store.create(JobSpec(idempotency_key="old"), 3, None, 0, actor=SYSTEM)
+            assert await store.claim(promoted.id, "d") is not None
+            assert await store.succeed(
+                promoted.id, 1, {"run_id": "r", "model_version": "5", "promotion": {"promote": True}}
+            )
+            record = await store.get(promoted.id)
+            assert record is not None and record.promoted is True and record.rollout is None
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

@@ -18,7 +18,14 @@ from mlflow.tracking import MlflowClient
 from jobs.config import DataConfig, JobConfig
 from jobs.registry import champion_version, log_and_register
 from serve_apps.champion import ChampionModel
-from serve_apps.fleet import ModelFleet, ModelUnavailableError, UnknownModelError, aliased_models, predict_by_model
+from serve_apps.fleet import (
+    ModelFleet,
+    ModelUnavailableError,
+    Routed,
+    UnknownModelError,
+    aliased_models,
+    predict_by_model,
+)
 from tests.failing_registry import failing_registry
 from tests.predictors import untrained_predictor
 
@@ -118,7 +125,12 @@ def test_a_joined_batch_is_answered_by_each_requests_own_model(registry):
         await fleet.default.start()
         try:
             income, risk = fleet.default, await fleet.get("fleet-risk")
-            requests = [(income, [INCOME_ROW]), (risk, [FLEET_ROW, FLEET_ROW]), (income, [INCOME_ROW] * 3)]
+            assert income.loaded is not None and risk.loaded is not None
+            requests = [
+                Routed(income, income.loaded, [INCOME_ROW]),
+                Routed(risk, risk.loaded, [FLEET_ROW, FLEET_ROW]),
+                Routed(income, income.loaded, [INCOME_ROW] * 3),
+            ]
             results = predict_by_model(requests)
             assert [(r.model.name, len(r.predictions)) for r in results] == [
                 ("income", 1),

@@ -188,3 +188,66 @@ def test_a_replica_starting_cold_serves_the_contract_in_force_not_a_hand_moved_a
     assert warm.model is not None and warm.model.version == other[0] and warm.refused is None
     cold = poll_alias(registry, MODEL, ALIAS, None, None)
     assert cold.model is not None and cold.model.version == other[0]
+
+
+def test_a_shadow_candidate_becomes_the_challenger_and_a_rollback_is_followed(registry):
+    """Real versions: under a shadow policy the champion (and what a replica serves) stays put while
+    the candidate waits as the challenger; an immediate move and its rollback are followed."""
+    from core.settings import Settings
+    from jobs.rollout import CHALLENGER_ALIAS, POLICY_TAG, PREVIOUS_CHAMPION_TAG, policy_from_tag, rollback
+
+    settings = Settings(mlflow={"tracking_uri": registry.tracking_uri}, database={"url": "postgresql://x@127.0.0.1/x"})
+    first = _register("income")
+    _gate(registry, first, settings=settings)
+    current = load_version(registry, MODEL, first[0], None)
+
+    version, predictor, config, frame = _register("income", seed=3)
+    shadow = config.with_overrides({"promotion.rollout.mode": "shadow"})
+    decision = gate(registry, MODEL, ALIAS, version, predictor, shadow, frame, margin=-1.0, settings=settings)
+    assert decision.promote and decision.rollout == "shadow" and decision.rule is Rule.SCORE
+    assert _champion(registry) == first[0]
+    assert str(registry.get_model_version_by_alias(MODEL, CHALLENGER_ALIAS).version) == version
+    policy = policy_from_tag(registry.get_model_version(MODEL, version).tags[POLICY_TAG])
+    assert policy is not None and policy.mode == "shadow"
+    run = registry.get_run(registry.get_model_version(MODEL, version).run_id)
+    assert run.data.tags["promotion.decision"] == "challenger" and run.data.metrics["promotion_promoted"] == 0.0
+    assert poll_alias(registry, MODEL, ALIAS, current, None) == Poll()  # replicas keep the champion
+
+    registry.delete_registered_model_alias(MODEL, CHALLENGER_ALIAS)  # the rollout service's part
+    moved = _gate(registry, (version, predictor, config, frame), margin=-1.0, settings=settings)
+    assert moved.champion_moved and _champion(registry) == version
+    assert registry.get_model_version(MODEL, version).tags[PREVIOUS_CHAMPION_TAG] == first[0]
+    followed = poll_alias(registry, MODEL, ALIAS, current, None)
+    assert followed.model is not None and followed.model.version == version
+
+    assert rollback(registry, MODEL, ALIAS, "worse on live labels", "test", expected_current=version) == (
+        version,
+        first[0],
+    )
+    back = poll_alias(registry, MODEL, ALIAS, followed.model, None)
+    assert back.model is not None and back.model.version == first[0] and back.refused is None
+    assert registry.get_registered_model(MODEL).tags[CONTRACT_TAG] == first[0]
+
+
+def test_a_rollback_to_the_contract_in_force_before_is_followed_without_an_approval(registry):
+    """A promotion that changed the contract (approved by an operator) and is then rolled back:
+    the replica serving the new contract goes back to the old one, the contract its clients had."""
+    from jobs.rollout import rollback
+
+    first = _register("income")
+    _gate(registry, first)
+    other = _register("fleet")
+    _gate(registry, other, approval=Approval("alice@ops", "fleet model"))
+    serving = load_version(registry, MODEL, other[0], None)
+    assert rollback(registry, MODEL, ALIAS, "worse on live labels", "test", expected_current=other[0]) == (
+        other[0],
+        first[0],
+    )
+    back = poll_alias(registry, MODEL, ALIAS, serving, None)
+    assert back.model is not None and back.model.version == first[0] and back.refused is None
+    # The same move by hand, around the rollback, is still refused.
+    registry.set_registered_model_alias(MODEL, ALIAS, other[0])
+    registry.set_registered_model_alias(MODEL, ALIAS, first[0])
+    registry.delete_model_version_tag(MODEL, first[0], "rollback.restored_from")
+    refused = poll_alias(registry, MODEL, ALIAS, serving, None)
+    assert refused.model is None and refused.refused is not None

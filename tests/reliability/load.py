@@ -17,6 +17,7 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ class Outcome:
     version: str | None
     error: str | None = None
     request_id: str | None = None  # the id the platform recorded the prediction under
+    sequence: int | None = None  # which request of the load this was (its body and headers: `vary`)
 
     @property
     def ok(self) -> bool:
@@ -91,6 +93,7 @@ class SteadyLoad:
         body: dict[str, Any] | None = None,
         timeout_s: float = 30.0,
         path: str = "/v1/predict",
+        vary: Callable[[int], tuple[dict[str, Any], dict[str, str]]] | None = None,
     ) -> None:
         self._base_url = base_url
         self._headers = headers
@@ -102,6 +105,9 @@ class SteadyLoad:
         self._body = body or {"instances": [EXAMPLE_ROW]}
         self._timeout_s = timeout_s
         self._path = path
+        # The n-th request's body and extra headers, when the load is not one request repeated.
+        self._vary = vary
+        self._sent = 0
         self._outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -168,13 +174,19 @@ class SteadyLoad:
                 self._outcomes.append(outcome)
 
     async def _send(self, client: httpx.AsyncClient) -> Outcome:
+        sequence = self._sent
+        self._sent += 1  # one event loop: no lock needed
+        body, headers = self._vary(sequence) if self._vary is not None else (self._body, {})
         sent = time.monotonic()
         try:
-            response = await client.post(self._path, json=self._body)
+            response = await client.post(self._path, json=body, headers=headers)
         except httpx.HTTPError as exc:
-            return Outcome(sent - self._started, time.monotonic() - sent, 0, None, repr(exc))
+            return Outcome(sent - self._started, time.monotonic() - sent, 0, None, repr(exc), sequence=sequence)
         latency = time.monotonic() - sent
         if response.status_code != 200:
-            return Outcome(sent - self._started, latency, response.status_code, None, response.text[:200])
-        body = response.json()
-        return Outcome(sent - self._started, latency, 200, str(body["model"]["version"]), None, body["request_id"])
+            return Outcome(
+                sent - self._started, latency, response.status_code, None, response.text[:200], sequence=sequence
+            )
+        answer = response.json()
+        version = str(answer["model"]["version"])
+        return Outcome(sent - self._started, latency, 200, version, None, answer["request_id"], sequence)

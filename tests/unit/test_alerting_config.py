@@ -13,8 +13,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from cluster.monitoring import render_prometheus_config
 from cluster.observability import (
+    ROLLED_BACK_ALERT,
     RULES_DIR,
     alert_durations,
+    alert_expressions,
     alertmanager_config,
     compose_files,
     dump,
@@ -23,6 +25,7 @@ from cluster.observability import (
     prometheus_config,
     prometheus_duration,
     render_rules,
+    rolled_back_expression,
     write_rules,
 )
 from core.settings import Settings
@@ -251,16 +254,74 @@ ESTIMATED_ACCURACY = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "tests",
-    [RULE_TESTS, KEEP_FIRING, SWAP_REFUSED, DATA_DRIFT, ESTIMATED_ACCURACY],
-    ids=["fire", "keep-firing-through-a-gap", "swap-refused", "data-drift", "estimated-accuracy"],
-)
-def test_alerts_fire_when_they_should(tmp_path: Path, tests: dict[str, Any]):
+def _rolled_back(seconds_ago: str) -> dict[str, Any]:
+    """ModelRolledBack as promtool expects it for adult's rollback from version 5 to 4."""
+    return {
+        "exp_labels": {"severity": "warning", "model": "adult", "model_version": "5", "restored_version": "4"},
+        "exp_annotations": {
+            "summary": "adult rolled back from version 5 to version 4",
+            "description": f"The champion alias of adult went back from version 5 to version 4 {seconds_ago} ago: "
+            "on probation, version 5 did worse on live traffic than version 4 by more than allowed. The decision "
+            "and its figures: GET /v1/models/adult (rollout.probation), the tags of both versions, or the Rollout "
+            "row of the Grafana dashboard. Nothing is retrained.",
+        },
+    }
+
+
+def rolled_back_tests(window_m: int) -> dict[str, Any]:
+    """Adult is rolled back at 2m; two dispatchers export the gauge (the second from 3m on). One
+    alert from the first evaluation on, for `window_m` minutes (the PROBATION_ALERT_S in the rules)."""
+    series = 'model_last_rollback_timestamp_seconds{model="adult",model_version="5",restored_version="4",'
+    return {
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": series + 'job="dispatcher",instance="d1"}', "values": "_ _ 120x80"},
+                    {"series": series + 'job="dispatcher",instance="d2"}', "values": "_ _ _ 120x80"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "1m", "alertname": ROLLED_BACK_ALERT, "exp_alerts": []},
+                    {"eval_time": "3m", "alertname": ROLLED_BACK_ALERT, "exp_alerts": [_rolled_back("1m 0s")]},
+                    {
+                        "eval_time": f"{window_m + 1}m",
+                        "alertname": ROLLED_BACK_ALERT,
+                        "exp_alerts": [_rolled_back(f"{window_m - 1}m 0s")],
+                    },
+                    {"eval_time": f"{window_m + 3}m", "alertname": ROLLED_BACK_ALERT, "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+
+
+def _promtool_test(tmp_path: Path, tests: dict[str, Any], rules_dir: Path = RULES_DIR) -> None:
     test_file = tmp_path / "rules.test.yml"
-    test_file.write_text(yaml.safe_dump({**tests, "rule_files": [str(p) for p in RULES_DIR.glob("*.yml")]}))
+    test_file.write_text(yaml.safe_dump({**tests, "rule_files": [str(p) for p in rules_dir.glob("*.yml")]}))
     result = _run(_tool("promtool"), "test", "rules", str(test_file))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "tests",
+    [RULE_TESTS, KEEP_FIRING, SWAP_REFUSED, DATA_DRIFT, ESTIMATED_ACCURACY, rolled_back_tests(60)],
+    ids=["fire", "keep-firing-through-a-gap", "swap-refused", "data-drift", "estimated-accuracy", "rolled-back"],
+)
+def test_alerts_fire_when_they_should(tmp_path: Path, tests: dict[str, Any]):
+    _promtool_test(tmp_path, tests)
+
+
+def test_the_rollback_alert_only_warns():
+    """ModelRolledBack names the versions and never asks for a retraining: the previous champion
+    serves again, and a retraining from the same data would not explain the drop."""
+    rule = _rule(RULES_DIR, ROLLED_BACK_ALERT)
+    assert rule["labels"] == {"severity": "warning"} and rule["for"] == "0m"
+    assert rule["expr"] == rolled_back_expression(Settings(_env_file=None).probation.alert_s)
+    assert "model_last_rollback_timestamp_seconds" in rule["expr"]
+    for label in ("model", "model_version", "restored_version"):
+        assert f"$labels.{label}" in rule["annotations"]["summary"], label
+    assert rolled_back_expression(90.5).endswith("< 90.5\n")
 
 
 def test_every_alert_that_retrains_outlasts_a_dispatcher_restart():
@@ -314,6 +375,7 @@ def test_local_prometheus_config_passes_promtool_and_scrapes_every_component(tmp
         ("alertname=ModelEstimatedAccuracyLow action=retrain severity=warning model=adult", "retrain"),
         ("alertname=ComponentDown severity=critical", "platform"),
         ("alertname=TrainingQueueStalled severity=warning", "platform"),
+        ("alertname=ModelRolledBack severity=warning model=adult model_version=5 restored_version=4", "platform"),
     ],
 )
 def test_alertmanager_sends_only_the_retrain_alert_to_the_webhook(tmp_path: Path, labels: str, receiver: str):
@@ -378,12 +440,16 @@ def test_cluster_up_renders_the_settings_durations_into_its_own_rules(tmp_path: 
         _env_file=None,
         state_dir=tmp_path,
         monitor={"drift_alert_for_s": 90, "estimated_accuracy_alert_for_s": 1800},
+        probation={"alert_s": 600},
     )
     config = yaml.safe_load(render_prometheus_config(settings).read_text())
     rendered = tmp_path / "observability" / "rules"
     assert config["rule_files"] == [f"{rendered}/*.yml"]
     assert _rule(rendered, "ModelDataDrift")["for"] == "90s"
     assert _rule(rendered, "ModelEstimatedAccuracyLow")["for"] == "30m"
+    assert _rule(rendered, ROLLED_BACK_ALERT)["expr"] == rolled_back_expression(600)
+    # The rollback alert fires for the settings' 10 minutes, not the shipped hour.
+    _promtool_test(tmp_path, rolled_back_tests(10), rendered)
     # Everything else as shipped, and Prometheus's own checker takes it.
     assert _rule(rendered, "ModelAccuracyLow") == _rule(RULES_DIR, "ModelAccuracyLow")
     assert sorted(p.name for p in rendered.glob("*.yml")) == sorted(p.name for p in RULES_DIR.glob("*.yml"))
@@ -411,6 +477,9 @@ def test_a_rules_dir_of_one_s_own_is_used_as_it_is(tmp_path: Path):
 def test_rendering_refuses_a_duration_for_an_alert_no_rule_has(tmp_path: Path):
     with pytest.raises(ValueError, match="ModelDriftRenamed"):
         render_rules({"ModelDriftRenamed": 60})
+    with pytest.raises(ValueError, match="ModelRolledBackRenamed"):
+        render_rules({}, expressions={"ModelRolledBackRenamed": "vector(1)"})
+    assert set(alert_expressions(Settings(_env_file=None))) == {ROLLED_BACK_ALERT}
     # A rule file the shipped directory no longer has leaves the rendered one.
     stale = tmp_path / "removed.yml"
     stale.write_text("groups: []\n")

@@ -186,6 +186,46 @@ def test_overview_dashboard_uses_ray_export_names() -> None:
     assert not ray_like, f"missing the ray_ prefix: {ray_like}"
 
 
+def _row_panels(path: Path, title: str) -> list[dict[str, Any]]:
+    """The panels laid out under the row `title`, down to the next row."""
+    panels = sorted(dashboard_panels(path), key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]))
+    start = next(i for i, panel in enumerate(panels) if panel["type"] == "row" and panel["title"] == title)
+    below = panels[start + 1 :]
+    end = next((i for i, panel in enumerate(below) if panel["type"] == "row"), len(below))
+    return below[:end]
+
+
+def test_the_rollout_row_shows_each_rollout_figure() -> None:
+    """Shadow agreement and paired rows, canary share and step, both accuracies on the same rows,
+    decisions and rollbacks from the rollout service (on the dispatcher); mirrored and canary
+    requests from the replicas (through Ray's agent, so with its prefix)."""
+    path = REPO_ROOT / "cluster/grafana/dashboards/platform-overview.json"
+    panels = _row_panels(path, "Rollout")
+    names = {name for panel in panels for t in panel["targets"] for name in promql_metric_names(t["expr"])}
+    assert names == {
+        "model_rollout_active", "model_probation_active", "model_rollout_canary_share", "model_rollout_step",
+        "model_shadow_agreement", "model_shadow_rows", "model_rollout_accuracy", "model_rollout_decisions_total",
+        "model_rollbacks_total", "model_last_rollback_timestamp_seconds", "ray_serve_shadow_requests_total",
+        "ray_serve_canary_requests_total",
+    }  # fmt: skip
+    exprs = " ".join(t["expr"] for panel in panels for t in panel["targets"])
+    assert "by (model, outcome) (rate(ray_serve_shadow_requests_total" in exprs
+    assert "by (model, model_version, role) (model_rollout_accuracy)" in exprs
+    assert all(panel.get("description") for panel in panels)
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_panels_do_not_overlap(path: Path) -> None:
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard_panels(path):
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for y in range(grid["y"], grid["y"] + grid["h"]):
+            for x in range(grid["x"], grid["x"] + grid["w"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
+
+
 def test_dashboard_providers_read_the_mounted_folders() -> None:
     providers = load_yaml(REPO_ROOT / "cluster/grafana/provisioning/dashboards/dashboards.yaml")["providers"]
     paths = {p["name"]: p["options"]["path"] for p in providers}

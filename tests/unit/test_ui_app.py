@@ -13,7 +13,7 @@ from gradio_client import Client
 from cluster.sandbox import free_port
 from core.settings import Settings
 from ui.actions import UiActions
-from ui.app import build_app, cancel_outputs, card_outputs, follow, monitoring_outputs
+from ui.app import build_app, cancel_outputs, card_outputs, follow, monitoring_outputs, rollout_outputs
 from ui.http import InferenceApi, MlflowRest
 from ui.launch import launch_options, login_credentials
 
@@ -21,7 +21,46 @@ KEY = "ui-key"
 # A key that may only predict: everything else answers 403 missing_scope, as the API does.
 PREDICT_KEY = "predict-only-key"
 SCOPES = {KEY: {"predict", "feedback", "train"}, PREDICT_KEY: {"predict"}}
+# adult-income's rollout service has a canary of version 4 at its second step (`rollout` of
+# `GET /v1/models/{name}`); fleet-risk's API could not read its rollout state.
+ROLLOUT = {
+    "rollout": {
+        "id": 7,
+        "model_name": "adult-income",
+        "kind": "canary",
+        "state": "active",
+        "champion_version": "3",
+        "challenger_version": "4",
+        "step": 1,
+        "share": 0.25,
+        "policy": {"mode": "canary", "canary_steps": [0.05, 0.25, 1.0]},
+        "job_id": "0b7f",
+        "started_at": "2026-01-01T10:00:00+00:00",
+        "step_started_at": "2026-01-01T10:30:00+00:00",
+        "ended_at": None,
+        "reason": None,
+        "figures": {"rows": 600, "agreement": 0.98},
+    },
+    "probation": None,
+    "events": [
+        {
+            "rollout_id": 7,
+            "at": "2026-01-01T10:30:00+00:00",
+            "kind": "step",
+            "message": "next step: 25%",
+            "figures": {"rows": 300, "agreement": 0.99},
+        },
+        {
+            "rollout_id": 7,
+            "at": "2026-01-01T10:00:00+00:00",
+            "kind": "started",
+            "message": "canary at 5%",
+            "figures": {},
+        },
+    ],
+}
 CURRENT = {
+    "rollout": ROLLOUT,
     "name": "adult-income", "version": "3", "run_id": "run3", "alias": "champion", "loaded_at": 0,
     "task": "classification", "target": "income", "classes": ["<=50K", ">50K"], "metrics": {"test_accuracy": 0.85},
     "features": [
@@ -32,6 +71,7 @@ CURRENT = {
 # A second served model: another task, other features and classes.
 FLEET = {
     **CURRENT, "name": "fleet-risk", "version": "2", "run_id": "run-f2", "target": "risk", "classes": ["high", "low"],
+    "rollout": None, "rollout_error": "the rollout state could not be read: timeout",
     "features": [{"name": "mileage", "kind": "numeric", "categories": [], "nullable": False}],
 }  # fmt: skip
 SERVED = {"adult-income": CURRENT, "fleet-risk": FLEET}
@@ -182,7 +222,7 @@ def test_named_endpoints(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {
         "/predict", "/feedback", "/form_schema", "/models", "/model_card", "/start_job", "/job_status", "/recent_jobs",
-        "/cancel_job", "/model_monitoring",
+        "/cancel_job", "/model_monitoring", "/model_rollout",
     } <= endpoints  # fmt: skip
 
 
@@ -262,6 +302,29 @@ def test_the_model_tab_shows_the_drift_next_to_the_card():
     assert rows == []
     # The card of the same model says nothing of it.
     assert card_outputs(actions, "adult-income")[-1]["notes"] == []
+
+
+def test_model_rollout(client):
+    assert client.predict(api_name="/model_rollout") == {"name": "adult-income", "version": "3", "rollout": ROLLOUT}
+    assert client.predict("fleet-risk", api_name="/model_rollout") == {
+        "name": "fleet-risk", "version": "2", "rollout": None,
+        "rollout_error": "the rollout state could not be read: timeout",
+    }  # fmt: skip
+    assert client.predict("no-such-model", api_name="/model_rollout")["error"].startswith("Not found (404):")
+
+
+def test_the_model_tab_shows_the_rollout_and_its_decisions():
+    api = InferenceApi("http://api", KEY, transport=httpx.MockTransport(fake_api))
+    actions = UiActions(api, MlflowRest("http://mlflow", transport=httpx.MockTransport(fake_mlflow)), "adult-income")
+    text, rows = rollout_outputs(actions, None)
+    assert "**Challenger v4** against champion v3: canary, **active**" in text
+    assert "the challenger answers **25%** of the traffic" in text and "| agreement | 0.98 |" in text
+    assert [row[2] for row in rows] == ["step", "started"]
+    assert rows[0][1] == "canary v4" and rows[0][4] == "paired rows 300 · agreement 0.99"
+    text, rows = rollout_outputs(actions, "fleet-risk")
+    assert text.endswith("_Rollout state unavailable: the rollout state could not be read: timeout_") and rows == []
+    text, rows = rollout_outputs(actions, "no-such-model")
+    assert text.startswith("#### Rollout\n\n_Rollout state unavailable: Not found (404)") and rows == []
 
 
 def test_training_jobs(client):

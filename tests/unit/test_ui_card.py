@@ -1,5 +1,10 @@
 """The model card: which metrics are curves, their shape, the promotion history."""
 
+import json
+from typing import Any
+
+from jobs import rollout
+from ui import card
 from ui.card import (
     PROMOTION_COLUMNS,
     card_markdown,
@@ -8,6 +13,7 @@ from ui.card import (
     curves_frame,
     promotion_history,
     promotion_rows,
+    rollout_outcome,
     split_curves,
 )
 
@@ -81,6 +87,31 @@ def test_promotion_history_newest_first_with_the_gate_s_tags():
     assert history[2]["aliases"] == "champion"
     rows = promotion_rows(history)
     assert len(rows[0]) == len(PROMOTION_COLUMNS) and rows[0][3] == "accuracy"
+
+
+def test_promotion_history_shows_the_rollout_decisions_and_rollbacks():
+    assert (card.ROLLOUT_STATE_TAG, card.ROLLOUT_REASON_TAG, card.ROLLED_BACK_TAG, card.RESTORED_FROM_TAG) == (
+        rollout.STATE_TAG, rollout.DECISION_REASON_TAG, rollout.ROLLED_BACK_TAG, rollout.RESTORED_FROM_TAG
+    )  # fmt: skip
+    rolled_back = {"to": "4", "reason": "live accuracy 0.71 below 0.83", "at": "2026-01-01T12:00:00+00:00",
+                   "by": "rollout service", "figures": {}}  # fmt: skip
+    versions: list[dict[str, Any]] = [
+        {"version": "6", "tags": [{"key": "rollout.state", "value": "rejected"},
+                                  {"key": "rollout.reason", "value": "agreement 0.41 < 0.9"}]},
+        {"version": "5", "tags": [{"key": "rollout.state", "value": "promoted"},
+                                  {"key": "rollback.rolled_back", "value": json.dumps(rolled_back)}]},
+        {"version": "4", "tags": [{"key": "rollback.restored_from", "value": "5"}]},
+        {"version": "3", "tags": []},
+    ]  # fmt: skip
+    history = promotion_history(versions, {"4": "champion", "6": ""})
+    assert [h["rollout"] for h in history] == [
+        "rejected: agreement 0.41 < 0.9",
+        "promoted · rolled back to v4 by rollout service: live accuracy 0.71 below 0.83",
+        "restored by a rollback from v5",
+        "",
+    ]
+    assert rollout_outcome({"rollback.rolled_back": "not json"}) == "rolled back"
+    assert promotion_rows(history)[0][PROMOTION_COLUMNS.index("rollout")] == "rejected: agreement 0.41 < 0.9"
 
 
 def test_card_markdown_lists_test_metrics():

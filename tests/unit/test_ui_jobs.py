@@ -54,6 +54,9 @@ def test_job_markdown_and_rows():
     assert len(row) == len(JOB_COLUMNS)
     assert row[:4] == ["j1", "train", "adult", "succeeded"] and row[6] == "no" and row[7] == "2026-01-02 03:04:05"
     assert row[8] == "operator root@head-1"
+    challenger = {**job, "rollout": "canary"}
+    assert "rolled out as a canary challenger" in job_markdown(challenger)
+    assert job_rows([challenger])[0][6] == "canary"
 
 
 @pytest.mark.parametrize("state", ["succeeded", "failed", "dead_lettered", "cancelled", "timed_out"])
