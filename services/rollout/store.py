@@ -417,6 +417,7 @@ class Leadership:
         except (psycopg.Error, TimeoutError) as exc:
             if self.leading:
                 log.warning("rollout service: leadership lost (%s)", exc or type(exc).__name__)
+            self.leading = False  # a broken session has nothing to unlock
             await self.release()
         return self.leading
 
@@ -431,9 +432,18 @@ class Leadership:
             log.info("rollout service: leading")
 
     async def release(self) -> None:
-        """Give the leadership up (closing the session releases the lock)."""
-        self.leading = False
+        """Give the leadership up. The lock is unlocked before the session closes: the server
+        drops a closed session's locks only once its backend has exited, which a stand-by trying
+        at once could beat."""
+        leading, self.leading = self.leading, False
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
+        if conn is None or conn.closed:
+            return
+        with contextlib.suppress(psycopg.Error, TimeoutError):
+            if leading:
+                await asyncio.wait_for(
+                    conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (self.LOCK_NAME,)),
+                    self._connect_timeout_s,
+                )
+        with contextlib.suppress(psycopg.Error):
+            await conn.close()
