@@ -248,7 +248,7 @@ def run_ray_train(
     started = time.perf_counter()
     with training_code(tuned):
         datasets = ray_datasets(inputs.pre, inputs.splits)
-        _, epochs_run = fit(config, settings, inputs.pre, datasets, None, [EpochRecorder(log)], log.parent.name)
+        epochs_run = fit(config, settings, inputs.pre, datasets, None, [EpochRecorder(log)], log.parent.name).epochs_run
     fit_s = time.perf_counter() - started
     epochs = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
     if len(epochs) != epochs_run:

@@ -14,7 +14,7 @@ import os
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from jobs.data.loading import Splits, combined_digest, load_splits
 from jobs.evaluate import evaluate
 from jobs.feedback_data import with_feedback
 from jobs.finish import calibrate_and_profile
+from jobs.phases import Phases, WorkerTimings, fit_phases, since_process_start
 from jobs.predictor import Architecture, TabularPredictor
 from jobs.preprocess import Preprocessor
 from jobs.promote import EXIT_NOT_PROMOTED, Decision, gate
@@ -69,6 +70,15 @@ class TrainingOutcome:
     epochs_run: int
     promotion: Decision | None
     wall_time_s: float
+    # Seconds by phase of the job (jobs/phases.py), driver start to the gate's decision.
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    best_state: dict[str, Any]
+    epochs_run: int
+    phases: dict[str, float]
 
 
 # Driver side -------------------------------------------------------------------------------
@@ -210,10 +220,10 @@ def fit(
     run_id: str | None,
     callbacks: Sequence[Any] = (),
     run_name: str | None = None,
-) -> tuple[dict[str, Any], int]:
-    """Run the Ray Train job on the "train" and "val" Ray Datasets; returns the best weights and
-    the number of epochs run. Tune trials pass datasets built once for all of them and the
-    callback that reports each epoch to Tune."""
+) -> Fitted:
+    """Run the Ray Train job on the "train" and "val" Ray Datasets; returns the best weights, the
+    number of epochs run and the run's phases. Tune trials pass datasets built once for all of
+    them and the callback that reports each epoch to Tune."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -238,12 +248,14 @@ def fit(
             callbacks=list(callbacks),
         ),
     )
+    fit_started = time.time()
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training produced no checkpoint")
     with result.checkpoint.as_directory() as directory:
         saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    return saved["best_model"], int(saved["epoch"]) + 1
+    worker = WorkerTimings.from_dict(saved["timings"]) if "timings" in saved else None
+    return Fitted(saved["best_model"], int(saved["epoch"]) + 1, fit_phases(fit_started, time.time(), worker))
 
 
 def promote_if_enabled(
@@ -273,53 +285,71 @@ def promote_if_enabled(
     )
 
 
-def run_training(config: JobConfig, settings: Settings | None = None) -> TrainingOutcome:
+def run_training(config: JobConfig, settings: Settings | None = None, phases: Phases | None = None) -> TrainingOutcome:
     settings = settings or get_settings()
+    phases = phases or Phases()
     started = time.perf_counter()
-    require_tracking_server(settings)
-    bound_request_retries()
-    # The fluent API (runs, params, the model's upload) reads the process's tracking URI; every
-    # client below is given it explicitly.
-    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
-    mlflow.set_experiment(settings.mlflow.experiment)
-    client = MlflowClient(settings.mlflow.tracking_uri)
+    with phases.timed("tracking_check"):
+        require_tracking_server(settings)
+        bound_request_retries()
+        # The fluent API (runs, params, the model's upload) reads the process's tracking URI; every
+        # client below is given it explicitly.
+        mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+        mlflow.set_experiment(settings.mlflow.experiment)
+        client = MlflowClient(settings.mlflow.tracking_uri)
     model_name = config.registered_model_name
 
-    # Feedback rows join the training split before the schema and the preprocessor are fitted.
-    splits = with_feedback(load_splits(config, settings), config, settings)
-    schema = build_schema(splits.train, config)
-    pre = Preprocessor.fit(splits.train, schema)
-    digest = combined_digest(splits.digests)
-    if not ray.is_initialized():
-        ray.init(address=settings.ray.address, log_to_driver=True)
+    with phases.timed("data_load"):
+        # Feedback rows join the training split before the schema and the preprocessor are fitted.
+        splits = with_feedback(load_splits(config, settings), config, settings)
+    with phases.timed("preprocess"):
+        schema = build_schema(splits.train, config)
+        pre = Preprocessor.fit(splits.train, schema)
+        digest = combined_digest(splits.digests)
+    with phases.timed("ray_init"):
+        if not ray.is_initialized():
+            ray.init(address=settings.ray.address, log_to_driver=True)
 
     with mlflow.start_run(run_name=f"train-{config.name}") as run:
-        mlflow.set_tags({"job.kind": "train", **provenance_tags(settings, splits, digest)})
-        mlflow.log_params(flat_params(config))
-        mlflow.log_params(
-            {"data.train_rows": len(splits.train), "data.val_rows": len(splits.val), "data.test_rows": len(splits.test)}
-        )
-        log_job_files(client, run.info.run_id, config.model_dump(mode="json"), schema.model_dump_json(indent=2))
-        log_inputs(splits, config, digest)
+        with phases.timed("mlflow_setup"):
+            mlflow.set_tags({"job.kind": "train", **provenance_tags(settings, splits, digest)})
+            mlflow.log_params(flat_params(config))
+            mlflow.log_params(
+                {
+                    "data.train_rows": len(splits.train),
+                    "data.val_rows": len(splits.val),
+                    "data.test_rows": len(splits.test),
+                }
+            )
+            log_job_files(client, run.info.run_id, config.model_dump(mode="json"), schema.model_dump_json(indent=2))
+            log_inputs(splits, config, digest)
 
-        best_state, epochs_run = fit(config, settings, pre, ray_datasets(pre, splits), run.info.run_id)
-        predictor = TabularPredictor.from_state_dict(pre, architecture_for(pre, config), best_state)
-        # Calibrated before the test metrics: they score what gets registered and served.
-        mlflow.log_metrics(calibrate_and_profile(predictor, splits.train, splits.val))
-        test_metrics = evaluate(predictor, splits.test)
-        mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()})
-        mlflow.log_metric("epochs_run", epochs_run)
-
-        version = log_and_register(predictor, splits.test, model_name, client, requester(settings.audit_actor))
-        decision = promote_if_enabled(client, config, settings, model_name, version.version, predictor, splits)
+        with phases.timed("ray_datasets"):
+            datasets = ray_datasets(pre, splits)
+        fitted = fit(config, settings, pre, datasets, run.info.run_id)
+        phases.update(fitted.phases)
+        with phases.timed("calibrate_profile"):
+            predictor = TabularPredictor.from_state_dict(pre, architecture_for(pre, config), fitted.best_state)
+            # Calibrated before the test metrics: they score what gets registered and served.
+            mlflow.log_metrics(calibrate_and_profile(predictor, splits.train, splits.val))
+        with phases.timed("evaluate"):
+            test_metrics = evaluate(predictor, splits.test)
+            mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()} | {"epochs_run": fitted.epochs_run})
+        with phases.timed("register"):
+            version = log_and_register(predictor, splits.test, model_name, client, requester(settings.audit_actor))
+        with phases.timed("gate"):
+            decision = promote_if_enabled(client, config, settings, model_name, version.version, predictor, splits)
+        # The phases of this run: the last call on it, so the figures cover everything before.
+        mlflow.log_metrics(phases.metrics())
         return TrainingOutcome(
             run_id=run.info.run_id,
             model_name=model_name,
             model_version=version.version,
             test_metrics=test_metrics,
-            epochs_run=epochs_run,
+            epochs_run=fitted.epochs_run,
             promotion=decision,
             wall_time_s=time.perf_counter() - started,
+            phases=phases.rounded(),
         )
 
 
@@ -328,13 +358,15 @@ def main(
     overrides: list[str] = typer.Option([], "--set", help="override a config value, e.g. train.epochs=2"),
 ) -> None:
     """Train a model on the Ray cluster, log it to MLflow, register it and gate its promotion."""
+    phases = Phases()
+    phases.add("driver_start", since_process_start())
     settings = get_settings()
     configure_logging("trainer", settings.log_level)
     init_tracing("trainer", settings)
     job = load_config(config).with_overrides(dict(parse_override(o) for o in overrides))
     try:
         with span_from("training.run", settings.traceparent, attributes={"training.config": job.name}):
-            outcome = run_training(job)
+            outcome = run_training(job, phases=phases)
     finally:
         shutdown_tracing()
     report_outcome(outcome)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs.phases import WorkerTimings
 from jobs.predictor import Architecture
 
 CHECKPOINT_FILE = "state.pt"
@@ -223,6 +224,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    loop_started = time.time()
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(cfg["seed"] + rank)
@@ -253,20 +255,37 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if cfg.get("cache_shards"):  # read once here, then every epoch from memory
         train_shard = TensorShard.from_shard(train_shard, cfg["seed"] + rank, cfg["device"])
         val_shard = TensorShard.from_shard(val_shard, cfg["seed"] + rank, cfg["device"])
+    timings = WorkerTimings(loop_started=loop_started, ready=time.time())
     for epoch in range(start_epoch, cfg["epochs"]):
         metrics, train_rows = loop.run_epoch(epoch, train_shard, val_shard)
+        timings.epoch_s.append(metrics["epoch_time_s"])
+        logged = time.perf_counter()
         if tracker is not None:
-            for key, value in metrics.items():
-                if key != "epoch":
-                    tracker.log_metric(cfg["run_id"], key, value, step=epoch)
+            _log_epoch(tracker, cfg["run_id"], metrics, epoch)
+        timings.logging_s.append(time.perf_counter() - logged)
         # Reported to Ray only (not MLflow, where it would be one more curve): the benchmark
         # checks that every variant trained on as many rows.
         reported = {**metrics, "train_rows": float(train_rows)}
+        report_started = time.perf_counter()
         if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
-                torch.save(loop.state(epoch), Path(directory) / CHECKPOINT_FILE)
+                # The timings ride in the checkpoint: the driver cuts the run into its phases
+                # (jobs/phases.py) from the last one.
+                saved = {**loop.state(epoch), "timings": timings.as_dict()}
+                torch.save(saved, Path(directory) / CHECKPOINT_FILE)
                 ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(reported)
+        timings.report_s.append(time.perf_counter() - report_started)
         if loop.should_stop:
             break
+
+
+def _log_epoch(tracker: Any, run_id: str, metrics: dict[str, float], epoch: int) -> None:
+    """One epoch's curves in one call: a request per metric added up to a share of a short job."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    tracker.log_batch(
+        run_id, metrics=[Metric(key, value, now, epoch) for key, value in metrics.items() if key != "epoch"]
+    )

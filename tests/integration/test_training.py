@@ -24,6 +24,13 @@ def test_run_records_params_metrics_tags_and_model(stack, trained, pg_database):
     assert metrics["calibration_temperature"] > 0
     assert metrics["val_ece_after"] <= metrics["val_ece_before"] + 1e-9
 
+    # Where the job's time went, published on the run and in its result line.
+    phases = trained["phases"]
+    for name in ("driver_start", "data_load", "ray_init", "mlflow_setup", "fit_worker_start", "fit_epochs", "register"):
+        assert phases[name] > 0, (name, phases)
+        assert metrics[f"phase_{name}_s"] == phases[name]
+    assert sum(phases.values()) - phases["driver_start"] <= trained["wall_time_s"] + 0.01
+
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == list(range(len(history))) and 1 <= len(history) <= 2
     assert client.get_metric_history(run.info.run_id, "train_loss")
