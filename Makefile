@@ -44,7 +44,7 @@ tools: ## Nginx, Chromium, Prometheus, Alertmanager, the PostgreSQL exporter (De
 	elif [ ! tools/node_modules/.package-lock.json -nt tools/package-lock.json ]; then \
 	  npm ci --prefix tools --no-audit --no-fund --loglevel=error; fi
 
-demo: venv tools ## start everything, train, promote, serve, print a prediction
+demo: venv tools ## start everything, train, promote, serve, print a prediction (its steps on the terminal, the rest in .state/logs/)
 	$(PY) -m cluster demo
 
 up: venv
@@ -81,7 +81,7 @@ test-integration: venv
 test-e2e: venv
 	$(PY) -m pytest tests/e2e
 
-bench: venv tools ## the platform against its peers: benchmarks/results/{report.md,results.json,*.png} (~15 min; own stack)
+bench: venv tools ## the platform against its peers: benchmarks/results/{report.md,results.json,*.png} (~30 min; own stack; a line per phase, the headline at the end, the rest in .state/logs/bench.log)
 	$(PY) -m benchmarks
 
 lint: venv

@@ -5,11 +5,18 @@
 
 `results` is a JSON-ready dict; every section is optional, so a partial run still gets a report:
   machine     machine_info(), filled in when absent
+  quick, duration_s   how the run was made and how long it took
+  headline    not stored: `headline(results)` picks the figures the issue tracker quotes
   serving     {"rows": [{server, connections, rows_per_request, rps, rows_per_s, p50_ms, p90_ms,
-               p99_ms, errors, requests, [wrk_cores]}...], "in_process": peers.in_process(...)}
-  training    {plain|ray_train_1|ray_train_2: {epoch_rows_per_s, steady_rows_per_s, wall_s, loss,
-               val_<metric>}, ratios, tune, ...}
-  loop, profile  free-form; rendered as tables where their shape allows
+               p99_ms, errors, requests, [wrk_cores]}...], "in_process": peers.in_process(...),
+               "multi_model": ..., "plan": ..., "agreement": ...}
+  training    {plain|ray_train_1|ray_train_2: {epoch_rows_per_s, steady_rows_per_s, wall_s,
+               train_loss, val_<metric>}, ratios, goals, tune, ...}
+  loop, profile, shapes, monitor, shadow   see their renderers below
+
+Each known section has a renderer in `SECTIONS` (a new benchmark section adds one there); any other
+section, and any key a renderer does not know, is shown as a key/value table whose units come from
+the key names (`wall_s` in s, `p99_ms` in ms, `rows_per_s` in rows/s...), never as headings.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,12 +38,16 @@ import typer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINES = (("mlflow", "mlflow"), ("fastapi", "bare FastAPI"))
+# The platform as users reach it (benchmarks/serving.py's EDGE), then at the Serve port.
+PLATFORM_SERVERS = ("platform (Nginx TLS)", "platform (Serve ingress)")
 LATENCY_CONNECTIONS = 16
 TRAINING_ORDER = ("plain", "ray_train_1", "ray_train_2")
 MAX_TABLE_ROWS = 25
+MAX_INLINE_VALUES = 8
 THROUGHPUT_PNG = "serving_throughput.png"
 LATENCY_PNG = "serving_latency.png"
 TRAINING_PNG = "training_curves.png"
+MISSING = "—"
 
 cli = typer.Typer(add_completion=False)
 
@@ -116,9 +129,9 @@ def _git_commit() -> str | None:
 
 def fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
+        return MISSING
     if isinstance(value, bool):
-        return str(value)
+        return "yes" if value else "no"
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
@@ -138,31 +151,204 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
 
 def ratio(value: float | None, base: float | None) -> str:
     if value is None or not base:
-        return "—"
+        return MISSING
     return f"{value / base:.2f}×"
 
 
-def render_any(value: Any, depth: int = 0) -> list[str]:
-    """A free-form section: flat dicts and lists of dicts as tables, nested dicts by key."""
-    if isinstance(value, Mapping):
-        scalars = {k: v for k, v in value.items() if not isinstance(v, Mapping | list)}
-        nested = {k: v for k, v in value.items() if isinstance(v, Mapping | list)}
-        lines = table(["key", "value"], scalars.items()) if scalars else []
-        for key, item in nested.items():
-            lines += [f"**{fmt(key)}**", "", *render_any(item, depth + 1)]
-        return lines
+def spread(values: Mapping[str, Any] | None, unit: str = "") -> str:
+    """{median, min, max} as `median (min-max) unit`."""
+    if not values:
+        return MISSING
+    suffix = f" {unit}" if unit else ""
+    return f"{fmt(values.get('median'))} ({fmt(values.get('min'))}–{fmt(values.get('max'))}){suffix}"
+
+
+# Units from key names --------------------------------------------------------------------------
+
+_SUFFIX_UNITS = (
+    ("_ms", "ms"),
+    ("_us", "µs"),
+    ("_s", "s"),
+    ("_pct", "%"),
+    ("_mib", "MiB"),
+    ("_gib", "GiB"),
+    ("_bytes", "bytes"),
+    ("_cores", "cores"),
+)
+_TIME_UNITS = {"s": "s", "ms": "ms", "min": "min", "h": "h"}
+
+
+def unit_of(key: str) -> str:
+    """The unit a key names: `wall_s` s, `p99_ms` ms, `rows_per_s` rows/s, `rps` req/s,
+    `cpu_s_per_window` s/window, `cost_pct` %, `rss_mib` MiB; "" when it names none."""
+    k = key.lower()
+    if k == "rps" or k.endswith("_rps"):
+        return "req/s"
+    if k.startswith("seconds_"):
+        return "s"
+    if "_per_" in k:
+        numerator, denominator = k.split("_per_", 1)
+        first = denominator.split("_")[0]
+        per = _TIME_UNITS.get(first, denominator.replace("_", " "))
+        top = _suffix_unit(numerator) or numerator.split("_")[-1]
+        return f"{'req' if top == 'rps' else top}/{per}"
+    return _suffix_unit(k)
+
+
+def _suffix_unit(key: str) -> str:
+    return next((unit for suffix, unit in _SUFFIX_UNITS if key.endswith(suffix)), "")
+
+
+def _is_share(key: str) -> bool:
+    return key == "share" or key.endswith("_share")
+
+
+def with_unit(key: str, value: Any) -> str:
+    """A value as a person reads it: `43.2 s`, `17.4 ms`, `36,372 rows/s`, `12.5%`, `yes`."""
+    if isinstance(value, bool) or value is None:
+        return fmt(value)
+    if isinstance(value, int | float) and _is_share(key):
+        return f"{value:.1%}"
     if isinstance(value, list):
-        if value and all(isinstance(item, Mapping) for item in value):
-            columns = list(dict.fromkeys(k for item in value for k in item))
-            shown = value[:MAX_TABLE_ROWS]
-            lines = table(columns, ([_cell(item.get(c)) for c in columns] for item in shown))
-            return lines + ([f"({len(value) - len(shown)} more)", ""] if len(value) > len(shown) else [])
-        return [", ".join(fmt(item) for item in value), ""]
-    return [fmt(value), ""]
+        return _list_value(key, value)
+    unit = unit_of(key) if isinstance(value, int | float) else ""
+    if unit == "%":
+        return f"{fmt(value)}%"
+    return f"{fmt(value)} {unit}" if unit else fmt(value)
 
 
-def _cell(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, Mapping | list) else value
+def _list_value(key: str, values: list[Any]) -> str:
+    if not values:
+        return "none"
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if len(values) <= MAX_INLINE_VALUES or len(numbers) != len(values):
+        return ", ".join(with_unit(key, v) if not isinstance(v, Mapping | list) else json.dumps(v) for v in values)
+    unit = unit_of(key)
+    suffix = f" {unit}" if unit and unit != "%" else ""
+    return (
+        f"{len(values)} values, first {fmt(values[0])}, last {fmt(values[-1])}, "
+        f"median {fmt(statistics.median(numbers))}{suffix}"
+    )
+
+
+def label(key: str) -> str:
+    """A column header from a key: its words with the unit (`p99_ms` -> `p99 (ms)`,
+    `steady_rows_per_s` -> `steady rows/s`, `cpu_s_per_window` -> `cpu s/window`)."""
+    if key.lower() == "rps" or key.lower().endswith("_rps"):
+        return f"{key[:-3].replace('_', ' ')}req/s".strip()
+    if "_per_" in key:
+        numerator, denominator = key.split("_per_", 1)
+        lead, top = numerator.split("_")[:-1], numerator.split("_")[-1]
+        top = _suffix_unit(numerator) or top
+        after = denominator.split("_")
+        per, trail = (after[0], after[1:]) if after[0] in _TIME_UNITS else (" ".join(after), [])
+        return " ".join([*lead, f"{top}/{per}", *trail])
+    unit = _suffix_unit(key.lower())
+    if unit:
+        return f"{key[: key.rfind('_')].replace('_', ' ')} ({unit})"
+    return key.replace("_", " ")
+
+
+# Generic sections ------------------------------------------------------------------------------
+
+
+def _flatten(value: Mapping[str, Any], prefix: str = "") -> tuple[list[tuple[str, Any]], list[tuple[str, list[Any]]]]:
+    """Scalars and short lists as dotted keys; lists of objects kept apart for tables of their own."""
+    pairs: list[tuple[str, Any]] = []
+    tables: list[tuple[str, list[Any]]] = []
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, Mapping):
+            if not item:
+                pairs.append((name, "none"))
+                continue
+            inner_pairs, inner_tables = _flatten(item, f"{name}.")
+            pairs += inner_pairs
+            tables += inner_tables
+        elif isinstance(item, list) and item and all(isinstance(entry, Mapping) for entry in item):
+            tables.append((name, item))
+        else:
+            pairs.append((name, item))
+    return pairs, tables
+
+
+def key_values(value: Any, title: str | None = None) -> list[str]:
+    """Any figures as a key/value table (units from the key names), and a table per list of
+    objects. Keys stay as results.json has them, so a figure is easy to find there."""
+    if not isinstance(value, Mapping):
+        value = {title or "value": value}
+    pairs, tables = _flatten(value)
+    lines = (
+        table(["key", "value"], ((key, with_unit(key.rsplit(".", 1)[-1], item)) for key, item in pairs))
+        if pairs
+        else []
+    )
+    for name, rows in tables:
+        lines += [f"`{name}` ({len(rows)} row{'' if len(rows) == 1 else 's'}):", "", *records_table(rows)]
+    return lines
+
+
+def records_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> list[str]:
+    """A list of objects as one table: a column per key, headed with its unit."""
+    keys = list(columns or dict.fromkeys(k for row in rows for k in row))
+    shown = rows[:MAX_TABLE_ROWS]
+    body = ([_cell(key, row.get(key)) for key in keys] for row in shown)
+    lines = table([label(key) for key in keys], body)
+    return lines + ([f"({len(rows) - len(shown)} more rows in results.json)", ""] if len(rows) > len(shown) else [])
+
+
+def _cell(key: str, value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {with_unit(k, v)}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return _list_value(key, value)
+    if isinstance(value, float) and _is_share(key):
+        return f"{value:.1%}"
+    return value
+
+
+def _rest(section: Mapping[str, Any], known: Iterable[str]) -> list[str]:
+    """What a renderer does not know yet (a new field), shown rather than dropped."""
+    rest = {k: v for k, v in section.items() if k not in set(known) and v not in (None, {}, [])}
+    return ["Other figures of this section:", "", *key_values(rest)] if rest else []
+
+
+# Sections --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadlineRow:
+    """One line of the headline table: what was measured, the platform's figure, and what it is
+    compared with (a peer, the ceiling, or the same thing without the feature)."""
+
+    measure: str
+    platform: str
+    reference: str = MISSING
+
+
+@dataclass(frozen=True)
+class Context:
+    results: Mapping[str, Any]
+    plots: Sequence[str] = ()
+
+    def plot_lines(self, *names: str) -> list[str]:
+        return [line for name in names if name in self.plots for line in (f"![{Path(name).stem}]({name})", "")]
+
+
+Renderer = Callable[[Mapping[str, Any], Context], list[str]]
+Headliner = Callable[[Mapping[str, Any]], list[HeadlineRow]]
+
+
+@dataclass(frozen=True)
+class Section:
+    """How report.md shows one key of results.json: under `title`, by `render`; `headline`
+    contributes to the headline table. A new benchmark section adds one to `SECTIONS`."""
+
+    key: str
+    title: str
+    render: Renderer
+    headline: Headliner | None = None
+    plots: tuple[str, ...] = ()
 
 
 # Serving -----------------------------------------------------------------------------------
@@ -190,10 +376,41 @@ def _ceilings(in_proc: Mapping[str, Any] | None) -> dict[int, float]:
     return {int(r["rows"]): float(r.get("rows_per_s_p50") or r["rows_per_s"]) for r in results if "rows_per_s" in r}
 
 
-def serving_section(serving: Mapping[str, Any], cpus: int | None = None) -> list[str]:
+def _plan_lines(plan: Mapping[str, Any]) -> list[str]:
+    if not {"duration_s", "connections"} <= set(plan):
+        return []
+    connections = ", ".join(str(c) for c in plan["connections"])
+    text = (
+        f"Each load ran {fmt(plan['duration_s'])} s after a {fmt(plan.get('warmup_s'))} s warm-up, one server after "
+        f"the other: single rows at {connections} connections"
+    )
+    if plan.get("bulk_rows"):
+        text += f", {fmt(plan['bulk_rows'])}-row requests at {fmt(plan.get('bulk_connections'))} connections"
+    return [text + ".", ""]
+
+
+def _agreement_lines(agreement: Mapping[str, Any]) -> list[str]:
+    rows = fmt(agreement.get("rows"))
+    disagreements = agreement.get("disagreements") or {}
+    if agreement.get("agree", not any(disagreements.values())):
+        return [f"Before any load, every server gave the same labels for the same {rows} rows.", ""]
+    differ = ", ".join(f"{server} {fmt(n)}" for server, n in disagreements.items() if n)
+    return [f"**The servers disagree** on the labels of the same {rows} rows ({differ}): the comparison is void.", ""]
+
+
+def serving_section(serving: Mapping[str, Any], context: Context) -> list[str]:
     rows: list[Mapping[str, Any]] = list(serving.get("rows") or [])
     in_proc = serving.get("in_process")
-    lines = ["## Serving", ""]
+    cpus = (context.results.get("machine") or {}).get("logical_cpus")
+    lines: list[str] = []
+    if serving.get("model_uri"):
+        replicas = f", {fmt(serving['replicas'])} ingress replica(s)" if serving.get("replicas") is not None else ""
+        lines += [f"Model `{serving['model_uri']}`{replicas}.", ""]
+    plan = serving.get("plan") or {}
+    plan_lines = _plan_lines(plan)
+    lines += plan_lines
+    if serving.get("agreement"):
+        lines += _agreement_lines(serving["agreement"])
     if rows:
         lines += _loadgen_lines(rows, cpus or os.cpu_count() or 1)
         for per_request, connections in _groups(rows):
@@ -201,92 +418,41 @@ def serving_section(serving: Mapping[str, Any], cpus: int | None = None) -> list
                 r for r in rows if int(r.get("rows_per_request", 1)) == per_request and r["connections"] == connections
             ]
             lines += _serving_group(group, per_request, connections, _ceilings(in_proc).get(per_request))
+    lines += context.plot_lines(THROUGHPUT_PNG, LATENCY_PNG)
     if in_proc:
         lines += _in_process_lines(in_proc)
-    # Whatever else the orchestrator recorded (plan, agreement, a profile...), as it is.
-    for key, value in serving.items():
-        if key not in {"rows", "in_process"} and value not in (None, {}, []):
-            lines += [f"### {fmt(key)}", "", *render_any(value)]
-    return lines
+    if serving.get("multi_model"):
+        lines += multi_model_lines(serving["multi_model"])
+    known = {"rows", "in_process", "model_uri", "replicas", "plan", "agreement", "multi_model"}
+    # What the sentence about the plan did not say is shown with the other figures.
+    plan_rest = {k: v for k, v in plan.items() if k not in PLAN_KEYS} if plan_lines else plan
+    return lines + _rest({**serving, "plan": plan_rest}, known - {"plan"})
 
 
-def shapes_section(shapes: Mapping[str, Any]) -> list[str]:
-    """Many models per cluster: each shape Serve offers, on Serve's own port (serving_shapes.py)."""
-    measured = {k: v for k, v in shapes.items() if isinstance(v, Mapping)}
-    header = [
-        "shape",
-        "1 model req/s",
-        "2 models req/s",
-        "2 vs 1 (median; rounds)",
-        "MiB per extra model",
-        "2nd model servable (s)",
-        "1st model while adding: req/s",
-        "p99 ms",
-        "errors",
-    ]
-    rows = [
-        [
-            name,
-            m["one_model"]["req_per_s"],
-            m["two_models"]["req_per_s"],
-            f"{m['two_vs_one']:.2f}× ({', '.join(f'{r:.2f}' for r in m.get('two_vs_one_by_round', []))})",
-            m["rss_mib_extra_model"],
-            m["second_model_servable_s"],
-            m["first_model_while_second_added"]["req_per_s"],
-            m["first_model_while_second_added"]["p99_ms"],
-            m["first_model_while_second_added"]["errors"],
-        ]
-        for name, m in measured.items()
-    ]
-    connections = shapes.get("connections")
-    return [
-        "## Many models: the shapes Serve offers",
-        "",
-        f"Single-row requests at {connections} connections; for two models each connection sends to both in turn. "
-        f"One model and two alternated {shapes.get('rounds')} times, {shapes.get('duration_s')} s each; "
-        "req/s are the median round's. Memory: the replicas' RSS before and after the second model.",
-        "",
-        *table(header, rows),
-    ]
-
-
-def profile_section(profile: Mapping[str, Any], top: int = 15) -> list[str]:
-    """py-spy's view of the ingress replica under load: where its Python time goes."""
-    lines = [
-        "## Profile of the ingress replica",
-        "",
-        f"py-spy, samples taken while the replica held the GIL: {fmt(profile.get('samples'))} "
-        f"(raw stacks in `serving/{profile.get('file', 'profile-ingress.txt')}`).",
-        "",
-    ]
-    for key, title in (("self", "Own time (innermost frame of our code or a framework)"), ("inclusive", "Inclusive")):
-        entries = list(profile.get(key) or [])[:top]
-        if entries:
-            lines += [f"### {title}", ""]
-            lines += table(["share", "frame"], ([f"{float(e['share']):.1%}", f"`{e['frame']}`"] for e in entries))
-            lines.append("")
-    return lines
+PLAN_KEYS = frozenset({"connections", "duration_s", "warmup_s", "bulk_rows", "bulk_connections"})
 
 
 def _in_process_lines(in_proc: Mapping[str, Any]) -> list[str]:
-    lines = ["### In-process ceiling (`predict_frame`, no HTTP)", ""]
-    lines += [
-        f"torch threads: {fmt(in_proc.get('torch_threads'))}, calls per size: {fmt(in_proc.get('iterations'))}",
+    lines = [
+        "### In-process ceiling (no HTTP)",
+        "",
+        f"`predict_frame` on a prepared DataFrame; torch threads: {fmt(in_proc.get('torch_threads'))}, "
+        f"calls per size: {fmt(in_proc.get('iterations'))}.",
         "",
     ]
+    header = ["rows per call", "calls/s", "rows/s", "rows/s at p50", "p50 (ms)", "p99 (ms)"]
     columns = ("rows", "calls_per_s", "rows_per_s", "rows_per_s_p50", "p50_ms", "p99_ms")
-    lines += table(
-        ["rows per call", "calls/s", "rows/s", "rows/s at p50", "p50 ms", "p99 ms"],
-        ([r.get(k) for k in columns] for r in in_proc.get("results") or []),
-    )
-    for key, value in in_proc.items():
-        if key not in {"torch_threads", "iterations", "results"} and value not in (None, {}, []):
-            lines += [f"#### {fmt(key)}", "", *render_any(value)]
-    return lines
+    lines += table(header, ([r.get(k) for k in columns] for r in in_proc.get("results") or []))
+    if in_proc.get("serving_path"):
+        lines += ["The platform's own path per batch (rows encoded, the model, the prediction objects):", ""]
+        lines += table(
+            ["path", *header], ([r.get("path"), *(r.get(k) for k in columns)] for r in in_proc["serving_path"])
+        )
+    return lines + _rest(in_proc, {"torch_threads", "iterations", "results", "serving_path"})
 
 
 def _cores(value: Any) -> str:
-    return "—" if value is None else f"{float(value):.2f}"
+    return MISSING if value is None else f"{float(value):.2f}"
 
 
 def _loadgen_lines(rows: Sequence[Mapping[str, Any]], cpus: int) -> list[str]:
@@ -305,8 +471,8 @@ def _serving_group(
 ) -> list[str]:
     by_server = {str(r["server"]): r for r in group}
     bases = {key: by_server[key].get("rows_per_s") for key, _ in BASELINES if key in by_server}
-    header = ["server", "req/s", "rows/s", "p50 ms", "p90 ms", "p99 ms", "errors / requests"]
-    header += [f"vs {label}" for key, label in BASELINES if key in bases]
+    header = ["server", "req/s", "rows/s", "p50 (ms)", "p90 (ms)", "p99 (ms)", "errors / requests"]
+    header += [f"vs {peer}" for key, peer in BASELINES if key in bases]
     if ceiling:
         header.append("of in-process p50 rate")
     with_cpu = any(r.get("wrk_cores") is not None for r in group)
@@ -327,18 +493,223 @@ def _serving_group(
     return [f"### {title} per request, {connections} connection{plural}", "", *table(header, body)]
 
 
+def _load_row(name: str, load: Mapping[str, Any]) -> list[Any]:
+    rounds = load.get("req_per_s_by_round") or []
+    return [
+        name,
+        load.get("req_per_s"),
+        load.get("p50_ms"),
+        load.get("p99_ms"),
+        f"{fmt(load.get('errors'))} / {fmt(load.get('requests'))}",
+        ", ".join(fmt(r) for r in rounds) or MISSING,
+    ]
+
+
+LOAD_HEADER = ["load", "req/s (median round)", "p50 (ms)", "p99 (ms)", "errors / requests", "req/s by round"]
+
+
+def multi_model_lines(multi: Mapping[str, Any]) -> list[str]:
+    models = " and ".join(f"`{m}`" for m in multi.get("models") or [])
+    connections = (multi.get("one_model") or {}).get("connections")
+    lines = [
+        "### Two models at once (multi model)",
+        "",
+        f"Single-row requests through Nginx at {fmt(connections)} connections to one model, then the same connections "
+        f"sending to two ({models}) in turn; alternated, the median round's figures.",
+        "",
+        *table(
+            LOAD_HEADER,
+            [
+                _load_row("one model", multi.get("one_model") or {}),
+                _load_row("two models", multi.get("two_models") or {}),
+            ],
+        ),
+        f"Two models against one: {fmt(multi.get('two_vs_one'))}× req/s. "
+        f"Ingress replicas: {fmt(multi.get('replicas'))}, "
+        f"their memory {with_unit('rss_mib', multi.get('replicas_rss_mib_one_model'))} with one model, "
+        f"{with_unit('rss_mib', multi.get('replicas_rss_mib_two_models'))} with two "
+        f"({with_unit('rss_mib', multi.get('rss_mib_per_extra_model_per_replica'))} per extra model per replica).",
+        "",
+    ]
+    known = {
+        "models",
+        "one_model",
+        "two_models",
+        "two_vs_one",
+        "two_vs_one_by_round",
+        "replicas",
+        "replicas_rss_mib_one_model",
+        "replicas_rss_mib_two_models",
+        "rss_mib_per_extra_model_per_replica",
+    }
+    return lines + _rest(multi, known)
+
+
+def _find(
+    rows: Sequence[Mapping[str, Any]], server: str, per_request: int, connections: int
+) -> Mapping[str, Any] | None:
+    return next(
+        (
+            r
+            for r in rows
+            if r["server"] == server
+            and int(r.get("rows_per_request", 1)) == per_request
+            and int(r["connections"]) == connections
+        ),
+        None,
+    )
+
+
+def _platform_server(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    servers = _servers(rows)
+    preferred = [s for s in PLATFORM_SERVERS if s in servers]
+    return preferred[0] if preferred else next((s for s in servers if s.startswith("platform")), None)
+
+
+def _versus(name: str, figure: float | None, unit: str, mine: float | None) -> str:
+    if figure is None:
+        return ""
+    share = f" ({mine / figure:.2f}×)" if mine is not None and figure else ""
+    return f"{name} {fmt(figure)} {unit}{share}"
+
+
+def serving_headline(results: Mapping[str, Any]) -> list[HeadlineRow]:
+    serving = results.get("serving") or {}
+    rows: list[Mapping[str, Any]] = list(serving.get("rows") or [])
+    server = _platform_server(rows)
+    if server is None:
+        return []
+    where = server.removeprefix("platform (").removesuffix(")")
+    headline = []
+    single = sorted({int(r["connections"]) for r in rows if int(r.get("rows_per_request", 1)) == 1})
+    picks: list[tuple[int, str]] = []
+    if single:
+        many = min(single, key=lambda c: abs(c - LATENCY_CONNECTIONS))
+        picks.append((many, "p99"))
+        if 1 in single and many != 1:
+            picks.append((1, "p50"))
+    for connections, percentile in picks:
+        mine = _find(rows, server, 1, connections)
+        if mine is None:
+            continue
+        refs = [
+            _versus(peer, (_find(rows, key, 1, connections) or {}).get("rps"), "req/s", mine.get("rps"))
+            for key, peer in reversed(BASELINES)
+        ]
+        headline.append(
+            HeadlineRow(
+                f"1 row per request, {connections} connection{'s' if connections != 1 else ''}, {where}",
+                f"{fmt(mine.get('rps'))} req/s, {percentile} {fmt(mine.get(f'{percentile}_ms'))} ms",
+                "; ".join(r for r in refs if r) or MISSING,
+            )
+        )
+    for per_request, connections in _groups(rows):
+        mine = _find(rows, server, per_request, connections) if per_request > 1 else None
+        if mine is None:
+            continue
+        fastapi = (_find(rows, "fastapi", per_request, connections) or {}).get("rows_per_s")
+        path = next(
+            (
+                p.get("rows_per_s")
+                for p in (serving.get("in_process") or {}).get("serving_path") or []
+                if p.get("rows") == per_request
+            ),
+            None,
+        )
+        refs = [
+            _versus("bare FastAPI", fastapi, "rows/s", mine.get("rows_per_s")),
+            _versus("in-process serving path", path, "rows/s", mine.get("rows_per_s")),
+        ]
+        headline.append(
+            HeadlineRow(
+                f"{per_request:,}-row requests, {connections} connections, {where}",
+                f"{fmt(mine.get('rows_per_s'))} rows/s, "
+                f"p50 {fmt(mine.get('p50_ms'))} ms, p99 {fmt(mine.get('p99_ms'))} ms",
+                "; ".join(r for r in refs if r) or MISSING,
+            )
+        )
+    return headline
+
+
+# Profile and shapes -----------------------------------------------------------------------------
+
+
+def profile_section(profile: Mapping[str, Any], context: Context, top: int = 15) -> list[str]:
+    """py-spy's view of the ingress replica under load: where its Python time goes."""
+    lines = [
+        f"py-spy, samples taken while the replica held the GIL: {fmt(profile.get('samples'))} "
+        f"(raw stacks in `serving/{profile.get('file', 'profile-ingress.txt')}`).",
+        "",
+    ]
+    for key, title in (("self", "Own time (innermost frame of our code or a framework)"), ("inclusive", "Inclusive")):
+        entries = list(profile.get(key) or [])[:top]
+        if entries:
+            lines += [f"### {title}", ""]
+            lines += table(["share", "frame"], ([f"{float(e['share']):.1%}", f"`{e['frame']}`"] for e in entries))
+    return lines + _rest(profile, {"samples", "file", "self", "inclusive"})
+
+
+def shapes_section(shapes: Mapping[str, Any], context: Context) -> list[str]:
+    """Many models per cluster: each shape Serve offers, on Serve's own port (serving_shapes.py)."""
+    measured = {k: v for k, v in shapes.items() if isinstance(v, Mapping) and "one_model" in v}
+    header = [
+        "shape",
+        "1 model req/s",
+        "2 models req/s",
+        "2 vs 1 (median; rounds)",
+        "MiB per extra model",
+        "2nd model servable (s)",
+        "1st model while adding: req/s",
+        "p99 (ms)",
+        "errors",
+    ]
+    rows = [
+        [
+            name,
+            m["one_model"].get("req_per_s"),
+            m["two_models"].get("req_per_s"),
+            f"{m['two_vs_one']:.2f}× ({', '.join(f'{r:.2f}' for r in m.get('two_vs_one_by_round', []))})",
+            m.get("rss_mib_extra_model"),
+            m.get("second_model_servable_s"),
+            m["first_model_while_second_added"].get("req_per_s"),
+            m["first_model_while_second_added"].get("p99_ms"),
+            m["first_model_while_second_added"].get("errors"),
+        ]
+        for name, m in measured.items()
+    ]
+    lines = [
+        f"Single-row requests at {fmt(shapes.get('connections'))} connections; for two models each connection sends "
+        f"to both in turn. One model and two alternated {fmt(shapes.get('rounds'))} times, "
+        f"{fmt(shapes.get('duration_s'))} s each; req/s are the median round's. Memory: the replicas' RSS before and "
+        "after the second model.",
+        "",
+        *table(header, rows),
+    ]
+    return lines + _rest(shapes, {*measured, "connections", "rounds", "duration_s"})
+
+
 # Training ----------------------------------------------------------------------------------
 
 
+def _val_keys(variant: Mapping[str, Any]) -> list[str]:
+    return [k for k, v in variant.items() if k.startswith("val") and isinstance(v, list)]
+
+
 def _val_key(variant: Mapping[str, Any]) -> str | None:
-    return next((k for k, v in variant.items() if k.startswith("val") and isinstance(v, list)), None)
+    """The validation curve a plot shows: a quality metric rather than the loss where there is one."""
+    keys = _val_keys(variant)
+    return next((k for k in keys if "loss" not in k), keys[0] if keys else None)
+
+
+def _loss_key(variant: Mapping[str, Any]) -> str:
+    return "train_loss" if "train_loss" in variant else "loss"
 
 
 def _variants(training: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     found = {
         k: v
         for k, v in training.items()
-        if isinstance(v, Mapping) and {"loss", "epoch_rows_per_s", "steady_rows_per_s"} & set(v)
+        if isinstance(v, Mapping) and {"loss", "train_loss", "epoch_rows_per_s", "steady_rows_per_s"} & set(v)
     }
     ordered = [k for k in TRAINING_ORDER if k in found] + [k for k in found if k not in TRAINING_ORDER]
     return {k: found[k] for k in ordered}
@@ -348,57 +719,409 @@ def _last(values: Any) -> Any:
     return values[-1] if isinstance(values, list) and values else None
 
 
-def training_section(training: Mapping[str, Any]) -> list[str]:
+VARIANT_KEYS = frozenset(
+    {
+        "epochs", "workers", "rows_per_epoch", "epoch_rows", "epoch_rows_per_s", "steady_rows_per_s", "epoch_s",
+        "epoch_period_s", "steady_epoch_period_s", "steady_rows_per_s_incl_report", "train_loss", "loss",
+        "torch_threads", "wall_s", "startup_s", "fit_s", "wall_includes_ray_startup", "tuned_training_code",
+        "load_avg_1m", "fresh_ray",
+    }
+)  # fmt: skip
+
+
+def training_section(training: Mapping[str, Any], context: Context) -> list[str]:
     variants = _variants(training)
-    lines = ["## Training", ""]
+    ratios = training.get("ratios") or {}
+    lines = []
+    if training.get("train_rows"):
+        lines += [
+            f"`{training.get('config', 'the job config')}`: {fmt(training.get('train_rows'))} training and "
+            f"{fmt(training.get('val_rows'))} validation rows, batch size {fmt(training.get('batch_size'))}, "
+            f"{fmt(training.get('cpus'))} CPUs. Each variant trains the same model on the same rows for the same "
+            "epochs; wall time includes Ray's start-up where it has one.",
+            "",
+        ]
     if variants:
+        val_keys = list(dict.fromkeys(k for v in variants.values() for k in _val_keys(v)))
+        header = ["variant", "workers", "epochs", "rows/epoch", "steady rows/s", "rows/s incl. report"]
+        header += ["throughput vs plain", "start-up (s)", "fit (s)", "wall (s)", "wall vs plain", "final train loss"]
+        header += [f"final {k.replace('_', ' ')}" for k in val_keys]
         body = []
         for name, v in variants.items():
-            val_key = _val_key(v)
-            epochs = len(v.get("loss") or v.get("epoch_rows_per_s") or [])
-            body.append(
-                [
-                    name,
-                    epochs,
-                    v.get("steady_rows_per_s"),
-                    v.get("wall_s"),
-                    _last(v.get("loss")),
-                    f"{fmt(_last(v.get(val_key)))} ({val_key})" if val_key else "—",
-                ]
+            r = ratios.get(name) or {}
+            epochs = v.get("epochs") or len(v.get(_loss_key(v)) or v.get("epoch_rows_per_s") or [])
+            cells = [name, v.get("workers"), epochs, v.get("rows_per_epoch"), v.get("steady_rows_per_s")]
+            cells += [v.get("steady_rows_per_s_incl_report"), _times(r.get("steady_throughput"))]
+            cells += [v.get("startup_s"), v.get("fit_s"), v.get("wall_s"), _times(r.get("wall"))]
+            cells += [_last(v.get(_loss_key(v))), *(_last(v.get(k)) for k in val_keys)]
+            body.append(cells)
+        lines += table(header, body)
+        lines += _goal_lines(training, ratios)
+        extra = {
+            name: {k: x for k, x in v.items() if k not in VARIANT_KEYS and k not in val_keys}
+            for name, v in variants.items()
+        }
+        lines += _rest({"variants": {k: v for k, v in extra.items() if v}}, ())
+    lines += context.plot_lines(TRAINING_PNG)
+    if training.get("tune"):
+        lines += ["### Ray Tune", "", *tune_lines(training["tune"])]
+    known = {*variants, "ratios", "goals", "tune", "config", "train_rows", "val_rows", "batch_size", "cpus", "quick"}
+    other_ratios = {k: v for k, v in ratios.items() if k not in variants}
+    return lines + _rest({**training, "ratios": other_ratios}, known - {"ratios"})
+
+
+def _times(value: Any) -> str:
+    return MISSING if value is None else f"{float(value):.2f}×"
+
+
+def _goal_lines(training: Mapping[str, Any], ratios: Mapping[str, Any]) -> list[str]:
+    goals = training.get("goals") or {}
+    if not goals or not ratios:
+        return []
+    lines = [
+        f"Goals: steady throughput at least {fmt(goals.get('steady_throughput'))}× plain PyTorch's, wall time at most "
+        f"{fmt(goals.get('wall'))}× its.",
+        "",
+    ]
+    for name, r in ratios.items():
+        met = [
+            f"throughput {'met' if r.get('meets_throughput_goal') else 'missed'}",
+            f"wall time {'met' if r.get('meets_wall_goal') else 'missed'}",
+        ]
+        if not r.get("meets_wall_goal"):
+            needed = r.get("epochs_for_wall_goal")
+            met.append(
+                f"it would be met from {fmt(needed)} epochs on" if needed else "it would not be met at any length"
             )
-        lines += table(["variant", "epochs", "steady rows/s", "wall s", "final loss", "final val"], body)
-    rest = {k: v for k, v in training.items() if k not in variants}
-    for key, value in rest.items():
-        lines += [f"### {fmt(key)}", "", *render_any(value)]
-    return lines
+        lines.append(f"- {name}: {', '.join(met)}")
+    return [*lines, ""]
+
+
+def tune_lines(tune: Mapping[str, Any]) -> list[str]:
+    rows = [
+        ("trials completed / started", f"{fmt(tune.get('trials'))} / {fmt(tune.get('trials_started'))}"),
+        ("epochs per trial", tune.get("epochs_per_trial")),
+        ("trials at a time", tune.get("max_concurrent_trials")),
+        ("workers per trial", tune.get("workers_per_trial")),
+        ("wall time", with_unit("wall_s", tune.get("wall_s"))),
+        ("trials per minute", tune.get("trials_per_min")),
+        ("wall time includes Ray's start-up", tune.get("wall_includes_ray_startup")),
+    ]
+    known = {
+        "trials",
+        "trials_started",
+        "epochs_per_trial",
+        "max_concurrent_trials",
+        "workers_per_trial",
+        "wall_s",
+        "trials_per_min",
+        "wall_includes_ray_startup",
+    }
+    shown = [(name, value) for name, value in rows if value not in (None, MISSING)]
+    return table(["measure", "value"], shown) + _rest(tune, known)
+
+
+def training_headline(results: Mapping[str, Any]) -> list[HeadlineRow]:
+    training = results.get("training") or {}
+    variants = _variants(training)
+    plain = variants.get("plain")
+    ray_runs = [name for name in variants if name.startswith("ray_train") and "untuned" not in name]
+    if plain is None or not ray_runs:
+        return []
+    name = max(ray_runs, key=lambda n: int(variants[n].get("workers") or 0))
+    run = variants[name]
+    wall, throughput = _ratio(run, plain, "wall_s"), _ratio(run, plain, "steady_rows_per_s")
+    return [
+        HeadlineRow(
+            ", ".join(
+                part
+                for part in (
+                    "Ray Train",
+                    f"{fmt(run['workers'])} workers" if run.get("workers") else name,
+                    f"{fmt(run['epochs'])} epochs" if run.get("epochs") else "",
+                    "fit only, no API",
+                )
+                if part
+            ),
+            f"wall {fmt(run.get('wall_s'))} s; {fmt(run.get('steady_rows_per_s'))} rows/s",
+            f"plain PyTorch loop, wall {fmt(plain.get('wall_s'))} s ({_times(wall)}); "
+            f"{fmt(plain.get('steady_rows_per_s'))} rows/s ({_times(throughput)})",
+        )
+    ]
+
+
+def _ratio(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> float | None:
+    top, bottom = a.get(key), b.get(key)
+    return float(top) / float(bottom) if top is not None and bottom else None
+
+
+# The retraining loop ---------------------------------------------------------------------------
+
+
+def loop_section(loop: Mapping[str, Any], context: Context) -> list[str]:
+    phases = [
+        ("submitted to Ray", loop.get("submitted_s")),
+        ("running", loop.get("started_s")),
+        ("finished", loop.get("finished_s")),
+        ("succeeded, as the API reports it", loop.get("job_succeeded_s")),
+        ("the new version answers /v1/predict", loop.get("wall_s")),
+    ]
+    overrides = loop.get("overrides") or {}
+    lines = [
+        "`POST /v1/training-jobs` through Nginx, followed until `/v1/predict` answers with the new version; the "
+        "job record's timestamps give the phases. Version before: "
+        f"{fmt(loop.get('version_before'))}, after: {fmt(loop.get('version_after'))}; overrides: "
+        f"{', '.join(f'{k}={v}' for k, v in overrides.items()) or 'none'}.",
+        "",
+    ]
+    timed = [[name, seconds] for name, seconds in phases if seconds is not None]
+    if timed:
+        lines += table(["phase", "seconds after the request"], timed)
+    if loop.get("test_metrics"):
+        lines += ["The new version's test metrics:", "", *table(["metric", "value"], loop["test_metrics"].items())]
+    known = {"overrides", "wall_s", "job_succeeded_s", "submitted_s", "started_s", "finished_s"}
+    return lines + _rest(loop, known | {"version_before", "version_after", "test_metrics"})
+
+
+def loop_headline(results: Mapping[str, Any]) -> list[HeadlineRow]:
+    loop = results.get("loop") or {}
+    if loop.get("wall_s") is None:
+        return []
+    return [
+        HeadlineRow(
+            "retraining loop, POST /v1/training-jobs to the new version serving",
+            with_unit("wall_s", loop["wall_s"]),
+            f"the job itself finished after {with_unit('finished_s', loop.get('finished_s'))}",
+        )
+    ]
+
+
+# Alternating on/off measurements (the drift monitor, a shadow challenger) -----------------------
+
+
+RUN_COLUMNS = ("rps", "p50_ms", "p90_ms", "p99_ms", "requests", "non_2xx", "socket_errors")
+
+
+def _runs_table(runs: Sequence[Mapping[str, Any]], switch: str) -> list[str]:
+    extra = [k for k in dict.fromkeys(k for run in runs for k in run) if k not in {switch, *RUN_COLUMNS}]
+    columns = [switch, *(c for c in RUN_COLUMNS if any(c in run for run in runs)), *extra]
+    return records_table(runs, columns)
+
+
+def _settings_line(settings: Mapping[str, Any] | None) -> list[str]:
+    if not settings:
+        return []
+    return ["Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()) + ".", ""]
+
+
+def monitor_section(monitor: Mapping[str, Any], context: Context) -> list[str]:
+    alert = monitor.get("alert") or {}
+    lines = [
+        f"Single-row `/v1/predict` at {fmt(monitor.get('connections'))} connections, "
+        f"{fmt(monitor.get('duration_s'))} s per run, the stack restarted with the drift monitor off and on "
+        "before each, alternating "
+        f"(model version {fmt(monitor.get('model_version'))}).",
+        "",
+        f"- median req/s: off {spread(monitor.get('rps_off'))}, on {spread(monitor.get('rps_on'))}: "
+        f"**{fmt(monitor.get('cost_pct'))}% fewer** with the monitor on",
+        f"- CPU per judged window (median): {with_unit('cpu_s_per_window', monitor.get('cpu_s_per_window_median'))}",
+        f"- `ModelDataDrift` fired {with_unit('seconds_to_firing', alert.get('seconds_to_firing'))} after shifted "
+        "traffic began",
+        "",
+        *_settings_line(monitor.get("settings")),
+        *_runs_table(monitor.get("runs") or [], "monitor"),
+    ]
+    known = {"machine", "model_version", "connections", "duration_s", "settings", "runs", "rps_off", "rps_on"}
+    return lines + _rest(monitor, known | {"cost_pct", "cpu_s_per_window_median", "alert"})
+
+
+def monitor_headline(results: Mapping[str, Any]) -> list[HeadlineRow]:
+    monitor = results.get("monitor") or {}
+    if monitor.get("cost_pct") is None:
+        return []
+    seconds = (monitor.get("alert") or {}).get("seconds_to_firing")
+    return [
+        HeadlineRow(
+            f"drift monitor on, 1 row per request, {fmt(monitor.get('connections'))} connections",
+            f"{fmt((monitor.get('rps_on') or {}).get('median'))} req/s ({fmt(monitor['cost_pct'])}% fewer); "
+            f"drift alert after {with_unit('seconds_to_firing', seconds)}",
+            f"monitor off {fmt((monitor.get('rps_off') or {}).get('median'))} req/s",
+        )
+    ]
+
+
+def shadow_section(shadow: Mapping[str, Any], context: Context) -> list[str]:
+    versions = shadow.get("versions") or {}
+    lines = [
+        f"Single-row `/v1/predict` at {fmt(shadow.get('connections'))} connections, {fmt(shadow.get('duration_s'))} s "
+        f"per run: champion {fmt(versions.get('champion'))} alone, and with version "
+        f"{fmt(versions.get('challenger'))} loaded as a shadow that scores every mirrored request, alternating.",
+        "",
+        f"- median req/s: none {spread(shadow.get('rps_off'))}, shadow {spread(shadow.get('rps_on'))}: "
+        f"**{fmt(shadow.get('throughput_ratio'))}×**",
+        f"- median p99: none {spread(shadow.get('p99_ms_off'), 'ms')}, shadow {spread(shadow.get('p99_ms_on'), 'ms')}: "
+        f"{fmt(shadow.get('p99_ratio'))}×",
+        f"- rows the shadow scored: {with_unit('mirrored_share', shadow.get('mirrored_share'))} of those answered",
+        "",
+        *_settings_line(shadow.get("settings")),
+        *_runs_table(shadow.get("runs") or [], "shadow"),
+    ]
+    known = {"machine", "versions", "connections", "duration_s", "settings", "runs", "rps_off", "rps_on"}
+    return lines + _rest(shadow, known | {"p99_ms_off", "p99_ms_on", "throughput_ratio", "p99_ratio", "mirrored_share"})
+
+
+def shadow_headline(results: Mapping[str, Any]) -> list[HeadlineRow]:
+    shadow = results.get("shadow") or {}
+    if shadow.get("throughput_ratio") is None:
+        return []
+    return [
+        HeadlineRow(
+            f"shadow challenger loaded, 1 row per request, {fmt(shadow.get('connections'))} connections",
+            f"{fmt(shadow['throughput_ratio'])}× req/s, {fmt(shadow.get('p99_ratio'))}× p99",
+            f"no challenger {fmt((shadow.get('rps_off') or {}).get('median'))} req/s, "
+            f"p99 {fmt((shadow.get('p99_ms_off') or {}).get('median'))} ms",
+        )
+    ]
+
+
+# The registry ------------------------------------------------------------------------------------
+
+# In report order. A new benchmark section adds its renderer (and headline rows) here; until it
+# does, it is rendered as a key/value table by `key_values`.
+SECTIONS: tuple[Section, ...] = (
+    Section("loop", "Retraining loop (request to new champion serving)", loop_section, loop_headline),
+    Section("serving", "Serving", serving_section, serving_headline, (THROUGHPUT_PNG, LATENCY_PNG)),
+    Section("profile", "Profile of the ingress replica", profile_section),
+    Section("shapes", "Many models: the shapes Serve offers", shapes_section),
+    Section("training", "Training", training_section, training_headline, (TRAINING_PNG,)),
+    Section("monitor", "Drift monitor: its cost and time to alert", monitor_section, monitor_headline),
+    Section("shadow", "Shadow challenger: its cost to the clients", shadow_section, shadow_headline),
+)
+RUN_KEYS = frozenset({"machine", "quick", "duration_s"})
+
+
+# A ratio in parentheses is the platform's figure divided by the one it follows.
+HEADLINE_HEADER = ("measure", "platform", "compared with (in parentheses: the platform's figure as a multiple of it)")
+# The headline's order: serving first, as the issue tracker quotes it; the rest in report order.
+HEADLINE_FIRST = ("serving", "training", "loop")
+
+
+def headline(results: Mapping[str, Any]) -> list[HeadlineRow]:
+    """The figures a reader wants first, from whichever sections the run has."""
+    rows: list[HeadlineRow] = []
+    rank = {key: i for i, key in enumerate(HEADLINE_FIRST)}
+    for section in sorted(SECTIONS, key=lambda s: rank.get(s.key, len(rank))):
+        if section.headline is not None and results.get(section.key):
+            rows += section.headline(results)
+    return rows
+
+
+def headline_text(results: Mapping[str, Any]) -> str:
+    """The headline as aligned plain text, for the terminal."""
+    rows = [
+        HEADLINE_HEADER,
+        *((r.measure, r.platform, r.reference) for r in headline(results)),
+    ]
+    if len(rows) == 1:
+        return "Headline: no figures (every section was skipped)"
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [f"Headline ({_run_kind(results)}):"]
+    lines += [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def _run_kind(results: Mapping[str, Any]) -> str:
+    machine = results.get("machine") or {}
+    kind = "quick run: not comparable with a full one" if results.get("quick") else "full run"
+    parts = [kind, fmt(machine.get("cpu_model")) if machine.get("cpu_model") else None]
+    if machine.get("logical_cpus"):
+        parts.append(f"{machine['logical_cpus']} CPUs")
+    return ", ".join(p for p in parts if p)
 
 
 # Markdown ----------------------------------------------------------------------------------
 
+MACHINE_LABELS = (
+    ("cpu_model", "CPU"),
+    ("logical_cpus", "logical CPUs"),
+    ("physical_cores", "physical cores"),
+    ("ram_gib", "memory"),
+    ("os", "OS"),
+    ("kernel", "kernel"),
+    ("python", "Python"),
+    ("torch", "PyTorch"),
+    ("ray", "Ray"),
+    ("mlflow", "MLflow"),
+    ("wrk", "wrk"),
+    ("git_commit", "git commit"),
+    ("date_utc", "date (UTC)"),
+)
+
+
+def machine_section(machine: Mapping[str, Any]) -> list[str]:
+    labels = dict(MACHINE_LABELS)
+    rows = [(labels[k], with_unit(k, machine[k])) for k, _ in MACHINE_LABELS if machine.get(k) is not None]
+    if machine.get("logical_cpus") is not None and machine.get("physical_cores") is not None:
+        cores = f"{fmt(machine['logical_cpus'])} logical, {fmt(machine['physical_cores'])} physical"
+        rows = [r for r in rows if r[0] not in {"logical CPUs", "physical cores"}]
+        rows.insert(1, ("CPU cores", cores))
+    rows += [(k, with_unit(k, v)) for k, v in machine.items() if k not in labels]
+    return ["## Machine", "", *table(["", ""], rows)]
+
+
+def _intro(results: Mapping[str, Any]) -> list[str]:
+    machine = results.get("machine") or {}
+    when = f" on {machine['date_utc']} UTC" if machine.get("date_utc") else ""
+    commit = f" at commit `{str(machine['git_commit'])[:12]}`" if machine.get("git_commit") else ""
+    took = f", {_minutes(results['duration_s'])}" if results.get("duration_s") is not None else ""
+    if results.get("quick"):
+        kind = "A quick run (seconds per measurement: it checks the code path; its figures are not comparable)"
+    else:
+        kind = "A full run"
+    return [
+        f"{kind} of `make bench`{when}{commit}{took}, on the machine below. All figures are from this one run on "
+        "this one machine: compare ratios with runs elsewhere, not absolute figures.",
+        "",
+    ]
+
+
+def _minutes(seconds: float) -> str:
+    whole = round(float(seconds))
+    return f"{whole // 60} min {whole % 60:02d} s" if whole >= 60 else f"{whole} s"
+
 
 def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
-    lines = ["# Benchmark report", ""]
-    known = {"machine", "serving", "training", "loop", "profile", "shapes"}
-    run = {k: v for k, v in results.items() if k not in known and not isinstance(v, Mapping | list)}
-    if run:
-        lines += ["## Run", "", *table(["item", "value"], run.items())]
+    context = Context(results, plots)
+    lines = ["# Benchmark report", "", *_intro(results)]
+    rows = headline(results)
+    if rows:
+        lines += [
+            "## Headline",
+            "",
+            *table(HEADLINE_HEADER, ((r.measure, r.platform, r.reference) for r in rows)),
+        ]
     if results.get("machine"):
-        lines += ["## Machine", "", *table(["item", "value"], dict(results["machine"]).items())]
-    if results.get("serving"):
-        cpus = (results.get("machine") or {}).get("logical_cpus")
-        lines += serving_section(results["serving"], cpus)
-    if results.get("training"):
-        lines += training_section(results["training"])
-    if results.get("loop"):
-        lines += ["## Retraining loop (request to new champion serving)", "", *render_any(results["loop"])]
-    if results.get("profile"):
-        lines += profile_section(results["profile"])
-    if results.get("shapes"):
-        lines += shapes_section(results["shapes"])
-    for key in (k for k in results if k not in known and k not in run and results[k]):
-        lines += [f"## {fmt(key)}", "", *render_any(results[key])]
-    if plots:
-        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})\n" for p in plots]
+        machine = results["machine"]
+        lines += machine_section(machine) if isinstance(machine, Mapping) else ["## Machine", "", fmt(machine), ""]
+    placed: set[str] = set()
+    for section in SECTIONS:
+        value = results.get(section.key)
+        if value:
+            placed.update(section.plots)
+            body = section.render(value, context) if isinstance(value, Mapping) else key_values(value, section.key)
+            lines += [f"## {section.title}", "", *body]
+    known = {section.key for section in SECTIONS} | RUN_KEYS
+    for key, value in results.items():
+        if key in known or value in (None, {}, []):
+            continue
+        if isinstance(value, Mapping | list):
+            lines += [f"## {key.replace('_', ' ').capitalize()}", "", *key_values(value, key)]
+    scalars = {k: v for k, v in results.items() if k not in known and not isinstance(v, Mapping | list)}
+    if scalars:
+        lines += ["## Run", "", *key_values(scalars)]
+    rest = [p for p in plots if p not in placed]
+    if rest:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})\n" for p in rest]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -497,17 +1220,18 @@ def plot_training_curves(training: Mapping[str, Any], path: Path) -> bool:
         return False
     figure, axes = _figure(14, 4.2, 3)
     val_keys = sorted({k for v in variants.values() if (k := _val_key(v))})
-    panels = (
-        ("loss", "training loss"),
-        (None, " / ".join(val_keys) or "validation"),
-        ("epoch_rows_per_s", "epoch throughput (rows/s)"),
+    # Each panel: the curve's key in a variant (their names differ between result versions), its title.
+    panels: tuple[tuple[Callable[[Mapping[str, Any]], str | None], str], ...] = (
+        (_loss_key, "training loss"),
+        (_val_key, " / ".join(val_keys) or "validation"),
+        (lambda _: "epoch_rows_per_s", "epoch throughput (rows/s)"),
     )
-    for axis, (key, label) in zip(axes, panels, strict=True):
+    for axis, (key_of, title) in zip(axes, panels, strict=True):
         for name, variant in variants.items():
-            values = variant.get(key if key else _val_key(variant) or "")
+            values = variant.get(key_of(variant) or "")
             if isinstance(values, list) and values:
                 axis.plot(range(1, len(values) + 1), values, marker=".", label=name)
-        axis.set(xlabel="epoch", ylabel=label, title=label)
+        axis.set(xlabel="epoch", ylabel=title, title=title)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(True, alpha=0.3)
         if axis.get_legend_handles_labels()[0]:

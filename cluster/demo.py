@@ -1,17 +1,25 @@
-"""`make demo`: bring the stack up, train through the Jobs API, serve the champion, predict."""
+"""`make demo`: bring the stack up, train through the Jobs API, serve the champion, predict.
+
+The terminal shows the demo's steps (core/progress.py) and what it leaves running; the libraries'
+output and the training job's go to log files under the state directory (`.state/logs/`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import shlex
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 from dotenv import dotenv_values
@@ -19,7 +27,9 @@ from dotenv import dotenv_values
 from cluster.edge import local_ca_file, nginx_binary
 from cluster.health import probes
 from cluster.stack import up
+from cluster.startup import StartupError
 from core.health import wait_until
+from core.progress import Progress, duration, output_to_log
 from core.settings import REPO_ROOT, Settings, get_settings
 from jobs.result import training_result
 from serve_apps.schemas import EXAMPLE_ROW
@@ -182,50 +192,201 @@ def observability_urls(settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_demo(config: str = "jobs/configs/adult.yaml") -> int:
-    started = time.monotonic()
-    # Each step may add to .env, which clears the cached settings: the next step reads them anew.
-    key = ensure_api_key(get_settings())
-    ensure_secrets(get_settings())
-    async_training = ensure_async_training(get_settings())
-    settings = get_settings()
-    print(f"== asynchronous training: {async_training}")
-    print("== starting the stack")
-    up(settings)
-    print("== submitting the training job through the Ray Jobs API")
-    job_id = submit_training(settings, config)
-    print(f"job {job_id}: following its logs")
-    status, logs = follow_job(settings, job_id, echo=lambda chunk: print(chunk, end="", flush=True))
-    result = training_result(logs)
-    if status != "SUCCEEDED" or result is None:
-        print(
-            f"training job {job_id} ended {status}; see `ray job logs {job_id} --address {settings.ray.dashboard_url}`",
-            file=sys.stderr,
-        )
-        return 1
-    version = str(result["model_version"])
-    print(f"== registered {result['model_name']} version {version}: test metrics {result['test_metrics']}")
-    promotion = result.get("promotion") or {}
-    print(f"== promotion: {promotion.get('reason', 'not run')}")
-    # A challenger (a shadow or canary policy) is not served yet: the rollout service decides.
-    expected = version if promotion.get("promote") and not promotion.get("rollout") else None
-    if expected and not wait_for_version(settings, expected, 120):
-        print("the Serve app did not pick up the new champion within 120 s", file=sys.stderr)
-        return 1
-    response = predict(settings, key, [EXAMPLE_ROW])
-    print(f"== prediction (HTTP {response.status_code}):")
-    print(json.dumps(response.json(), indent=2))
-    print(
-        f"""
-== the stack is up (stop it with `make down`); demo took {time.monotonic() - started:.0f} s
-{edge_urls(settings)}API key       : {key}   (in .env as API_KEYS)
-{observability_urls(settings)}Try it:
-{curl_example(settings, key)}
+# The demo's steps, in order; `Progress` numbers them and says which comes next.
+DEMO_STEPS = ("settings", "stack", "train", "serve", "predict")
+DEMO_LOG = "demo.log"
+# A worker's line in a Ray job's output starts with its actor and pid: "(TrainController pid=12) ".
+_RAY_PREFIX = r"(?:\([^)]*\)\s+)?"
+# The lines that say why a job failed: a traceback's last line (`ValueError: ...`,
+# `ray.exceptions.RayTaskError(ValueError): ...`) or the promotion gate's refusal.
+_REASON_LINE = re.compile(
+    rf"^{_RAY_PREFIX}((?:promotion refused: .*)|(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit)(?:\([\w.]+\))?(?::.*)?))$"
+)
 
-Submit a training job as a user would:
-{ray_submit_example(settings)}
-"""
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Milestones of a training job's output (Ray Train's and MLflow's own lines) worth a line on the
+# terminal while it runs; the rest stays in its log.
+_WORKERS = re.compile(r"Started training worker group of size (\d+)")
+_EPOCH = re.compile(r"Reporting training result \d+: .*?metrics=\{'epoch': ([\d.]+)(?P<rest>.*)")
+_LOSS = re.compile(r"'(train_loss|val_loss)': ([-\d.e]+)")
+_REGISTERED = re.compile(r"Created version '([^']+)' of model '([^']+)'")
+# Epochs may be a fraction of a second each: one line for them this often at most.
+EPOCH_NOTE_S = 5.0
+
+
+def plain(line: str) -> str:
+    """A line of a Ray job's output without Ray's colour codes."""
+    return _ANSI.sub("", line).strip()
+
+
+def failure_reason(logs: str) -> str:
+    """Why a job failed, in one line of its output: the last exception or refusal it printed, an
+    ERROR of its JSON logs, or else its last line."""
+    lines = [plain(line) for line in logs.splitlines() if plain(line)]
+    for line in reversed(lines):
+        match = _REASON_LINE.match(line)
+        if match:
+            return match.group(1).strip()
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("level") in {"ERROR", "CRITICAL"}:
+                    return str(entry.get("message", line))
+    return lines[-1] if lines else "it printed nothing"
+
+
+class JobOutput:
+    """A training job's output as it streams: all of it into its log file, its milestones (the
+    workers started, an epoch now and then, the version registered) as notes of the demo's step."""
+
+    def __init__(self, sink: TextIO, note: Callable[[str], None], now: Callable[[], float] = time.monotonic) -> None:
+        self._sink, self._note, self._now = sink, note, now
+        self._partial = ""
+        self._last_epoch = -1
+        self._epoch_noted_at: float | None = None
+
+    def write(self, chunk: str) -> None:
+        self._sink.write(chunk)
+        self._sink.flush()
+        *lines, self._partial = (self._partial + chunk).split("\n")
+        for line in lines:
+            self._milestone(plain(line))
+
+    def _milestone(self, line: str) -> None:
+        if match := _WORKERS.search(line):
+            self._note(f"{match.group(1)} training workers started")
+        elif match := _EPOCH.search(line):
+            self._epoch(int(float(match.group(1))) + 1, dict(_LOSS.findall(match.group("rest"))))
+        elif match := _REGISTERED.search(line):
+            self._note(f"registered {match.group(2)} version {match.group(1)}; evaluating and gating it")
+
+    def _epoch(self, epoch: int, losses: dict[str, str]) -> None:
+        # Every worker reports each epoch: the first report of an epoch counts.
+        if epoch <= self._last_epoch:
+            return
+        self._last_epoch = epoch
+        now = self._now()
+        if self._epoch_noted_at is not None and now - self._epoch_noted_at < EPOCH_NOTE_S:
+            return
+        self._epoch_noted_at = now
+        figures = ", ".join(f"{name.replace('_', ' ')} {float(value):.3f}" for name, value in losses.items())
+        self._note(f"epoch {epoch} done" + (f": {figures}" if figures else ""))
+
+
+def follow_into(
+    settings: Settings, job_id: str, log_file: Path, note: Callable[[str], None] = lambda _: None
+) -> tuple[str, str]:
+    """Follow a Ray job with its output going to `log_file` as it comes (Ray's, MLflow's and
+    PyTorch's warnings included), not to the terminal, and its milestones to `note`; returns
+    (final status, full output)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("w", encoding="utf-8") as sink:
+        return follow_job(settings, job_id, echo=JobOutput(sink, note).write)
+
+
+def metrics_line(metrics: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{name} {value:.3f}" if isinstance(value, float) else f"{name} {value}" for name, value in metrics.items()
+    )
+
+
+def serve_logs(settings: Settings) -> Path:
+    return settings.ray.resolved_temp_dir / "session_latest" / "logs" / "serve"
+
+
+def summary(settings: Settings, key: str, job_log: Path | None, took_s: float) -> str:
+    """What the demo leaves the user with: where everything is, the key, commands to try."""
+    logs = f"Logs          : {settings.logs_dir}/ (each component's, and this command's {DEMO_LOG})"
+    if job_log is not None:
+        logs += f"\nTraining job  : {job_log}"
+    text = (
+        f"\nThe stack is up (stop it with `make down`); the demo took {duration(took_s)}.\n"
+        f"{edge_urls(settings)}API key       : {key}   (in .env as API_KEYS)\n"
+        f"{observability_urls(settings)}{logs}\n\nTry it:\n{curl_example(settings, key)}\n\n"
+        f"Submit a training job as a user would:\n{ray_submit_example(settings)}\n"
     )
     if settings.training_jobs_enabled:
-        print(f"Queue a training job (then GET the Location it returns):\n{training_job_example(settings, key)}\n")
-    return 0 if response.status_code == 200 else 1
+        text += f"\nQueue a training job (then GET the Location it returns):\n{training_job_example(settings, key)}\n"
+    return text
+
+
+@dataclass
+class _DemoRun:
+    config: str
+    progress: Progress
+    key: str = ""
+    job_log: Path | None = None
+
+
+def run_demo(config: str = "jobs/configs/adult.yaml") -> int:
+    """The demo's steps with their progress on the terminal; everything else this command and
+    the training job print goes to log files under the state directory."""
+    started = time.monotonic()
+    log_file = get_settings().logs_dir / DEMO_LOG
+    with output_to_log(log_file) as terminal:
+        progress = Progress(DEMO_STEPS, out=terminal.out, err=terminal.err)
+        run = _DemoRun(config, progress)
+        try:
+            code = _steps(run, log_file)
+        except KeyboardInterrupt:
+            return 130  # the step said "interrupted"; what started keeps running until `make down`
+        except Exception:
+            # The step has said what failed and where the log is; the traceback goes there.
+            traceback.print_exc()
+            return 1
+        if code == 0:
+            terminal.out.write(summary(get_settings(), run.key, run.job_log, time.monotonic() - started))
+            terminal.out.flush()
+        return code
+
+
+def _steps(run: _DemoRun, log_file: Path) -> int:
+    progress = run.progress
+    with progress.step("settings", "API key, secrets and asynchronous training in .env", log=log_file) as step:
+        # Each call may add to .env, which clears the cached settings: the next one reads them anew.
+        run.key = ensure_api_key(get_settings())
+        ensure_secrets(get_settings())
+        step.outcome = f"asynchronous training {ensure_async_training(get_settings())}"
+    settings = get_settings()
+    with progress.step("stack", f"starting each component (their logs: {settings.logs_dir}/)", log=log_file) as step:
+        try:
+            up(settings, report=step.note)
+        except StartupError as exc:
+            # Its message names the component's log where it has one.
+            step.fail(str(exc), None if " see " in str(exc) else settings.logs_dir)
+            return 1
+    with progress.step("train", f"{run.config} as a Ray job, through the Jobs API", log=log_file) as step:
+        job_id = submit_training(settings, run.config)
+        run.job_log = step.log = settings.logs_dir / f"demo-train-{job_id}.log"
+        step.note(f"job {job_id}; its output goes to {run.job_log}")
+        status, logs = follow_into(settings, job_id, run.job_log, step.note)
+        result = training_result(logs)
+        if status != "SUCCEEDED" or result is None:
+            why = failure_reason(logs) if status != "SUCCEEDED" else "it printed no TRAINING_RESULT line"
+            step.fail(f"job {job_id} ended {status}: {why}")
+            return 1
+        version = str(result["model_version"])
+        step.outcome = f"{result['model_name']} version {version}; test {metrics_line(result['test_metrics'])}"
+        promotion = result.get("promotion") or {}
+        step.note(f"promotion: {promotion.get('reason', 'not run')}")
+    # A challenger (a shadow or canary policy) is not served yet: the rollout service decides.
+    if not promotion.get("promote"):
+        progress.skip("serve", f"version {version} is not the champion")
+    elif promotion.get("rollout"):
+        progress.skip("serve", f"version {version} rolls out as a challenger; the rollout service decides")
+    else:
+        with progress.step("serve", f"waiting for Serve to answer with version {version}") as step:
+            if not wait_for_version(settings, version, 120):
+                step.fail("the Serve app did not pick up the new champion within 120 s", serve_logs(settings))
+                return 1
+            step.outcome = f"version {version} serves"
+    base, _, _ = api_base(settings)
+    with progress.step("predict", f"one prediction at {base}/v1/predict", log=log_file) as step:
+        response = predict(settings, run.key, [EXAMPLE_ROW])
+        if response.status_code != 200:
+            step.fail(f"HTTP {response.status_code}: {response.text[:300]}", serve_logs(settings))
+            return 1
+        step.note(json.dumps(response.json()))
+        step.outcome = f"HTTP {response.status_code}"
+    return 0

@@ -1,13 +1,16 @@
-"""The benchmark report from a synthetic results dict, and reading wrk's `done()` JSON line."""
+"""The benchmark report from a synthetic results dict and from the recorded run (benchmarks/results/),
+and reading wrk's `done()` JSON line."""
 
 import json
 
 import pytest
 
 from benchmarks.load import JSON_MARKER, LoadGenUsage, loadgen_summary, lua_script, parse_done_json
-from benchmarks.report import machine_info, render_markdown, write_report
+from benchmarks.report import fmt, headline, headline_text, label, machine_info, render_markdown, unit_of, write_report
+from core.settings import REPO_ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
 SERVERS = ("platform", "mlflow", "fastapi")
 
 
@@ -70,7 +73,7 @@ def _results():
                 ],
                 "serving_path": [{"path": "encode + model", "rows": 1, "rows_per_s": 3000.0}],
             },
-            "agreement": {"disagreements": {"mlflow": 0, "fastapi": 0}},
+            "agreement": {"rows": 100, "disagreements": {"mlflow": 0, "fastapi": 0}},
             "plan": {"duration_s": 10},
         },
         "quick": True,
@@ -100,12 +103,17 @@ def test_full_report_writes_every_file(tmp_path):
     assert "vs mlflow" in report and "vs bare FastAPI" in report and "of in-process p50 rate" in report
     # fastapi's 1-row throughput is a third of the platform's at every level (see _serving_rows).
     assert "| platform | 1,000 |" in report and "3.00×" in report
-    for text in ("ray_train_2", "val_roc_auc", "predict_frame", "Retraining loop", "Load generator", "## Run"):
+    for text in ("ray_train_2", "final val roc auc", "predict_frame", "Retraining loop", "Load generator"):
         assert text in report
-    assert "![serving_latency](serving_latency.png)" in report
-    # Extra keys the orchestrator adds are shown, not dropped.
-    for text in ("| quick | True |", "serving_path", "encode + model", "disagreements", "### plan"):
-        assert text in report
+    # Each plot sits in its section.
+    assert report.index("![serving_latency](serving_latency.png)") < report.index("## Training")
+    assert report.index("![training_curves](training_curves.png)") > report.index("## Training")
+    assert report.startswith("# Benchmark report\n\nA quick run") and "13 min 32 s" in report
+    # Extra keys the orchestrator adds are shown, not dropped, and never as headings.
+    for text in ("encode + model", "same labels for the same 100 rows", "| plan.duration_s | 10 s |"):
+        assert text in report, text
+    assert "| feedback_to_promotion_s | 42.0 s |" in report and "| step | s |" in report
+    assert "### plan" not in report and "| quick |" not in report
 
 
 def test_partial_results_skip_missing_sections(tmp_path):
@@ -128,6 +136,174 @@ def test_machine_info_names_versions_and_hardware():
     assert info["logical_cpus"] >= 1 and info["ram_gib"] > 0
     assert info["python"].count(".") == 2 and info["torch"] and info["mlflow"]
     assert render_markdown({"machine": info}).count("|") > 10
+
+
+# The recorded run (benchmarks/results/results.json) --------------------------------------------
+
+
+def _recorded():
+    return json.loads((RESULTS / "results.json").read_text())
+
+
+def _keys_and_scalars(value):
+    """Every key and every scalar value anywhere in a results dict, as the report would print them."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _keys_and_scalars(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _keys_and_scalars(item)
+    else:
+        yield str(value)
+        yield fmt(value)
+
+
+def test_the_recorded_run_has_no_headings_made_of_its_keys_or_values():
+    results = _recorded()
+    report = render_markdown(results)
+    headings = [line.lstrip("#").strip() for line in report.splitlines() if line.startswith("#")]
+    made_of_data = set(_keys_and_scalars(results)) & set(headings)
+    assert not made_of_data, made_of_data
+    for title in ("Headline", "Machine", "Retraining loop", "Serving", "Profile of the ingress replica", "Training"):
+        assert any(h.startswith(title) for h in headings), title
+    assert "False" not in report and "True" not in report
+
+
+def test_the_recorded_machine_is_named_in_words():
+    report = render_markdown(_recorded())
+    for row in (
+        "| CPU | AMD EPYC |",
+        "| CPU cores | 2 logical, 2 physical |",
+        "| memory | 23.5 GiB |",
+        "| OS | Debian GNU/Linux 12 (bookworm) |",
+        "| Python | 3.11.7 |",
+        "| PyTorch | 2.13.0+cpu |",
+        "| Ray | 2.60.0 |",
+        "| MLflow | 3.17.2 |",
+    ):
+        assert row in report, row
+
+
+def test_the_recorded_tables_carry_their_units():
+    report = render_markdown(_recorded())
+    for text in ("| req/s | rows/s | p50 (ms) | p90 (ms) | p99 (ms) |", "| steady rows/s |", "| wall (s) |"):
+        assert text in report, text
+    assert "| plan.profile_s | 10.0 s |" in report  # a figure the serving renderer has no sentence for
+    # The training variants' final loss and validation figures come from their curves.
+    assert "| plain | 1 | 25 | 29,184 | 160,797 | 157,542 | — | — | 5.64 | 5.64 | — | 0.27 | 0.30 | 0.86 |" in report
+    assert "| ray_train_2 | 2 | 25 | 29,184 | 131,879 | 137,511 | 0.82× |" in report
+    assert "| trials per minute | 3.29 |" in report and "| wall time | 109 s |" in report
+
+
+def test_the_headline_of_the_recorded_run():
+    rows = headline(_recorded())
+    assert [r.measure for r in rows] == [
+        "1 row per request, 16 connections, Nginx TLS",
+        "1 row per request, 1 connection, Nginx TLS",
+        "1,000-row requests, 4 connections, Nginx TLS",
+        "Ray Train, 2 workers, 25 epochs, fit only, no API",
+        "retraining loop, POST /v1/training-jobs to the new version serving",
+    ]
+    assert rows[0].platform == "1,869 req/s, p99 17.4 ms"
+    assert rows[0].reference == "bare FastAPI 2,294 req/s (0.81×); mlflow 107 req/s (17.45×)"
+    assert rows[1].platform == "776 req/s, p50 1.16 ms" and "(0.38×)" in rows[1].reference
+    assert rows[2].platform.startswith("51,316 rows/s")
+    assert rows[2].reference == "bare FastAPI 161,245 rows/s (0.32×); in-process serving path 309,748 rows/s (0.17×)"
+    assert rows[3].reference == "plain PyTorch loop, wall 5.64 s (5.95×); 160,797 rows/s (0.82×)"
+    text = headline_text(_recorded())
+    assert text.startswith("Headline (full run, AMD EPYC, 2 CPUs):")
+    assert len(text.splitlines()) == 2 + len(rows) and "1,869 req/s, p99 17.4 ms" in text
+    report = render_markdown(_recorded())
+    assert report.index("## Headline") < report.index("## Machine") < report.index("## Serving")
+
+
+def test_the_recorded_monitor_and_shadow_runs_read_as_findings():
+    monitor = json.loads((RESULTS / "monitor_overhead.json").read_text())
+    shadow = json.loads((RESULTS / "shadow_overhead.json").read_text())
+    results = {"monitor": monitor, "shadow": shadow}
+    report = render_markdown(results)
+    assert "## Drift monitor" in report and "## Shadow challenger" in report
+    assert f"**{fmt(monitor['cost_pct'])}% fewer** with the monitor on" in report
+    assert "| monitor | req/s | p50 (ms) | p90 (ms) | p99 (ms) | requests |" in report
+    assert "| shadow | req/s |" in report and "% of those answered" in report
+    assert "`MONITOR_REFRESH_S=5`" in report
+    measures = [r.measure for r in headline(results)]
+    assert measures == [
+        "drift monitor on, 1 row per request, 16 connections",
+        "shadow challenger loaded, 1 row per request, 16 connections",
+    ]
+
+
+def test_a_quick_run_is_flagged_as_not_comparable():
+    assert "not comparable" in headline_text({"quick": True, "loop": {"wall_s": 10.0}})
+    assert "A quick run" in render_markdown({"quick": True})
+    assert headline_text({"quick": False}) == "Headline: no figures (every section was skipped)"
+
+
+# Sections the report does not know yet ----------------------------------------------------------
+
+
+def test_an_unknown_section_is_a_key_value_table_with_units_and_no_headings_of_its_own():
+    section = {
+        "rows": 5_000_000,
+        "wall_s": 40.2,
+        "rows_per_s": 124_000.0,
+        "peak_rss_mib": 812.5,
+        "quick": False,
+        "input": {"format": "parquet", "size_bytes": 123_456_789},
+        "per_worker": [{"worker": 1, "rows_per_s": 60_000.0, "cpu_s": 30.1}],
+        "epoch_curve": [float(i) for i in range(20)],
+        "rejected_share": 0.0125,
+        "notes": None,
+    }
+    report = render_markdown({"batch_predict": section})
+    body = report[report.index("## Batch predict") :]
+    assert [line for line in body.splitlines() if line.startswith("#")] == ["## Batch predict"]
+    for row in (
+        "| rows | 5,000,000 |",
+        "| wall_s | 40.2 s |",
+        "| rows_per_s | 124,000 rows/s |",
+        "| peak_rss_mib | 812 MiB |",
+        "| quick | no |",
+        "| input.format | parquet |",
+        "| input.size_bytes | 123,456,789 bytes |",
+        "| epoch_curve | 20 values, first 0, last 19.0, median 9.50 |",
+        "| rejected_share | 1.2% |",
+        "| notes | — |",
+        "| worker | rows/s | cpu (s) |",
+        "| 1 | 60,000 | 30.1 |",
+    ):
+        assert row in body, row
+
+
+def test_an_unknown_field_of_a_known_section_is_shown_with_its_unit():
+    training = {"plain": {"steady_rows_per_s": 1000.0, "wall_s": 2.0, "train_loss": [0.5]}, "phases": {"mlflow_s": 1.5}}
+    report = render_markdown({"training": training})
+    assert "| phases.mlflow_s | 1.50 s |" in report
+
+
+@pytest.mark.parametrize(
+    ("key", "unit", "header"),
+    [
+        ("wall_s", "s", "wall (s)"),
+        ("p99_ms", "ms", "p99 (ms)"),
+        ("rps", "req/s", "req/s"),
+        ("rows_per_s", "rows/s", "rows/s"),
+        ("steady_rows_per_s_incl_report", "rows/s", "steady rows/s incl report"),
+        ("cpu_s_per_window", "s/window", "cpu s/window"),
+        ("trials_per_min", "trials/min", "trials/min"),
+        ("rss_mib_per_extra_model_per_replica", "MiB/extra model per replica", "rss MiB/extra model per replica"),
+        ("cost_pct", "%", "cost (%)"),
+        ("seconds_to_firing", "s", "seconds to firing"),
+        ("server_cores", "cores", "server (cores)"),
+        ("requests", "", "requests"),
+        ("epochs", "", "epochs"),
+    ],
+)
+def test_units_come_from_key_names(key, unit, header):
+    assert unit_of(key) == unit
+    assert label(key) == header
 
 
 def _done_line(**overrides):
