@@ -19,16 +19,17 @@ def test_the_plan_puts_the_shared_stack_around_its_phases_and_the_report_last():
         "shapes",
         "stack down",
         "training",
+        "training_job",
         "monitor",
         "shadow",
         "report",
     ]
-    assert steps(selected({"loop", "serving", "shapes"})) == ["training", "monitor", "shadow", "report"]
+    assert steps(selected({"loop", "serving", "shapes"})) == ["training", "training_job", "monitor", "shadow", "report"]
     assert steps(selected(set(SECTIONS))) == ["report"]
 
 
 def test_serving_and_shapes_bring_the_loop_whose_model_they_serve():
-    names = [phase.name for phase in selected({"loop", "training", "monitor", "shadow", "shapes"})]
+    names = [phase.name for phase in selected({"loop", "training", "training_job", "monitor", "shadow", "shapes"})]
     assert names == ["loop", "serving"]
 
 
