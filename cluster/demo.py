@@ -295,6 +295,14 @@ def serve_logs(settings: Settings) -> Path:
     return settings.ray.resolved_temp_dir / "session_latest" / "logs" / "serve"
 
 
+def shown(path: Path) -> Path:
+    """A path as a person types it from where they ran the command: relative when it lies below."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
 def summary(settings: Settings, key: str, job_log: Path | None, took_s: float) -> str:
     """What the demo leaves the user with: where everything is, the key, commands to try."""
     logs = f"Logs          : {settings.logs_dir}/ (each component's, and this command's {DEMO_LOG})"
@@ -349,7 +357,8 @@ def _steps(run: _DemoRun, log_file: Path) -> int:
         ensure_secrets(get_settings())
         step.outcome = f"asynchronous training {ensure_async_training(get_settings())}"
     settings = get_settings()
-    with progress.step("stack", f"starting each component (their logs: {settings.logs_dir}/)", log=log_file) as step:
+    what = f"starting each component (their logs: {shown(settings.logs_dir)}/)"
+    with progress.step("stack", what, log=log_file) as step:
         try:
             up(settings, report=step.note)
         except StartupError as exc:
@@ -359,7 +368,7 @@ def _steps(run: _DemoRun, log_file: Path) -> int:
     with progress.step("train", f"{run.config} as a Ray job, through the Jobs API", log=log_file) as step:
         job_id = submit_training(settings, run.config)
         run.job_log = step.log = settings.logs_dir / f"demo-train-{job_id}.log"
-        step.note(f"job {job_id}; its output goes to {run.job_log}")
+        step.note(f"job {job_id}; its output goes to {shown(run.job_log)}")
         status, logs = follow_into(settings, job_id, run.job_log, step.note)
         result = training_result(logs)
         if status != "SUCCEEDED" or result is None:

@@ -3,10 +3,11 @@ and a failure's reason with the log that has the rest."""
 
 import io
 import re
+from pathlib import Path
 
 import pytest
 
-from cluster.demo import DEMO_LOG, JobOutput, failure_reason, metrics_line, run_demo, summary
+from cluster.demo import DEMO_LOG, JobOutput, failure_reason, metrics_line, run_demo, shown, summary
 from core.settings import REPO_ROOT, Settings, environment_variables, get_settings
 
 TRACEBACK = """\
@@ -139,3 +140,9 @@ def test_a_demo_that_cannot_start_says_why_and_where_the_log_is_and_nothing_else
     assert "2/5 stack: FAILED after" in failed and "dispatcher: PostgreSQL not reachable for DATABASE_URL" in failed
     assert log_line.endswith(f"full log: {isolated}")
     assert (isolated / DEMO_LOG).is_file()
+
+
+def test_paths_below_the_working_folder_are_shown_relative_and_others_as_they_are(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert str(shown(tmp_path / ".state" / "logs")) == ".state/logs"
+    assert shown(Path("/elsewhere/logs")) == Path("/elsewhere/logs")
