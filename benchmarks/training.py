@@ -9,7 +9,7 @@ for the same epochs and per-worker batch size, through the project's own code:
   `_run_epoch`, AdamW, the LR schedule, early-stopping bookkeeping) driven directly on
   `TensorShard`s of the preprocessed frames, the in-memory tensors a plain PyTorch job would use.
 * ray_train_1 / ray_train_2: `jobs.train.fit` (TorchTrainer running `train_loop_per_worker`, with
-  its per-epoch checkpoint and report) on `jobs.train.ray_datasets`, 1 or 2 workers.
+  its per-epoch checkpoint and report) on `jobs.train.training_data`, 1 or 2 workers.
 * tune: `jobs.tune`'s Tuner (`run_trial`: one TorchTrainer per trial, ASHA) on the tune config,
   made small (`tune_config`); trials per minute = completed trials / minutes of `Tuner.fit`.
 * with --untuned, ray_train_N_untuned: Ray Train as jobs.train ran before this benchmark (shards
@@ -26,7 +26,7 @@ Fairness choices:
   is also faster on this model than torch's default of one per core.
 * Loading and preprocessing the data, and importing torch/ray/mlflow in this process, happen once
   before any clock starts. A variant's clock starts with turning the preprocessed frames into its
-  input (tensors, or Ray Datasets) and stops with the best weights in the driver.
+  input (tensors, the object store or Ray Datasets) and stops with the best weights in the driver.
 * Ray start-up: `startup_s` is `ray.init` of a fresh local cluster, `fit_s` is the job on the
   running cluster (worker start-up included), `wall_s` = both. Full mode starts a fresh Ray for
   every job; quick mode shares one (same `startup_s` everywhere) to stay short.
@@ -66,7 +66,7 @@ from jobs.data.loading import Splits, load_splits
 from jobs.predictor import Architecture
 from jobs.preprocess import Preprocessor
 from jobs.schema import build_schema
-from jobs.train import fit, loop_config, ray_datasets
+from jobs.train import fit, loop_config, ray_datasets, training_data
 from jobs.train_worker import EpochLoop, TensorShard
 
 TRAIN_CONFIG = REPO_ROOT / "jobs" / "configs" / "adult.yaml"
@@ -247,7 +247,7 @@ def run_ray_train(
     load = os.getloadavg()[0]
     started = time.perf_counter()
     with training_code(tuned):
-        datasets = ray_datasets(inputs.pre, inputs.splits)
+        datasets = training_data(inputs.pre, inputs.splits)
         epochs_run = fit(config, settings, inputs.pre, datasets, None, [EpochRecorder(log)], log.parent.name).epochs_run
     fit_s = time.perf_counter() - started
     epochs = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]

@@ -13,16 +13,20 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import ray
 import torch
 import typer
+from mlflow.data.dataset import Dataset
 from mlflow.data.pandas_dataset import from_pandas as mlflow_dataset_from_pandas
+from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from core.logs import configure_logging
@@ -45,8 +49,9 @@ from jobs.train_worker import CHECKPOINT_FILE as CHECKPOINT_FILE  # re-exported:
 from jobs.train_worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
-# Workers read their shards once and train from memory (`TensorShard`) when all data sets together
-# are at most this large in the object store; larger ones stream from Ray Data every epoch.
+# Workers train from memory (`TensorShard`) when the preprocessed splits together are at most this
+# large: `training_data` hands them over as plain columns in the object store, and `cache_shards`
+# has workers read Ray Datasets this small once. Larger ones stream from Ray Data every epoch.
 SHARD_CACHE_MAX_BYTES = 512 * 1024**2
 # Ray Train's controller collects reports by polling its workers, every 2 s by default, and a
 # worker's `ray.train.report` blocks until its previous report was collected: epochs shorter than
@@ -54,6 +59,12 @@ SHARD_CACHE_MAX_BYTES = 512 * 1024**2
 # one small actor call per worker. The environment variable, when set, still decides.
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_INTERVAL_S = "0.1"
+# Ray Train starts a preemption watcher actor with every worker group, to let the training loop
+# see a node's drain coming and checkpoint before it goes. This loop does not look (it checkpoints
+# every epoch), and Ray charges a worker lost to a drain to the preemption budget without the
+# watcher too: for a standalone run the watcher is one more process to start beside the workers.
+# The environment variable, when set, still decides.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # DDP broadcasts rank 0's buffers (BatchNorm statistics) before every forward pass by default: one
 # more collective per step, which cost more than a small model's step on a small machine
 # (benchmarks/README.md). Rank 0's statistics, the ones checkpointed, evolve the same without it;
@@ -140,14 +151,18 @@ def flat_params(config: JobConfig) -> dict[str, Any]:
 
 
 def log_inputs(splits: Splits, config: JobConfig, digest: str) -> None:
-    for name, frame in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
-        dataset = mlflow_dataset_from_pandas(
+    """The splits as the run's data set inputs, in one request."""
+    names = ["train", "validation", "test"]
+    datasets: list[Dataset | None] = [
+        mlflow_dataset_from_pandas(
             frame,
             source=splits.sources.get(name, config.data.train_uri),
             name=f"{config.name}-{name}",
             targets=snake_case(config.data.target),
         )
-        mlflow.log_input(dataset, context=name, tags={"sha256": digest})
+        for name, frame in zip(names, (splits.train, splits.val, splits.test), strict=True)
+    ]
+    mlflow.log_inputs(datasets, contexts=list(names), tags_list=[{"sha256": digest}] * len(names))
     if splits.feedback is not None:
         log_feedback_input(splits, config)
 
@@ -171,11 +186,36 @@ def log_feedback_input(splits: Splits, config: JobConfig) -> None:
 
 
 def ray_datasets(pre: Preprocessor, splits: Splits) -> dict[str, Any]:
+    return _as_ray_datasets({"train": pre.to_columns(splits.train), "val": pre.to_columns(splits.val)})
+
+
+def _as_ray_datasets(frames: dict[str, pd.DataFrame]) -> dict[str, Any]:
     from ray.data import DataContext
     from ray.data.read_api import from_pandas
 
     DataContext.get_current().enable_progress_bars = False
-    return {"train": from_pandas(pre.to_columns(splits.train)), "val": from_pandas(pre.to_columns(splits.val))}
+    return {name: from_pandas(frame) for name, frame in frames.items()}
+
+
+def training_data(pre: Preprocessor, splits: Splits) -> dict[str, Any]:
+    """The preprocessed "train" and "val" splits for `fit`. At most `SHARD_CACHE_MAX_BYTES`
+    together: one object ref per split to its columns as NumPy arrays, of which every worker takes
+    its share (`TensorShard.share_of`). Ray Data would add, for data this small, an actor holding
+    the datasets, a split coordinator per dataset and the workers' reads through them to every
+    run's start. Larger: Ray Datasets, which stream."""
+    frames = {"train": pre.to_columns(splits.train), "val": pre.to_columns(splits.val)}
+    size = sum(int(frame.memory_usage(index=False).sum()) for frame in frames.values())
+    if size > SHARD_CACHE_MAX_BYTES:
+        return _as_ray_datasets(frames)
+    return {name: ray.put({str(c): frame[c].to_numpy() for c in frame.columns}) for name, frame in frames.items()}
+
+
+def _shared_columns(datasets: dict[str, Any]) -> dict[str, Any] | None:
+    """The object refs of `training_data`'s in-memory form, or None for Ray Datasets."""
+    refs = {name: value for name, value in datasets.items() if isinstance(value, ray.ObjectRef)}
+    if refs and len(refs) != len(datasets):
+        raise ValueError(f"datasets mix object refs and Ray Datasets: {sorted(datasets)}")
+    return refs or None
 
 
 def architecture_for(pre: Preprocessor, config: JobConfig) -> Architecture:
@@ -220,26 +260,29 @@ def fit(
     run_id: str | None,
     callbacks: Sequence[Any] = (),
     run_name: str | None = None,
+    standalone: bool = True,
 ) -> Fitted:
-    """Run the Ray Train job on the "train" and "val" Ray Datasets; returns the best weights, the
-    number of epochs run and the run's phases. Tune trials pass datasets built once for all of
-    them and the callback that reports each epoch to Tune."""
+    """Run the Ray Train job on the "train" and "val" splits of `training_data` (or Ray Datasets,
+    `ray_datasets`); returns the best weights, the number of epochs run and the run's phases. Tune
+    trials pass datasets built once for all of them, the callback that reports each epoch to
+    Tune, and `standalone=False` (see `trainer_class`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     tc = config.train
     # Read from this process's environment when the trainer starts its controller.
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
-    trainer = TorchTrainer(
+    shared = _shared_columns(datasets)
+    data_config = {"shared_data": shared} if shared else {"cache_shards": cache_shards(datasets)}
+    trainer = trainer_class(standalone=standalone, ray_data=not shared)(
         train_loop_per_worker,
-        train_loop_config={**loop_config(config, settings, pre, run_id), "cache_shards": cache_shards(datasets)},
+        train_loop_config={**loop_config(config, settings, pre, run_id), **data_config},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
             resources_per_worker={**tc.resources_per_worker, "CPU": tc.cpus_per_worker},
             placement_strategy=tc.placement_strategy,
         ),
-        datasets=datasets,
+        datasets=None if shared else datasets,
         run_config=RunConfig(
             name=run_name or f"{config.name}-{run_id or int(time.time())}",
             storage_path=settings.resolved_storage_path,
@@ -249,13 +292,62 @@ def fit(
         ),
     )
     fit_started = time.time()
-    result = trainer.fit()
+    with _environment_default(PREEMPTION_WATCHER_ENV, "0" if standalone else None):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training produced no checkpoint")
     with result.checkpoint.as_directory() as directory:
         saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     worker = WorkerTimings.from_dict(saved["timings"]) if "timings" in saved else None
     return Fitted(saved["best_model"], int(saved["epoch"]) + 1, fit_phases(fit_started, time.time(), worker))
+
+
+@contextmanager
+def _environment_default(name: str, value: str | None) -> Iterator[None]:
+    """`name` set to `value` for the duration unless already set (or `value` is None). Ray Train
+    reads its settings from the driver's environment when `fit` starts its controller."""
+    if value is None or name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def trainer_class(*, standalone: bool, ray_data: bool) -> type[Any]:
+    """`TorchTrainer`, without two of the helpers Ray Train starts with every run when they have
+    nothing to do. Each is an actor, so a process to start and import Ray Train in, on the
+    machine the job's own workers are starting on:
+
+    * the placement-group cleaner (a detached actor asking the State API every second whether the
+      controller lives, and stopped at the end with one more such round): it frees the workers'
+      placement group if the controller dies while its job goes on, as a Tune trial's does when
+      ASHA stops it. A standalone run's job ends with its controller, and Ray removes the
+      placement groups of a finished job and a dead creator itself.
+    * the datasets manager, when the data reaches the workers without Ray Data (`training_data`).
+
+    Which callbacks to leave out is read from Ray Train's own classes: a Ray upgrade that renames
+    them fails the import here, loudly, rather than training differently
+    (tests/unit/test_train_setup.py checks what is left)."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2.torch.torch_trainer import TorchTrainer  # what ray.train.torch exports under Train v2
+
+    unneeded = tuple(
+        kind
+        for kind, needed in ((PlacementGroupCleanerCallback, not standalone), (DatasetsCallback, ray_data))
+        if not needed
+    )
+    if not unneeded:
+        return TorchTrainer
+
+    class JobTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
+
+    return JobTrainer
 
 
 def promote_if_enabled(
@@ -312,20 +404,25 @@ def run_training(config: JobConfig, settings: Settings | None = None, phases: Ph
 
     with mlflow.start_run(run_name=f"train-{config.name}") as run:
         with phases.timed("mlflow_setup"):
-            mlflow.set_tags({"job.kind": "train", **provenance_tags(settings, splits, digest)})
-            mlflow.log_params(flat_params(config))
-            mlflow.log_params(
-                {
-                    "data.train_rows": len(splits.train),
-                    "data.val_rows": len(splits.val),
-                    "data.test_rows": len(splits.test),
-                }
+            # Tags and params in one request (the client splits batches above the server's limits).
+            rows = {
+                "data.train_rows": len(splits.train),
+                "data.val_rows": len(splits.val),
+                "data.test_rows": len(splits.test),
+            }
+            client.log_batch(
+                run.info.run_id,
+                params=[Param(k, str(v)) for k, v in {**flat_params(config), **rows}.items()],
+                tags=[
+                    RunTag(k, str(v))
+                    for k, v in {"job.kind": "train", **provenance_tags(settings, splits, digest)}.items()
+                ],
             )
             log_job_files(client, run.info.run_id, config.model_dump(mode="json"), schema.model_dump_json(indent=2))
             log_inputs(splits, config, digest)
 
-        with phases.timed("ray_datasets"):
-            datasets = ray_datasets(pre, splits)
+        with phases.timed("training_data"):
+            datasets = training_data(pre, splits)
         fitted = fit(config, settings, pre, datasets, run.info.run_id)
         phases.update(fitted.phases)
         with phases.timed("calibrate_profile"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,29 @@ class TensorShard:
         """From `Preprocessor.to_columns` output (the plain-PyTorch path, without Ray)."""
         # A copy: pandas hands out read-only arrays, which torch warns about.
         return cls({str(c): torch.tensor(frame[c].to_numpy(), device=device) for c in frame.columns}, seed)
+
+    @classmethod
+    def share_of(
+        cls,
+        columns: Mapping[str, np.ndarray],
+        rank: int,
+        world_size: int,
+        *,
+        equal: bool,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> TensorShard:
+        """Rank `rank`'s share of in-memory columns (`jobs.train.training_data`): every
+        `world_size`-th row from row `rank`. With `equal`, every rank gets as many rows and the
+        remainder none, as Ray Data's `streaming_split(equal=True)` does: DDP needs the same number
+        of steps on every rank, or one rank waits forever in a collective the others never join."""
+        rows = len(next(iter(columns.values()))) if columns else 0
+        stop = rows - rows % world_size if equal else rows
+        # A copy: the object store hands out read-only arrays, which torch warns about.
+        return cls(
+            {str(n): torch.from_numpy(np.array(v[rank:stop:world_size])).to(device) for n, v in columns.items()},
+            seed,
+        )
 
     @classmethod
     def from_shard(cls, shard: Any, seed: int, device: torch.device | str = "cpu") -> TensorShard:
@@ -250,11 +273,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         from mlflow.tracking import MlflowClient  # only where it logs: the import is heavy
 
         tracker = MlflowClient(cfg["tracking_uri"])
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    if cfg.get("cache_shards"):  # read once here, then every epoch from memory
-        train_shard = TensorShard.from_shard(train_shard, cfg["seed"] + rank, cfg["device"])
-        val_shard = TensorShard.from_shard(val_shard, cfg["seed"] + rank, cfg["device"])
+    train_shard, val_shard = _shards(cfg, rank, context.get_world_size())
     timings = WorkerTimings(loop_started=loop_started, ready=time.time())
     for epoch in range(start_epoch, cfg["epochs"]):
         metrics, train_rows = loop.run_epoch(epoch, train_shard, val_shard)
@@ -279,6 +298,28 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         timings.report_s.append(time.perf_counter() - report_started)
         if loop.should_stop:
             break
+
+
+def _shards(cfg: dict[str, Any], rank: int, world_size: int) -> tuple[Any, Any]:
+    """This worker's training and validation shards. In-memory columns (`shared_data`, object
+    refs): its share of every row, validation included, since only training steps must be as many
+    on every rank. Otherwise Ray Data's shards, read once into memory with `cache_shards`."""
+    import ray
+    import ray.train
+
+    seed, device = cfg["seed"] + rank, cfg["device"]
+    shared = cfg.get("shared_data")
+    if shared:
+        train, val = ray.get([shared["train"], shared["val"]])
+        return (
+            TensorShard.share_of(train, rank, world_size, equal=True, seed=seed, device=device),
+            TensorShard.share_of(val, rank, world_size, equal=False, seed=seed, device=device),
+        )
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    if cfg.get("cache_shards"):  # read once here, then every epoch from memory
+        return TensorShard.from_shard(train_shard, seed, device), TensorShard.from_shard(val_shard, seed, device)
+    return train_shard, val_shard
 
 
 def _log_epoch(tracker: Any, run_id: str, metrics: dict[str, float], epoch: int) -> None:

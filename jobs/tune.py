@@ -200,6 +200,9 @@ def run_trial(params: dict[str, Any], context: TrialContext, datasets: dict[str,
             run_id,
             callbacks=[TuneReportCallback()],  # type: ignore[no-untyped-call]  # Ray leaves it untyped
             run_name=f"{context.name}-{trial_id}",
+            # ASHA kills this trial while the tuning job goes on: Ray Train's cleaner must free
+            # the placement group of its workers.
+            standalone=False,
         )
     except RayActorError:
         # When ASHA stops this trial, Ray kills the Train controller it owns first, and `fit` may

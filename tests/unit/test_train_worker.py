@@ -73,3 +73,19 @@ def test_one_epoch_of_the_real_model_without_ray():
     assert math.isfinite(metrics["train_loss"]) and metrics["best_val_loss"] == metrics["val_loss"]
     assert 0 <= metrics["val_accuracy"] <= 1 and metrics["train_rows_per_s"] > 0
     assert loop.state(0)["epoch"] == 0 and not loop.should_stop
+
+
+def test_shares_of_in_memory_columns_cover_the_rows_once_and_training_shares_are_equal():
+    frame = columns(11)
+    arrays = {name: frame[name].to_numpy() for name in frame.columns}
+    arrays["n0"].setflags(write=False)  # as the object store hands them out
+    train = [TensorShard.share_of(arrays, rank, 3, equal=True, seed=rank) for rank in range(3)]
+    val = [TensorShard.share_of(arrays, rank, 3, equal=False, seed=rank) for rank in range(3)]
+    # DDP: as many training rows (and so steps) on every rank, the remainder left out.
+    assert [s.rows for s in train] == [3, 3, 3]
+    assert [s.rows for s in val] == [4, 4, 3]
+    seen = sorted(v for s in val for v in s.columns["n0"].tolist())
+    assert seen == sorted(frame["n0"].tolist())
+    trained = [v for s in train for v in s.columns["n0"].tolist()]
+    assert len(set(trained)) == 9 and set(trained) <= set(frame["n0"].tolist())
+    assert all(s.columns["c0"].dtype == torch.int64 and s.columns["n0"].dtype == torch.float32 for s in train)
