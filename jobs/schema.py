@@ -3,8 +3,9 @@ validation and the UI."""
 
 from __future__ import annotations
 
+import math
 import re
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel
@@ -56,6 +57,40 @@ class DataSchema(BaseModel):
     @property
     def bucketed(self) -> list[FeatureSpec]:
         return [f for f in self.features if f.kind == "numeric" and f.buckets > 0]
+
+
+class FeatureRules:
+    """The per-value rules of a model's schema, precomputed: the one rule that request validation
+    (serve_apps/validation.py) and batch scoring (jobs/validation.py) apply to each feature value of
+    a row, so that both refuse a value for the same reason, in the same words."""
+
+    def __init__(self, schema: DataSchema) -> None:
+        self.schema = schema
+        self._categories = {f.name: frozenset(f.categories) for f in schema.categorical}
+        self._numeric = {f.name for f in schema.numeric}
+        self._nullable = {f.name for f in schema.features if f.nullable}
+
+    def check_value(self, name: str, value: Any) -> tuple[str, str] | None:
+        """(error type, message) for a value of feature `name` the model refuses, or None."""
+        if value is None:
+            return None if name in self._nullable else ("null_forbidden", "may not be null")
+        if name in self._numeric:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return ("type_error", "must be a number")
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:
+                finite = False
+            if not finite:
+                return ("value_error", "must be a finite number (within ±1.8e308)")
+            return None
+        if not isinstance(value, str):
+            return ("type_error", "must be a string")
+        if value not in self._categories[name]:
+            allowed = sorted(self._categories[name])
+            shown = ", ".join(allowed[:8]) + (", ..." if len(allowed) > 8 else "")
+            return ("unknown_category", f"unknown category {value[:64]!r}; expected one of: {shown}")
+        return None
 
 
 def infer_kind(series: pd.Series) -> FeatureKind:

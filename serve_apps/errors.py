@@ -19,7 +19,7 @@ from core.database import TRANSIENT_DB_ERRORS
 from serve_apps.auth import MissingScopeError
 from serve_apps.context import request_id_from
 from serve_apps.fleet import ModelUnavailableError, UnknownModelError
-from serve_apps.schemas import ErrorResponse
+from serve_apps.schemas import ARROW_STREAM, PARQUET_TYPES, ErrorResponse
 from services.training_jobs.models import InvalidJobSpecError, ModelNotAllowedError
 from services.training_jobs.quota import QuotaExceededError
 from services.training_jobs.store import IdempotencyConflictError, JobFinishedError, JobNotFoundError
@@ -148,12 +148,22 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _table_body(request: Request) -> bool:
+    """Whether the request's Content-Type is one of the table bodies (serve_apps/routes/inference.py)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media_type in (ARROW_STREAM, *PARQUET_TYPES)
+
+
 def _request_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type")} for e in exc.errors()]
     fields = ", ".join(".".join(str(p) for p in d["loc"]) for d in details[:5])
     message = f"invalid request: {fields}: {details[0]['msg']}" if details else "invalid request"
-    if any(d["loc"] == ["body"] or d["type"] == "json_invalid" for d in details):
+    if _table_body(request):
+        # The caller chose a table: what to change is in the table, not a switch to JSON.
+        if any(d["loc"] == ["body"] for d in details):
+            message += " (send an uncompressed Arrow IPC stream or a Parquet file with a column per feature)"
+    elif any(d["loc"] == ["body"] or d["type"] == "json_invalid" for d in details):
         # FastAPI's loc for a JSON syntax error is ["body", <character offset>].
         message += " (send a JSON object with Content-Type: application/json)"
     return error_response(request, 422, "validation_error", message, details)
@@ -204,7 +214,7 @@ def _missing_scope(request: Request, exc: Exception) -> JSONResponse:
 
 def _model_not_allowed(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ModelNotAllowedError)
-    detail = {"loc": ["body", "config"], "msg": str(exc), "type": "model_not_allowed", "ctx": {"model": exc.model}}
+    detail = {"loc": exc.loc, "msg": str(exc), "type": "model_not_allowed", "ctx": {"model": exc.model}}
     return error_response(request, 403, "model_not_allowed", str(exc), [detail])
 
 

@@ -16,12 +16,12 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from mlflow.tracking import MlflowClient
 
 from jobs.config import MODEL_NAME_PATTERN
-from serve_apps.champion import BatchResult, ChampionModel, LoadedModel
+from serve_apps.champion import BatchResult, ChampionModel, LoadedModel, Rows
 
 # How many names that are not servable models the replica remembers, and for how long, so that
 # requests for them do not each cost a registry look-up.
@@ -137,12 +137,13 @@ class ModelFleet:
 
 
 class Routed(NamedTuple):
-    """One request's share of the replica's batch queue: its rows, and the version that answers
-    them (the champion, or a canary's challenger), chosen when the request was validated."""
+    """One request's share of the replica's batch queue: its rows (validated columns, or objects),
+    and the version that answers them (the champion, or a canary's challenger), chosen when the
+    request was validated."""
 
     champion: ChampionModel
     model: LoadedModel
-    rows: list[dict[str, Any]]
+    rows: Rows
 
 
 def predict_by_model(requests: list[Routed]) -> list[BatchResult]:

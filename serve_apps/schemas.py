@@ -34,6 +34,51 @@ class PredictRequest(BaseModel):
     )
 
 
+class ColumnsRequest(BaseModel):
+    """The rows of `instances` as one list per feature: row i is the i-th value of every list."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"columns": {k: [v] for k, v in EXAMPLE_ROW.items()}}]}
+    )
+    columns: dict[str, list[Any]] = Field(
+        ...,
+        min_length=1,
+        description="one list of values per feature, all of the same length (at least 1); names and types "
+        "follow the served model's schema, and a bad value is reported as `instances` would report it "
+        '(`["body", "instances", row, field]`)',
+    )
+
+
+# Request bodies of the predict routes besides JSON, by Content-Type.
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+PARQUET_TYPES = ("application/vnd.apache.parquet", "application/x-parquet")
+_TABLE_BODY = (
+    "a table with one column per feature of the served model (numbers in integer or floating-point columns, "
+    "categories in string columns, plain or dictionary-encoded; nulls where the schema allows them)"
+)
+
+
+# The predict routes' bodies besides JSON (whose models FastAPI documents), by Content-Type.
+PREDICT_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "description": "the rows to predict: JSON `instances` (an object per row) or `columns` (a list per feature), "
+    "an Arrow IPC stream, or a Parquet file; at most MAX_BATCH_ROWS rows, each form validated alike",
+    "content": {
+        ARROW_STREAM: {
+            "schema": {"type": "string", "format": "binary"},
+            "description": f"an Arrow IPC stream (uncompressed): {_TABLE_BODY}",
+        },
+        **{
+            media_type: {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"a Parquet file: {_TABLE_BODY}",
+            }
+            for media_type in PARQUET_TYPES
+        },
+    },
+}
+
+
 class ModelRef(BaseModel):
     name: str
     version: str

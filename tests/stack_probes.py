@@ -1,14 +1,17 @@
-"""Polling the running test stack for what the end-to-end tests wait on: a condition, an alert
-firing in Prometheus, the model the API serves."""
+"""Polling the running test stack for what the tests wait on: a condition, an alert firing in
+Prometheus, the model the API serves."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
+from mlflow.tracking import MlflowClient
 
+from cluster.demo import wait_for_version
 from cluster.sandbox import Stack
 
 
@@ -38,3 +41,15 @@ def current_model(stack: Stack) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+@contextmanager
+def champion_client(stack: Stack) -> Iterator[httpx.Client]:
+    """A client of the stack's API with its key, once the replica serves whichever version is the
+    champion now (the session's first, or one an earlier test promoted)."""
+    champion = MlflowClient(stack.settings.mlflow.tracking_uri).get_model_version_by_alias(
+        stack.settings.model.name, stack.settings.champion_alias
+    )
+    assert wait_for_version(stack.settings, str(champion.version), 60), "the champion was not picked up"
+    with httpx.Client(base_url=stack.api_url, verify=stack.verify, timeout=60, headers=stack.auth) as client:
+        yield client

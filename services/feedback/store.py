@@ -9,9 +9,10 @@ latest report per version here, and deletes rows past their retention.
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -81,6 +82,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX shadow_predictions_created ON shadow_predictions (model_name, created_at);
     """,
+    # A recorded row's features and output as json, not jsonb: PostgreSQL checks json and keeps its
+    # text, where jsonb parses every document into its binary form, a large share of the server's
+    # CPU per recorded row, and recording must keep up with the bulk requests' rows on the same cores.
+    # The rows are only ever read whole or with ->> (json_agg, the feedback and monitoring queries
+    # here), which json serves alike. (The table is rewritten once, under lock: the replicas buffer.)
+    """
+    ALTER TABLE predictions
+        ALTER COLUMN features TYPE json USING features::json,
+        ALTER COLUMN output TYPE json USING output::json;
+    """,
 ]
 
 
@@ -95,6 +106,47 @@ class PredictionRow:
     features: dict[str, Any]
     # What the model answered: {"probabilities": {class: p}} (classification) or {"value": v}.
     output: dict[str, Any] | None = None
+
+
+# The columns of a `PredictionBatch`'s COPY lines, in order (PostgreSQL's text format: fields
+# separated by tabs, \N for null, backslashes doubled; `copy_text` escapes a text field).
+PREDICTION_COPY_COLUMNS = (
+    "request_id",
+    "row_index",
+    "model_name",
+    "model_version",
+    "label",
+    "probability",
+    "output",
+    "features",
+)
+
+
+def copy_text(value: str) -> bytes:
+    """A text field in PostgreSQL's COPY text format."""
+    return value.encode().replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionBatch:
+    """The served predictions of one request, recorded whole: the request path keeps a reference
+    to what it already has (the validated columns, the model's outputs) and builds no object per
+    row; `lines` writes the rows as COPY lines (`PREDICTION_COPY_COLUMNS`) from row `skip` on,
+    when the recorder flushes. `skip`: rows left out from the front (the recorder's bound dropped
+    them); the others keep their row index in the request."""
+
+    request_id: str
+    model_name: str
+    model_version: str
+    rows: int
+    lines: Callable[[int], bytes]
+    skip: int = 0
+
+    def __len__(self) -> int:
+        return self.rows - self.skip
+
+    def without_first(self, rows: int) -> PredictionBatch:
+        return replace(self, skip=self.skip + rows)
 
 
 @dataclass(frozen=True)
@@ -244,77 +296,58 @@ class FeedbackStore(PostgresStore):
     RETRY_FOR_S = 2.0
     POOL_TIMEOUT_S = 2.0
 
-    async def _insert_document(self, statement: str, records: list[dict[str, Any]]) -> None:
-        """Rows as one JSON document, encoded in C by orjson and unpacked by PostgreSQL's
-        jsonb_to_recordset in `statement`: psycopg's array parameters are quoted element by element
-        in Python, which cost the serving loop more than the prediction itself (py-spy,
-        benchmarks/README.md)."""
-        document = orjson.dumps(records, default=str).decode()
+    async def _insert_document(self, statement: str, document: str) -> None:
+        """Rows as one JSON document (`_document`), unpacked by PostgreSQL's jsonb_to_recordset in
+        `statement`."""
 
         async def op(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.execute(statement, (document,))
 
         await self._retrying(op)
 
-    async def record_predictions(self, rows: Sequence[PredictionRow]) -> None:
-        """One statement per batch; a request id seen before (a client reusing X-Request-ID)
-        keeps its first prediction."""
+    async def record_predictions(self, rows: Sequence[PredictionRow | PredictionBatch]) -> None:
+        """Rows, and whole requests' batches, in one transaction; a request id seen before (a
+        client reusing X-Request-ID, or a flush retried after its commit went unacknowledged)
+        keeps its first prediction.
+
+        Batches are one COPY into `predictions`: PostgreSQL inserts them a page at a time and
+        parses each row's JSON once. A request id already recorded fails that COPY; the batches
+        then go through a staging table and an INSERT that skips the rows already there."""
         if not rows:
             return
-        records = [
-            {
-                "r": row.request_id,
-                "i": row.row_index,
-                "n": row.model_name,
-                "v": row.model_version,
-                "l": row.label,
-                "p": row.probability,
-                "f": row.features,
-                "o": row.output,
-            }
-            for row in rows
-        ]
-        await self._insert_document(
-            """
-            INSERT INTO predictions
-                (request_id, row_index, model_name, model_version, label, probability, features, output)
-            SELECT r, i, n, v, l, p, f, o
-            FROM jsonb_to_recordset(%s::jsonb)
-                AS t(r text, i int, n text, v text, l text, p float8, f jsonb, o jsonb)
-            ON CONFLICT DO NOTHING
-            """,
-            records,
-        )
+        batches = [row for row in rows if isinstance(row, PredictionBatch)]
+        singles = [row for row in rows if isinstance(row, PredictionRow)]
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.transaction():
+                if batches:
+                    await self._copy_batches(conn, batches)
+                if singles:
+                    await conn.execute(INSERT_PREDICTION_ROWS, (prediction_rows_document(singles),))
+
+        await self._retrying(op)
+
+    async def _copy_batches(self, conn: psycopg.AsyncConnection[Any], batches: Sequence[PredictionBatch]) -> None:
+        try:
+            async with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY_PREDICTIONS) as copy:
+                await _write_lines(copy, batches)
+            return
+        except psycopg.errors.UniqueViolation:
+            pass  # rolled back to the savepoint: nothing of this COPY is in
+        # Created in this transaction if the session has none yet: remembering it per connection
+        # would go wrong when the transaction that created it rolls back.
+        await conn.execute(_STAGING_TABLE)
+        async with conn.cursor() as cur:
+            async with cur.copy(_COPY_STAGED) as copy:
+                await _write_lines(copy, batches)
+            await cur.execute(_INSERT_STAGED)
 
     async def record_shadow_predictions(self, rows: Sequence[ShadowRow]) -> None:
         """Mirrored rows, one statement per batch (as `record_predictions`); a row already scored
         by that version keeps its first answer."""
         if not rows:
             return
-        records = [
-            {
-                "r": row.request_id,
-                "i": row.row_index,
-                "n": row.model_name,
-                "v": row.model_version,
-                "l": row.label,
-                "p": row.probability,
-                "o": row.output,
-                "x": row.rollout_id,
-            }
-            for row in rows
-        ]
-        await self._insert_document(
-            """
-            INSERT INTO shadow_predictions
-                (request_id, row_index, model_name, model_version, label, probability, output, rollout_id)
-            SELECT r, i, n, v, l, p, o, x
-            FROM jsonb_to_recordset(%s::jsonb)
-                AS t(r text, i int, n text, v text, l text, p float8, o jsonb, x bigint)
-            ON CONFLICT DO NOTHING
-            """,
-            records,
-        )
+        await self._insert_document(_INSERT_SHADOW_ROWS, _document([_record(row, "x", row.rollout_id) for row in rows]))
 
     async def predicted_by(self, request_id: str, row_index: int) -> str | None:
         """The registered model that made this prediction (whose classes a label must be one of),
@@ -648,9 +681,12 @@ _PAIRED_FIGURES = """
                p.model_version = %(challenger)s AS challenger_served,
                CASE WHEN p.model_version = %(champion)s THEN p.label ELSE s.label END AS champion_label,
                CASE WHEN p.model_version = %(champion)s THEN s.label ELSE p.label END AS challenger_label,
-               ((CASE WHEN p.model_version = %(champion)s THEN p.output ELSE s.output END) ->> 'value')::float8
+               -- ->> inside the CASE: served rows hold json, mirrored rows jsonb.
+               (CASE WHEN p.model_version = %(champion)s THEN p.output ->> 'value'
+                     ELSE s.output ->> 'value' END)::float8
                    AS champion_value,
-               ((CASE WHEN p.model_version = %(champion)s THEN s.output ELSE p.output END) ->> 'value')::float8
+               (CASE WHEN p.model_version = %(champion)s THEN s.output ->> 'value'
+                     ELSE p.output ->> 'value' END)::float8
                    AS challenger_value,
                f.label AS truth
         FROM predictions p
@@ -674,3 +710,85 @@ _PAIRED_FIGURES = """
            count(*) FILTER (WHERE champion_label IS NULL)
     FROM pairs
 """
+
+
+# Recording batches ----------------------------------------------------------------------------
+
+_COLUMNS = ", ".join(PREDICTION_COPY_COLUMNS)
+_COPY_PREDICTIONS = f"COPY predictions ({_COLUMNS}) FROM STDIN"
+# For a flush that meets a request id already recorded: the same lines into a table of this
+# connection's (temporary, emptied at each commit), then only the rows not there yet.
+_STAGING_TABLE = (
+    "CREATE TEMP TABLE IF NOT EXISTS prediction_rows (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_COPY_STAGED = f"COPY pg_temp.prediction_rows ({_COLUMNS}) FROM STDIN"
+_INSERT_STAGED = f"""
+    INSERT INTO predictions ({_COLUMNS})
+    SELECT {_COLUMNS} FROM pg_temp.prediction_rows
+    ON CONFLICT DO NOTHING
+"""
+# The columns served and mirrored rows share, with their short keys and types in the documents
+# `jsonb_to_recordset` unpacks (`_record` writes them).
+_RECORD_COLUMNS = {
+    "request_id": ("r", "text"),
+    "row_index": ("i", "int"),
+    "model_name": ("n", "text"),
+    "model_version": ("v", "text"),
+    "label": ("l", "text"),
+    "probability": ("p", "float8"),
+    "output": ("o", "jsonb"),
+}
+
+
+def _insert_records(table: str, column: str, key: str, sql_type: str) -> str:
+    """The INSERT of a `_document` of rows into `table`: the shared columns and the row's own
+    (`column`, under `key`, of `sql_type`); a row already there keeps its first values."""
+    columns = {**_RECORD_COLUMNS, column: (key, sql_type)}
+    keys = ", ".join(short for short, _ in columns.values())
+    types = ", ".join(f"{short} {of}" for short, of in columns.values())
+    return f"""
+    INSERT INTO {table} ({", ".join(columns)})
+    SELECT {keys} FROM jsonb_to_recordset(%s::jsonb) AS t({types})
+    ON CONFLICT DO NOTHING
+    """
+
+
+# `PredictionRow`s, one at a time: their `prediction_rows_document`.
+INSERT_PREDICTION_ROWS = _insert_records("predictions", "features", "f", "jsonb")
+_INSERT_SHADOW_ROWS = _insert_records("shadow_predictions", "rollout_id", "x", "bigint")
+
+
+def _record(row: PredictionRow | ShadowRow, key: str, value: Any) -> dict[str, Any]:
+    """A row's object in a `_document`: the fields of `_RECORD_COLUMNS` under their short keys, and
+    one of the row's own (`key`: `value`). A dict literal: building the object per row is the cost
+    that matters here."""
+    return {
+        "r": row.request_id,
+        "i": row.row_index,
+        "n": row.model_name,
+        "v": row.model_version,
+        "l": row.label,
+        "p": row.probability,
+        "o": row.output,
+        key: value,
+    }
+
+
+def _document(records: list[dict[str, Any]]) -> str:
+    """Rows one by one as one JSON document for `jsonb_to_recordset`, encoded in C by orjson:
+    psycopg's array parameters are quoted element by element in Python, which cost the serving
+    loop more than the prediction itself (py-spy, benchmarks/README.md)."""
+    return orjson.dumps(records, default=str).decode()
+
+
+def prediction_rows_document(rows: Sequence[PredictionRow]) -> str:
+    """The document `INSERT_PREDICTION_ROWS` unpacks."""
+    return _document([_record(row, "f", row.features) for row in rows])
+
+
+async def _write_lines(copy: psycopg.AsyncCopy, batches: Sequence[PredictionBatch]) -> None:
+    """A request's lines at a time, letting the event loop serve the requests that wait in between:
+    the lines are built here, in the serving process."""
+    for batch in batches:
+        await copy.write(batch.lines(batch.skip))
+        await asyncio.sleep(0)

@@ -10,23 +10,17 @@ from typing import Any
 
 import httpx
 import pytest
-from mlflow.tracking import MlflowClient
 
-from cluster.demo import wait_for_version
 from cluster.sandbox import replica_pids
 from serve_apps.schemas import EXAMPLE_ROW, ErrorResponse
+from tests.stack_probes import champion_client
 
 ROW_JSON = json.dumps(EXAMPLE_ROW)
 
 
 @pytest.fixture(scope="module")
 def api(stack, trained) -> Iterator[httpx.Client]:
-    # Whichever version earlier tests left as champion (the session's first one, or a later one).
-    champion = MlflowClient(stack.settings.mlflow.tracking_uri).get_model_version_by_alias(
-        stack.settings.model.name, stack.settings.champion_alias
-    )
-    assert wait_for_version(stack.settings, str(champion.version), 60), "the champion was not picked up"
-    with httpx.Client(base_url=stack.api_url, verify=stack.verify, timeout=60, headers=stack.auth) as client:
+    with champion_client(stack) as client:
         yield client
 
 
