@@ -290,6 +290,42 @@ class JobLimitsSettings(Group):
     dataset_prefix: Annotated[str, AfterValidator(_dataset_prefix)] = "datasets/"
 
 
+class BatchSettings(Group):
+    """Batch inference jobs (`python -m jobs.batch_predict`, docs/batch-inference.md)."""
+
+    # The only folder a batch job reads and writes local files in; a relative input or output is
+    # taken against it. Unset: $STATE_DIR/batch. Give an absolute path: a relative one is taken
+    # against the repository, and a Ray job runs in a copy of it that goes away with the job.
+    data_dir: OptionalPath = None
+    # The only buckets an s3:// input or output may name, comma-separated. Unset: S3_BUCKET alone.
+    buckets: OptionalText = None
+    # Scoring actors a job starts (each loads the model once) and the CPUs each reserves; reads and
+    # writes reserve none, so that the actors can take every CPU of a small cluster without starving them.
+    actors: int = Field(default=2, ge=1)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    # What a request without the admin scope may ask for in `actors`.
+    max_actors: int = Field(default=8, ge=1)
+    # Rows per model call in an actor: its memory besides the model is a few of these batches.
+    batch_size: int = Field(default=16384, ge=1)
+    # Ray Data's largest block (MiB), and the size of a read task's piece of the input. Ray Data
+    # shares a job's object store budget among its read, scoring and write stages, and a stage
+    # runs only as many tasks as its share holds blocks: small blocks keep both actors busy in a
+    # small object store.
+    block_size_mb: int = Field(default=8, ge=1)
+    # The object store memory one job's Ray Data pipeline may hold at once (MiB); beyond it the
+    # reads wait. Unset: Ray Data's default share of the cluster's object store.
+    object_store_limit_mb: Annotated[int | None, Unset] = Field(default=None, ge=1)
+    # Read and write tasks running at once; they reserve no CPU, so this is what bounds them.
+    io_concurrency: int = Field(default=2, ge=1)
+    # Output rows are gathered into Parquet files of at least this much data in memory (MiB; the
+    # files on disk are smaller, compressed). The rows wait in the object store until a file is
+    # full: more than the write stage's share of the budget, and the job stalls.
+    file_size_mb: int = Field(default=4, ge=1)
+    # Longest one attempt of a batch job from the training-jobs API may take (seconds); then it
+    # ends as timed_out and its Ray job is stopped.
+    max_wall_time_s: float = Field(default=7200.0, gt=0)
+
+
 class PredictionSettings(Group):
     # Predictions are written to PostgreSQL in batches, at most this long after their response went out.
     flush_interval_s: float = Field(default=0.2, gt=0)
@@ -555,6 +591,7 @@ class Settings(BaseSettings):
     training: TrainingQueueSettings = Field(default_factory=TrainingQueueSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     joblimits: JobLimitsSettings = Field(default_factory=JobLimitsSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
     prediction: PredictionSettings = Field(default_factory=PredictionSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     accuracy: AccuracySettings = Field(default_factory=AccuracySettings)
@@ -596,6 +633,20 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_path(self) -> str:
         return self.ray.storage_path or str(self.state_dir / "ray_results")
+
+    @property
+    def batch_data_dir(self) -> Path:
+        """The folder of batch jobs' local files: BATCH_DATA_DIR, else $STATE_DIR/batch."""
+        if self.batch.data_dir is None:
+            return self.state_dir / "batch"
+        return _in_repo(self.batch.data_dir)
+
+    @property
+    def batch_buckets(self) -> list[str]:
+        """The buckets batch jobs may read and write: BATCH_BUCKETS, else S3_BUCKET, else none."""
+        if self.batch.buckets:
+            return [name.strip() for name in self.batch.buckets.split(",") if name.strip()]
+        return [self.s3.bucket] if self.s3.bucket else []
 
     @property
     def training_jobs_enabled(self) -> bool:

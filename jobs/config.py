@@ -322,7 +322,7 @@ class JobConfig(_Strict):
         checks += [(f"points_to_evaluate[{i}]", p) for i, p in enumerate(self.tune.points_to_evaluate)]
         for where, overrides in checks:
             try:
-                JobConfig.model_validate(_apply_overrides(base, overrides))
+                JobConfig.model_validate(apply_overrides(base, overrides))
             except ValidationError as exc:
                 errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                 raise ValueError(f"tune.{where}: {overrides} gives an invalid config ({errors})") from None
@@ -341,10 +341,11 @@ class JobConfig(_Strict):
 
     def with_overrides(self, overrides: dict[str, Any]) -> JobConfig:
         """Apply dotted overrides such as {"train.epochs": 2}."""
-        return JobConfig.model_validate(_apply_overrides(self.model_dump(), overrides))
+        return JobConfig.model_validate(apply_overrides(self.model_dump(), overrides))
 
 
-def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a dumped config with dotted overrides such as {"train.epochs": 2} set in it."""
     data = copy.deepcopy(data)
     for dotted, value in overrides.items():
         node = data
@@ -358,15 +359,20 @@ def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[st
     return data
 
 
-def load_config(path: str | Path) -> JobConfig:
+def read_config_file(path: str | Path, what: str) -> Any:
+    """The YAML document of a config file; a relative path that does not exist from here is taken
+    from the repository's root. FileNotFoundError names `what` (e.g. "job config")."""
     candidate = Path(path)
     if not candidate.is_absolute() and not candidate.exists():
         candidate = REPO_ROOT / candidate
-    if not candidate.exists():
-        raise FileNotFoundError(f"job config {path} not found")
+    if not candidate.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
     with candidate.open(encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
-    return JobConfig.model_validate(raw)
+        return yaml.safe_load(fh)
+
+
+def load_config(path: str | Path) -> JobConfig:
+    return JobConfig.model_validate(read_config_file(path, "job config"))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -90,10 +90,10 @@ def list_jobs(
 ) -> None:
     """The most recent training jobs."""
     jobs = _with_store(lambda store: store.list(state, limit))
-    typer.echo(f"{'id':36}  {'kind':5}  {'state':13}  {'att':>3}  {'version':>7}  {'created':19}  last error")
+    typer.echo(f"{'id':36}  {'kind':13}  {'state':13}  {'att':>3}  {'version':>7}  {'created':19}  last error")
     for job in jobs:
         typer.echo(
-            f"{job.id!s:36}  {job.kind:5}  {job.state.value:13}  {job.attempts:>3}  {job.model_version or '-':>7}  "
+            f"{job.id!s:36}  {job.kind:13}  {job.state.value:13}  {job.attempts:>3}  {job.model_version or '-':>7}  "
             f"{job.created_at:%Y-%m-%d %H:%M:%S}  {(job.last_error or '')[:60]}"
         )
 

@@ -34,7 +34,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 from core.audit import Actor
 from core.database import TRANSIENT_DB_ERRORS
 from core.logs import log_context
-from core.settings import DispatcherSettings, Settings
+from core.settings import BatchSettings, DispatcherSettings, Settings
 from core.telemetry import current_traceparent, span_from
 from jobs.result import training_result
 from services.dispatcher.metrics import DispatcherMetrics
@@ -83,9 +83,13 @@ class Outcome:
 
 def refusal(result: dict[str, Any] | None) -> Outcome | None:
     """A job that failed after printing its result was refused by the promotion gate (jobs.train
-    exits 3): deterministic, so it ends without a retry, its version and the reason on record."""
+    exits 3), or could not run as asked (a batch_predict job's unknown model, unreadable input or
+    existing output: jobs.batch_predict exits 4): deterministic, so it ends without a retry, its
+    version and the reason on record."""
     if result is None:
         return None
+    if result.get("kind") == "batch_predict":
+        return Outcome("refused", f"batch prediction refused: {result.get('error') or 'see the job logs'}", result)
     promotion = result.get("promotion") or {}
     reason = promotion.get("reason") if isinstance(promotion, dict) else None
     return Outcome("refused", f"promotion refused: {reason or 'see the job logs'}", result=result)
@@ -97,8 +101,19 @@ def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
     return float(delay * random.uniform(0.8, 1.2))
 
 
-def wall_time_limit_s(settings: DispatcherSettings, kind: JobKind) -> float:
+def wall_time_limit_s(settings: DispatcherSettings, kind: JobKind, batch: BatchSettings | None = None) -> float:
+    if kind == "batch_predict":
+        return (batch or BatchSettings()).max_wall_time_s
     return settings.max_wall_time_tune_s if kind == "tune" else settings.max_wall_time_train_s
+
+
+def batch_summary(result: dict[str, Any]) -> str:
+    """The event a finished batch_predict job gets: what it scored, with which version, and where."""
+    return (
+        f"scored {result.get('rows')} rows ({result.get('rejected_rows')} rejected) with "
+        f"{result.get('model_name')} version {result.get('model_version')} into {result.get('output')} "
+        f"(rejects: {result.get('rejects')})"
+    )
 
 
 def past_wall_time(submitted_at: datetime | None, now: datetime, limit_s: float) -> bool:
@@ -363,6 +378,8 @@ class Dispatcher:
         of the alerts that fire before any label) while fewer than `feedback.min_rows` labels of
         its model arrived after it was queued; it stays queued, using no attempt. After `wait_s`
         it goes ahead with whatever feedback there is. True when postponed."""
+        if job.kind == "batch_predict":
+            return False  # it trains nothing
         try:
             config = job.spec().resolve(operator=True)
         except (InvalidJobSpecError, ValueError, OSError):
@@ -395,6 +412,8 @@ class Dispatcher:
         an export that fails fails the attempt, never letting the job train without its feedback."""
         assert job.ray_job_id is not None
         spec = job.spec()
+        if spec.kind == "batch_predict":
+            return spec  # no training data, no feedback snapshot
         try:
             config = spec.resolve(operator=True)
         except (InvalidJobSpecError, ValueError, OSError):
@@ -433,7 +452,7 @@ class Dispatcher:
         return current
 
     async def _time_out_if_due(self, job: JobRecord) -> bool:
-        limit_s = wall_time_limit_s(self.settings.dispatcher, job.kind)
+        limit_s = wall_time_limit_s(self.settings.dispatcher, job.kind, self.settings.batch)
         if not past_wall_time(job.submitted_at, datetime.now(UTC), limit_s):
             return False
         actor = Actor.system()
@@ -516,6 +535,9 @@ class Dispatcher:
         self.metrics.attempts.labels(job.kind, outcome.status).inc()
         if outcome.status == "succeeded":
             assert outcome.result is not None
+            if job.kind == "batch_predict":
+                # Registers and promotes nothing: the record keeps the run and the version used.
+                await self.store.note(job.id, job.attempts, JobState.RUNNING, batch_summary(outcome.result))
             await self.store.succeed(job.id, job.attempts, outcome.result)
             log.info("job %s succeeded: model version %s", job.id, outcome.result.get("model_version"))
         elif outcome.status == "refused":

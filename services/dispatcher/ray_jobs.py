@@ -17,6 +17,7 @@ from uuid import UUID
 import requests
 
 from core.audit import Actor
+from core.settings import REPO_ROOT
 from jobs.result import RESULT_MARKER
 from services.ray_submission import training_runtime_env
 from services.training_jobs.models import JobSpec
@@ -61,8 +62,11 @@ def job_environment(job_id: UUID, traceparent: str | None, creator: Actor | None
 
 
 def entrypoint(spec: JobSpec) -> str:
+    """The job's command line: its module, its config file (relative to the working dir Ray ships,
+    the repository's copy), and every override as `--set key=value`."""
     args = " ".join(f"--set {shlex.quote(o)}" for o in spec.cli_overrides())
-    return f"python -m {spec.module} --config jobs/configs/{spec.config_name}.yaml {args}".strip()
+    config = spec.config_path.relative_to(REPO_ROOT).as_posix()
+    return f"python -m {spec.module} --config {config} {args}".strip()
 
 
 class RayJobs:

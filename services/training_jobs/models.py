@@ -18,14 +18,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.audit import Actor
 from core.settings import REPO_ROOT
+from jobs.batch_config import BATCH_CONFIG_DIR, BatchConfig, load_batch_config
 from jobs.config import JobConfig, load_config, operator_only
 
 CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
 CONFIG_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-DEFAULT_CONFIG = {"train": "adult", "tune": "adult-tune"}
-MODULES = {"train": "jobs.train", "tune": "jobs.tune"}
+DEFAULT_CONFIG = {"train": "adult", "tune": "adult-tune", "batch_predict": "batch-predict"}
+MODULES = {"train": "jobs.train", "tune": "jobs.tune", "batch_predict": "jobs.batch_predict"}
 
-JobKind = Literal["train", "tune"]
+# A batch_predict job scores a data set with a registered version (jobs/batch_predict.py): it runs
+# through the same queue, states, retries and quota as training, with a config from jobs/configs/batch.
+JobKind = Literal["train", "tune", "batch_predict"]
 # Why a job was started, as its requester says (an alert's name and figures): one line of text.
 REASON_MAX_LENGTH = 500
 OverrideValue = str | int | float | bool | None | list[Any] | dict[str, Any]
@@ -64,6 +67,17 @@ def _base_config(path: str, mtime_ns: int) -> JobConfig:
 def base_config(path: Path) -> JobConfig:
     """A config file as it is on disk now."""
     return _base_config(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _base_batch_config(path: str, mtime_ns: int) -> BatchConfig:
+    del mtime_ns
+    return load_batch_config(path)
+
+
+def base_batch_config(path: Path) -> BatchConfig:
+    """A batch config file as it is on disk now."""
+    return _base_batch_config(str(path), path.stat().st_mtime_ns)
 
 
 def _unstorable(value: Any) -> str | None:
@@ -111,13 +125,16 @@ def _storable_text(text: str) -> bool:
 
 
 class ModelNotAllowedError(Exception):
-    """The job would register a model the caller's key is not restricted to."""
+    """The job would register (or, batch_predict, score with) a model the caller's key is not restricted to."""
 
-    def __init__(self, model: str, allowed: frozenset[str]) -> None:
+    def __init__(self, model: str, allowed: frozenset[str], scores: bool = False) -> None:
+        verb, does = ("use", "scores with") if scores else ("train", "registers")
         super().__init__(
-            f"this API key may only train the models {', '.join(sorted(allowed))}; the job registers {model!r}"
+            f"this API key may only {verb} the models {', '.join(sorted(allowed))}; the job {does} {model!r}"
         )
         self.model = model
+        # Where the request names the model: a batch job's `model` override, else its config.
+        self.loc: list[str | int] = ["body", "overrides", "model"] if scores else ["body", "config"]
 
 
 class InvalidJobSpecError(ValueError):
@@ -135,13 +152,27 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"kind": "train", "config": "adult", "overrides": {"train.epochs": 5}}],
+            "examples": [
+                {"kind": "train", "config": "adult", "overrides": {"train.epochs": 5}},
+                {
+                    "kind": "batch_predict",
+                    "overrides": {
+                        "model": "adult-income@champion",
+                        "input": "incoming/adult.parquet",
+                        "output": "scored/adult.parquet",
+                    },
+                },
+            ],
         },
     )
 
     kind: JobKind = "train"
-    # A config shipped in jobs/configs (by name, without .yaml); default: adult / adult-tune.
-    config: str | None = Field(default=None, description="name of a config in jobs/configs, without .yaml")
+    # A config shipped in jobs/configs (by name, without .yaml); default: adult / adult-tune, and
+    # for batch_predict batch-predict in jobs/configs/batch.
+    config: str | None = Field(
+        default=None,
+        description="name of a config in jobs/configs (batch_predict: jobs/configs/batch), without .yaml",
+    )
     overrides: dict[str, OverrideValue] = Field(
         default_factory=dict, description='dotted config keys, e.g. {"train.epochs": 5}'
     )
@@ -193,7 +224,8 @@ class JobSpec(BaseModel):
 
     @property
     def config_path(self) -> Path:
-        return CONFIG_DIR / f"{self.config_name}.yaml"
+        folder = BATCH_CONFIG_DIR if self.kind == "batch_predict" else CONFIG_DIR
+        return folder / f"{self.config_name}.yaml"
 
     @property
     def module(self) -> str:
@@ -213,6 +245,8 @@ class JobSpec(BaseModel):
         Only an operator (the cluster's own settings, or the CLI on the cluster) may point a job at
         another registered model or change the gate that decides whether it replaces the champion.
         """
+        if self.kind == "batch_predict":
+            raise InvalidJobSpecError(["body", "kind"], "a batch_predict job has a batch config (resolve_batch)")
         if not operator:
             self._check_not_operator_only()
         if not self.config_path.is_file():
@@ -226,6 +260,28 @@ class JobSpec(BaseModel):
             raise InvalidJobSpecError(["body", "overrides", path], f"overrides: {path}: {first['msg']}") from exc
         if self.kind == "tune" and getattr(resolved, "tune", None) is None:
             raise InvalidJobSpecError(["body", "config"], f"config {self.config_name!r} has no tune section")
+        return resolved
+
+    def resolve_batch(self) -> BatchConfig:
+        """The effective config of a batch_predict job, complete (model, input and output set);
+        raises InvalidJobSpecError naming the field at fault. Where it may read and write is
+        checked on admission (services/training_jobs/service.py), and again by the job."""
+        if not self.config_path.is_file():
+            raise InvalidJobSpecError(
+                ["body", "config"], f"no batch config named {self.config_name!r} in jobs/configs/batch"
+            )
+        try:
+            resolved = base_batch_config(self.config_path).with_overrides(self.overrides)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            path = ".".join(str(p) for p in first["loc"])
+            raise InvalidJobSpecError(["body", "overrides", path], f"overrides: {path}: {first['msg']}") from exc
+        missing = resolved.missing()
+        if missing:
+            raise InvalidJobSpecError(
+                ["body", "overrides", missing[0]],
+                f"overrides: {missing[0]}: required (a batch_predict job needs model, input and output)",
+            )
         return resolved
 
     def _check_not_operator_only(self) -> None:

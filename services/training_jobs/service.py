@@ -9,10 +9,12 @@ from datetime import datetime
 from uuid import UUID
 
 from core.audit import Actor
-from core.settings import REPO_ROOT, JobLimitsSettings, Settings
-from services.training_jobs.admission import ClusterCapacity, DataLocations, admit, live_capacity
+from core.settings import REPO_ROOT, BatchSettings, JobLimitsSettings, Settings, get_settings
+from jobs.batch_config import BatchConfig, LocationError, Locations, ModelRef, plan
+from services.training_jobs.admission import ClusterCapacity, DataLocations, admit, live_capacity, override_key
 from services.training_jobs.broker import Publisher, Topology
 from services.training_jobs.models import (
+    InvalidJobSpecError,
     JobDetail,
     JobRecord,
     JobSpec,
@@ -33,6 +35,30 @@ audit_log = logging.getLogger("ray.serve")
 PUBLISH_GRACE_S = 15.0
 
 
+def admit_batch(spec: JobSpec, *, admin: bool, limits: BatchSettings, locations: Locations) -> BatchConfig:
+    """The config a batch_predict request may run; InvalidJobSpecError naming the field at fault.
+
+    Its input and output must lie in the batch locations (BATCH_DATA_DIR, BATCH_BUCKETS) for every
+    caller, admins included: a batch job writes where it is told. A key without the admin scope may
+    ask for at most BATCH_MAX_ACTORS actors.
+    """
+    config = spec.resolve_batch()
+    try:
+        plan(config, locations)
+    except LocationError as exc:
+        key = override_key(spec, exc.field)
+        if key is None:
+            raise InvalidJobSpecError(["body", "config"], f"config {spec.config_name!r}: {exc}") from exc
+        raise InvalidJobSpecError(["body", "overrides", key], f"overrides: {exc}") from exc
+    if not admin and config.actors is not None and config.actors > limits.max_actors:
+        raise InvalidJobSpecError(
+            ["body", "overrides", "actors"],
+            f"overrides: actors: {config.actors} is above the limit of {limits.max_actors} (BATCH_MAX_ACTORS); "
+            "a key with the admin scope may exceed it",
+        )
+    return config
+
+
 class TrainingJobs:
     def __init__(
         self,
@@ -44,6 +70,8 @@ class TrainingJobs:
         limits: JobLimitsSettings | None = None,
         locations: DataLocations | None = None,
         capacity_of: Callable[[], ClusterCapacity | None] = live_capacity,
+        batch: BatchSettings | None = None,
+        batch_locations: Locations | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
@@ -55,6 +83,8 @@ class TrainingJobs:
         # Without settings: the repository's data/ only (no object store to point at).
         self._locations = locations or DataLocations(repo_root=REPO_ROOT)
         self._capacity_of = capacity_of
+        self._batch = batch or BatchSettings()
+        self._batch_locations = batch_locations or Locations.from_settings(get_settings())
 
     @classmethod
     def from_settings(cls, settings: Settings, name: str, store_retry_s: float = 2.0) -> TrainingJobs:
@@ -71,6 +101,8 @@ class TrainingJobs:
             quota=quota,
             limits=settings.joblimits,
             locations=DataLocations.from_settings(settings),
+            batch=settings.batch,
+            batch_locations=Locations.from_settings(settings),
         )
 
     async def start(self) -> None:
@@ -92,15 +124,23 @@ class TrainingJobs:
     ) -> tuple[JobRecord, bool]:
         """Returns (job, created); `actor` started it. Raises InvalidJobSpecError for a spec that
         cannot run (reads data outside the data locations, asks for more than the caps or the
-        cluster allow, or changes operator-only settings without `operator`: admission.py),
-        ModelNotAllowedError for a job registering a model outside `models` (None: any),
-        IdempotencyConflictError for a reused key, and QuotaExceededError for an API key at one of
-        its limits; a database outage propagates (nothing accepted)."""
-        # The cluster's size is one GCS round trip, which must not block the event loop.
-        capacity = await asyncio.to_thread(self._capacity_of)
-        config = admit(spec, admin=operator, limits=self._limits, capacity=capacity, locations=self._locations)
-        if models is not None and config.registered_model_name not in models:
-            raise ModelNotAllowedError(config.registered_model_name, models)
+        cluster allow, or changes operator-only settings without `operator`: admission.py; a
+        batch_predict job: `admit_batch`), ModelNotAllowedError for a job registering (or scoring
+        with) a model outside `models` (None: any), IdempotencyConflictError for a reused key, and
+        QuotaExceededError for an API key at one of its limits; a database outage propagates
+        (nothing accepted)."""
+        if spec.kind == "batch_predict":
+            batch = admit_batch(spec, admin=operator, limits=self._batch, locations=self._batch_locations)
+            assert batch.model is not None  # admit_batch refuses a config without one
+            scored = ModelRef.parse(batch.model).name
+            if models is not None and scored not in models:
+                raise ModelNotAllowedError(scored, models, scores=True)
+        else:
+            # The cluster's size is one GCS round trip, which must not block the event loop.
+            capacity = await asyncio.to_thread(self._capacity_of)
+            config = admit(spec, admin=operator, limits=self._limits, capacity=capacity, locations=self._locations)
+            if models is not None and config.registered_model_name not in models:
+                raise ModelNotAllowedError(config.registered_model_name, models)
         quota = self.quota if actor.kind == "api_key" else None
         record, created = await self.store.create(
             spec, self._max_attempts, traceparent, PUBLISH_GRACE_S, actor=actor, quota=quota
