@@ -7,10 +7,11 @@ serves), the serving paths against `mlflow models serve`, a bare FastAPI server 
 in-process call, profiles the ingress replica, measures two models served at once against one
 (benchmarks/multi_model.py) and the shapes Serve offers for many models
 (benchmarks/serving_shapes.py), stops the stack, then measures training (Ray Train
-with 1 and 2 workers against a plain PyTorch loop, and Ray Tune) on a quiet machine, and the drift
-monitor's cost and time to alert (benchmarks/monitor_overhead.py), and what a shadow challenger
-costs the clients (benchmarks/shadow_overhead.py). Writes results.json, report.md and PNG plots
-to --out.
+with 1 and 2 workers against a plain PyTorch loop, and Ray Tune) on a quiet machine, batch
+inference with Ray Data against the model in-process on one core (benchmarks/batch_predict.py), the
+drift monitor's cost and time to alert (benchmarks/monitor_overhead.py), and what a shadow
+challenger costs the clients (benchmarks/shadow_overhead.py). Writes results.json, report.md and
+PNG plots to --out.
 
 The terminal (stderr) shows one line per phase as it starts and as it ends, with the elapsed
 time and the phase that comes next, and a heartbeat while a phase runs; at the end the headline
@@ -125,6 +126,20 @@ def _training(run: Run) -> dict[str, Any]:
     return {"training": run_training(quick=run.quick)}
 
 
+# Rows the batch inference phase generates and scores, and of those scored in-process on one core.
+BATCH_ROWS, BATCH_BASELINE_ROWS = 5_000_000, 1_000_000
+QUICK_BATCH_ROWS, QUICK_BATCH_BASELINE_ROWS = 100_000, 50_000
+
+
+def _batch_predict(run: Run) -> dict[str, Any]:
+    from benchmarks.batch_predict import batch_inference
+
+    # A Ray of its own, its object store capped far below the data in memory: the job streams or
+    # fails (benchmarks/batch_predict.py). A quick run's data fits in the store: it checks the path.
+    rows, baseline = (QUICK_BATCH_ROWS, QUICK_BATCH_BASELINE_ROWS) if run.quick else (BATCH_ROWS, BATCH_BASELINE_ROWS)
+    return {"batch_predict": batch_inference(rows, baseline_rows=baseline)}
+
+
 def _monitor(run: Run) -> dict[str, Any]:
     from benchmarks.monitor_overhead import run as run_monitor
 
@@ -152,7 +167,8 @@ PHASES: tuple[Phase, ...] = (
     Phase("loop", "POST /v1/training-jobs until the new champion serves", _loop, on_stack=True),
     Phase(
         "serving",
-        "the platform, mlflow and bare FastAPI under wrk; the in-process ceiling; the profile; two models at once",
+        "the platform, mlflow and bare FastAPI under wrk; bulk request forms; the in-process ceiling; the profile; "
+        "two models at once",
         _serving,
         on_stack=True,
     ),
@@ -160,6 +176,11 @@ PHASES: tuple[Phase, ...] = (
     Phase("training", "plain PyTorch against Ray Train with 1 and 2 workers, and Ray Tune", _training),
     Phase(
         "training_job", "a whole training job against a plain PyTorch job, by phase (a stack of its own)", _training_job
+    ),
+    Phase(
+        "batch_predict",
+        "batch inference with Ray Data against the model in-process on one core (a Ray of its own)",
+        _batch_predict,
     ),
     Phase("monitor", "the drift monitor's cost and time to alert (stacks of its own)", _monitor),
     Phase("shadow", "a shadow challenger's cost to the clients (a stack of its own)", _shadow),

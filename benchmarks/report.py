@@ -12,6 +12,8 @@
                "multi_model": ..., "plan": ..., "agreement": ...}
   training    {plain|ray_train_1|ray_train_2: {epoch_rows_per_s, steady_rows_per_s, wall_s,
                train_loss, val_<metric>}, ratios, goals, tune, ...}
+  batch_predict  benchmarks/batch_predict.py's batch_inference(): {rows, job: {rows_per_s, peak_pss_mib,
+               spilled_mib...}, in_process_one_core: {predict_frame: {rows_per_s...}}, ratio_to_one_core...}
   loop, profile, shapes, monitor, shadow   see their renderers below
 
 Each known section has a renderer in `SECTIONS` (a new benchmark section adds one there); any other
@@ -418,12 +420,14 @@ def serving_section(serving: Mapping[str, Any], context: Context) -> list[str]:
                 r for r in rows if int(r.get("rows_per_request", 1)) == per_request and r["connections"] == connections
             ]
             lines += _serving_group(group, per_request, connections, _ceilings(in_proc).get(per_request))
+    if serving.get("bulk_forms"):
+        lines += bulk_forms_lines(serving["bulk_forms"])
     lines += context.plot_lines(THROUGHPUT_PNG, LATENCY_PNG)
     if in_proc:
         lines += _in_process_lines(in_proc)
     if serving.get("multi_model"):
         lines += multi_model_lines(serving["multi_model"])
-    known = {"rows", "in_process", "model_uri", "replicas", "plan", "agreement", "multi_model"}
+    known = {"rows", "in_process", "model_uri", "replicas", "plan", "agreement", "multi_model", "bulk_forms"}
     # What the sentence about the plan did not say is shown with the other figures.
     plan_rest = {k: v for k, v in plan.items() if k not in PLAN_KEYS} if plan_lines else plan
     return lines + _rest({**serving, "plan": plan_rest}, known - {"plan"})
@@ -491,6 +495,113 @@ def _serving_group(
     title = "1 row" if per_request == 1 else f"{per_request:,} rows"
     plural = "" if connections == 1 else "s"
     return [f"### {title} per request, {connections} connection{plural}", "", *table(header, body)]
+
+
+FORM_KEYS = frozenset(
+    {
+        "body_bytes", "rps", "rows_per_s", "p50_ms", "p99_ms", "errors", "requests", "platform_cores",
+        "postgres_cores", "rows_answered", "rows_recorded_during_run", "rows_recorded", "rows_dropped",
+    }
+)  # fmt: skip
+# What wrk reports besides (benchmarks/load.py's LoadResult: the run's shape, its other latencies,
+# its own CPU, errors by kind) and the cores by process kind: in results.json only.
+FORM_DETAILS = frozenset(
+    {
+        "url", "connections", "threads", "rows_per_request", "duration_s", "p90_ms", "p999_ms", "max_ms",
+        "mean_ms", "bytes_read", "errors_by_kind", "loadgen", "extra", "wrk_cores", "wrk_machine_share",
+        "machine_busy_cores", "cores",
+    }
+)  # fmt: skip
+# In the table (p50 and p99 are), or in results.json only (p99 over p50).
+RATIO_KEYS = frozenset({"vs_fastapi", "vs_in_process", "p99_over_p50"})
+
+
+def bulk_forms_lines(forms: Mapping[str, Any]) -> list[str]:
+    """Bulk requests in each form the platform reads, through Nginx, against the bare FastAPI
+    server's bulk run and the in-process serving path of the same run, with the prediction records."""
+    runs: Mapping[str, Mapping[str, Any]] = forms.get("runs") or {}
+    ratios = forms.get("ratios") or {}
+    size, connections = forms.get("rows_per_request"), forms.get("connections")
+    recorded = any("rows_recorded" in run for run in runs.values())
+    header = ["form", "body (bytes)", "req/s", "rows/s", "p50 (ms)", "p99 (ms)", "errors / requests"]
+    header += ["vs bare FastAPI", "vs in-process serving path", "CPU cores: platform / PostgreSQL"]
+    if recorded:
+        header += ["rows answered", "records: during the run / once drained", "records dropped"]
+    body = []
+    for form, run in runs.items():
+        ratio_of = ratios.get(form) or {}
+        cells = [form, run.get("body_bytes"), run.get("rps"), run.get("rows_per_s"), run.get("p50_ms")]
+        cells += [run.get("p99_ms"), f"{fmt(_errors(run))} / {fmt(run.get('requests'))}"]
+        cells += [_times(ratio_of.get("vs_fastapi")), _times(ratio_of.get("vs_in_process"))]
+        cells.append(f"{_cores(run.get('platform_cores'))} / {_cores(run.get('postgres_cores'))}")
+        if recorded:
+            cells.append(run.get("rows_answered"))
+            cells.append(f"{fmt(run.get('rows_recorded_during_run'))} / {fmt(run.get('rows_recorded'))}")
+            cells.append(run.get("rows_dropped"))
+        body.append(cells)
+    server = forms.get("server", PLATFORM_SERVERS[0])
+    lines = [
+        f"### {fmt(size)} rows per request by form, {fmt(connections)} connections, {server}",
+        "",
+        f"The same rows as JSON row objects (`instances`), JSON columns (`columns`) and an Arrow IPC stream "
+        f"(`arrow`), one form after the other; the ratios are to this run's bare FastAPI server "
+        f"({with_unit('rows_per_s', forms.get('fastapi_rows_per_s'))}, `instances` body) and in-process serving "
+        f"path ({with_unit('rows_per_s', forms.get('in_process_serving_path_rows_per_s'))}) at "
+        f"{fmt(size)} rows per request. CPU cores: the ingress replica, HAProxy and Nginx; PostgreSQL's backends.",
+        "",
+        *table(header, body),
+    ]
+    if recorded:
+        lines += [
+            "Prediction records: counted in PostgreSQL during each run and again once the replica's buffer "
+            "drained; what is missing then was dropped because PostgreSQL fell behind (the drained count can exceed "
+            "the rows answered by the requests still in flight when wrk stopped).",
+            "",
+        ]
+    return lines + _rest(
+        {
+            **{k: v for k, v in forms.items() if k not in {"runs", "ratios"}},
+            "runs": _unshown(runs, FORM_KEYS | FORM_DETAILS),
+            "ratios": _unshown(ratios, RATIO_KEYS),
+        },
+        {"server", "rows_per_request", "connections", "fastapi_rows_per_s", "in_process_serving_path_rows_per_s"},
+    )
+
+
+def _unshown(per_form: Mapping[str, Mapping[str, Any]], shown: frozenset[str]) -> dict[str, Any]:
+    """Each form's figures that the table does not show and that are not kept to results.json alone."""
+    unshown = {form: {k: v for k, v in figures.items() if k not in shown} for form, figures in per_form.items()}
+    return {form: figures for form, figures in unshown.items() if figures}
+
+
+def bulk_forms_headline(serving: Mapping[str, Any]) -> list[HeadlineRow]:
+    forms = serving.get("bulk_forms") or {}
+    runs: Mapping[str, Mapping[str, Any]] = forms.get("runs") or {}
+    if not runs:
+        return []
+    where = str(forms.get("server", PLATFORM_SERVERS[0])).removeprefix("platform (").removesuffix(")")
+    ratios = forms.get("ratios") or {}
+
+    def versus(name: str, figure: Any, key: str) -> str:
+        if figure is None:
+            return ""
+        multiples = ", ".join(f"{form} {_times((ratios.get(form) or {}).get(key))}" for form in runs)
+        return f"{name} {fmt(figure)} rows/s ({multiples})"
+
+    dropped = [run["rows_dropped"] for run in runs.values() if run.get("rows_dropped") is not None]
+    records = f"; {fmt(sum(dropped))} records dropped" if dropped else ""
+    refs = [
+        versus("bare FastAPI", forms.get("fastapi_rows_per_s"), "vs_fastapi"),
+        versus("in-process serving path", forms.get("in_process_serving_path_rows_per_s"), "vs_in_process"),
+    ]
+    return [
+        HeadlineRow(
+            f"{fmt(forms.get('rows_per_request'))}-row requests by form, {fmt(forms.get('connections'))} connections, "
+            f"{where}",
+            ", ".join(f"{form} {fmt(run.get('rows_per_s'))}" for form, run in runs.items()) + f" rows/s{records}",
+            "; ".join(r for r in refs if r) or MISSING,
+        )
+    ]
 
 
 def _load_row(name: str, load: Mapping[str, Any]) -> list[Any]:
@@ -628,7 +739,7 @@ def serving_headline(results: Mapping[str, Any]) -> list[HeadlineRow]:
                 "; ".join(r for r in refs if r) or MISSING,
             )
         )
-    return headline
+    return headline + bulk_forms_headline(serving)
 
 
 # Profile and shapes -----------------------------------------------------------------------------
@@ -855,6 +966,124 @@ def _ratio(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> float | None
     return float(top) / float(bottom) if top is not None and bottom else None
 
 
+# Batch inference -------------------------------------------------------------------------------
+
+
+BATCH_KEYS = frozenset(
+    {
+        "rows", "input_file_mib", "input_in_memory_mib", "generate_s", "cpus", "actors", "batch_size",
+        "object_store_mib", "in_process_one_core", "job", "ratio_to_one_core", "ratio_to_scorer_one_core", "goal_ratio",
+    }
+)  # fmt: skip
+BATCH_JOB_KEYS = frozenset(
+    {"rows", "rejected_rows", "wall_s", "pipeline_s", "rows_per_s", "peak_rss_mib", "peak_pss_mib", "spilled_mib"}
+)
+IN_PROCESS_PATHS = (
+    ("predict_frame", "`predict_frame`, the predictor's own API (the baseline)"),
+    ("batch_scorer", "the batch job's scorer (its checks and Arrow encoding), without Ray"),
+)
+
+
+def batch_predict_section(batch: Mapping[str, Any], context: Context) -> list[str]:
+    """Ray Data's batch job against the same model in this process on one core (batch_predict.py)."""
+    job = batch.get("job") or {}
+    in_proc = batch.get("in_process_one_core") or {}
+    baseline = in_proc.get("predict_frame") or {}
+    size = with_unit("size_mib", batch.get("input_file_mib"))
+    in_memory = with_unit("size_mib", batch.get("input_in_memory_mib"))
+    lines = [
+        f"{fmt(batch.get('rows'))} noisy Adult rows in one Parquet file ({size}, {in_memory} once read into Arrow; "
+        f"generated in {with_unit('generate_s', batch.get('generate_s'))}), scored by `jobs.batch_predict` on a Ray "
+        f"of its own: {fmt(batch.get('cpus'))} CPUs, {fmt(batch.get('actors'))} actors, batches of "
+        f"{fmt(batch.get('batch_size'))} rows, the object store capped at "
+        f"{with_unit('size_mib', batch.get('object_store_mib'))}. Job rows/s over the whole job (model resolution, "
+        "Ray Data's start, the actors' model loads, writing and committing); memory is the summed PSS of this "
+        "process and Ray's, sampled.",
+        "",
+        *table(
+            ["rows", "job rows/s", "one-core in-process rows/s", "ratio", "peak PSS (MiB)", "spilled (MiB)"],
+            [
+                [
+                    job.get("rows", batch.get("rows")),
+                    job.get("rows_per_s"),
+                    baseline.get("rows_per_s"),
+                    _times(batch.get("ratio_to_one_core")),
+                    job.get("peak_pss_mib"),
+                    job.get("spilled_mib"),
+                ]
+            ],
+        ),
+        *_batch_goal_lines(batch),
+        *_batch_paths(job, in_proc),
+    ]
+    job_rest = {k: v for k, v in job.items() if k not in BATCH_JOB_KEYS}
+    in_proc_rest = {k: v for k, v in in_proc.items() if k not in dict(IN_PROCESS_PATHS)}
+    return lines + _rest(
+        {**batch, "job": job_rest, "in_process_one_core": in_proc_rest}, BATCH_KEYS - {"job", "in_process_one_core"}
+    )
+
+
+def _batch_goal_lines(batch: Mapping[str, Any]) -> list[str]:
+    ratio_to_one_core, goal = batch.get("ratio_to_one_core"), batch.get("goal_ratio")
+    if ratio_to_one_core is None or goal is None:
+        return []
+    met = "met" if float(ratio_to_one_core) >= float(goal) else "missed"
+    store, data = batch.get("object_store_mib"), batch.get("input_in_memory_mib")
+    streamed = (
+        f" The data in memory is {float(data) / float(store):.1f}× the object store: the job streamed it."
+        if store and data and float(data) > float(store)
+        else " The data fits in the object store: this run does not show streaming."
+        if store and data
+        else ""
+    )
+    return [f"Goal: the job at ≥ {fmt(goal)}× the one-core in-process rate: {met}.{streamed}", ""]
+
+
+def _batch_paths(job: Mapping[str, Any], in_proc: Mapping[str, Any]) -> list[str]:
+    """The job and each in-process path over its rows, and the job's rate as a multiple of each."""
+    rows = [["the batch job (Ray Data)", job.get("rows"), job.get("wall_s"), job.get("rows_per_s"), MISSING]]
+    for key, name in IN_PROCESS_PATHS:
+        path = in_proc.get(key) or {}
+        if path:
+            multiple = ratio(job.get("rows_per_s"), path.get("rows_per_s"))
+            rows.append(
+                [
+                    f"in-process, one core: {name}",
+                    path.get("rows"),
+                    path.get("seconds"),
+                    path.get("rows_per_s"),
+                    multiple,
+                ]
+            )
+    lines = table(["path", "rows", "seconds", "rows/s", "the job's rows/s as a multiple"], rows)
+    if job.get("peak_rss_mib") is not None:
+        lines += [
+            f"The job's Ray Data pipeline took {with_unit('pipeline_s', job.get('pipeline_s'))}, rows it rejected: "
+            f"{fmt(job.get('rejected_rows'))}; peak RSS "
+            f"{with_unit('rss_mib', job['peak_rss_mib'])} (RSS counts the object store's pages in every process that "
+            "maps them, PSS shares them out).",
+            "",
+        ]
+    return lines
+
+
+def batch_predict_headline(results: Mapping[str, Any]) -> list[HeadlineRow]:
+    batch = results.get("batch_predict") or {}
+    job = batch.get("job") or {}
+    baseline = (batch.get("in_process_one_core") or {}).get("predict_frame") or {}
+    if job.get("rows_per_s") is None:
+        return []
+    return [
+        HeadlineRow(
+            f"batch inference, {fmt(batch.get('rows'))} rows",
+            f"{fmt(job['rows_per_s'])} rows/s, peak PSS {with_unit('size_mib', job.get('peak_pss_mib'))}, "
+            f"spilled {with_unit('size_mib', job.get('spilled_mib'))}",
+            f"in-process on one core {fmt(baseline.get('rows_per_s'))} rows/s "
+            f"({_times(batch.get('ratio_to_one_core'))})",
+        )
+    ]
+
+
 # The retraining loop ---------------------------------------------------------------------------
 
 
@@ -994,6 +1223,12 @@ SECTIONS: tuple[Section, ...] = (
     Section("profile", "Profile of the ingress replica", profile_section),
     Section("shapes", "Many models: the shapes Serve offers", shapes_section),
     Section("training", "Training", training_section, training_headline, (TRAINING_PNG,)),
+    Section(
+        "batch_predict",
+        "Batch inference: Ray Data against one core in-process",
+        batch_predict_section,
+        batch_predict_headline,
+    ),
     Section("monitor", "Drift monitor: its cost and time to alert", monitor_section, monitor_headline),
     Section("shadow", "Shadow challenger: its cost to the clients", shadow_section, shadow_headline),
 )

@@ -1,7 +1,9 @@
 """Serving throughput and latency: the platform's `/v1/predict` through Nginx (TLS) and at the Serve
 ingress, side by side with `mlflow models serve` and a bare FastAPI server of the same registered
-model version, and the in-process model call as the ceiling. Plus a py-spy profile of the
-ingress replica under load.
+model version, and the in-process model call as the ceiling. Then bulk requests through Nginx in
+each form the platform reads (JSON rows, JSON columns, Arrow), with the prediction records they
+left (benchmarks/bulk_profile.py's `form_run`). Plus a py-spy profile of the ingress replica under
+load.
 
 Every server gets the same rows, from the same wrk, one after the other in one run.
 """
@@ -13,7 +15,7 @@ import functools
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,16 @@ import orjson
 import psutil
 
 from benchmarks.load import run_wrk
-from benchmarks.peers import Peer, fastapi_peer, in_process, mlflow_peer, sample_rows, time_calls
+from benchmarks.peers import FASTAPI, Peer, fastapi_peer, in_process, mlflow_peer, sample_rows, time_calls
 from cluster.edge import bearer_headers, local_edge_url
 from cluster.sandbox import replica_pids
 from core.settings import Settings
 
 EDGE = "platform (Nginx TLS)"
 INGRESS = "platform (Serve ingress)"
+# The forms a bulk request may take (serve_apps/routes/inference.py reads each): rows as objects,
+# one list per column, an Arrow IPC stream.
+BULK_FORMS = ("instances", "columns", "arrow")
 SINGLE = "single"
 BULK = "bulk"
 # Our code and the frameworks on the request path, for the profile's "where the time goes".
@@ -207,6 +212,39 @@ def in_process_serving_path(
     return results
 
 
+def bulk_forms(settings: Settings, api_key: str, rows: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    """Bulk requests through Nginx (TLS) in each of BULK_FORMS, one after the other, as
+    `benchmarks.bulk_profile http` measures them: wrk's figures, the cores of the replica, HAProxy,
+    Nginx and PostgreSQL, and the prediction records (recorded, dropped) when the stack records."""
+    from benchmarks.bulk_profile import BulkLoad, _bodies, form_run
+
+    sample = rows[: plan.bulk_rows]
+    bodies = _bodies(sample, list(sample[0]))
+    edge = f"{local_edge_url(settings)}/v1/predict"
+    dsn = settings.database.url.get_secret_value() if settings.database.url else None
+    processes = platform_processes(settings)
+    load = BulkLoad(plan.bulk_rows, plan.bulk_connections, plan.warmup_s, plan.duration_s)
+    runs = {}
+    for form in BULK_FORMS:
+        content_type, body = bodies[form]
+        headers = {**bearer_headers(api_key), "Content-Type": content_type}
+        runs[form] = {"body_bytes": len(body), **form_run(edge, body, headers, load, processes, dsn)}
+    return {"server": EDGE, "rows_per_request": load.rows, "connections": load.connections, "runs": runs}
+
+
+def bulk_form_ratios(forms: dict[str, Any], rows: Sequence[Mapping[str, Any]], ceiling: Mapping[str, Any]) -> None:
+    """Each form's rows/s against the bare FastAPI server's bulk run and the in-process serving path
+    at the same rows per request, both from this run; into `forms["ratios"]`."""
+    from benchmarks.bulk_profile import form_ratios
+
+    size = forms["rows_per_request"]
+    peer: Mapping[str, Any] = next((r for r in rows if r["server"] == FASTAPI and r["rows_per_request"] == size), {})
+    path: Mapping[str, Any] = next((r for r in ceiling.get("serving_path") or [] if r["rows"] == size), {})
+    forms["fastapi_rows_per_s"] = peer.get("rows_per_s")
+    forms["in_process_serving_path_rows_per_s"] = path.get("rows_per_s")
+    forms["ratios"] = form_ratios(forms["runs"], peer.get("rows_per_s") or 0.0, path.get("rows_per_s") or 0.0)
+
+
 def same_answers(targets: Sequence[Target], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Every server must give the same labels for the same rows, or the comparison is void."""
     answers = {t.server: t.labels(rows) for t in targets}
@@ -329,17 +367,22 @@ def run_serving(
             results += measure(target, rows, plan, platform_cpu_s(settings))
         results += measure(peer_target(mlflow), rows, plan, mlflow.cpu_s)
         results += measure(peer_target(fastapi), rows, plan, fastapi.cpu_s)
+    # The request forms once the peers have stopped: nothing but the platform serves meanwhile.
+    forms = bulk_forms(settings, api_key, rows, plan) if ca_file is not None else None
     pids = replica_pids(settings)
     prof = profile(targets[-1], pids[0], rows, plan.profile_s, out_dir) if pids else None
     sizes = (1, plan.bulk_rows)
     ceiling = in_process(model_uri, rows, plan.in_process_iterations, sizes=sizes, tracking_uri=tracking)
     ceiling["serving_path"] = in_process_serving_path(model_uri, tracking, rows, sizes, plan.in_process_iterations)
+    if forms is not None:
+        bulk_form_ratios(forms, results, ceiling)
     return {
         "model_uri": model_uri,
         "plan": plan.__dict__,
         "rows": results,
         "agreement": agreement,
         "in_process": ceiling,
+        "bulk_forms": forms,
         "profile": prof,
         "replicas": len(pids),
     }

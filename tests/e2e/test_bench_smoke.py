@@ -1,6 +1,7 @@
 """`make bench`'s code path in seconds: `python -m benchmarks --quick` with its own stack, the
-retraining loop, every server under wrk, the profile and the report. No timing assertions: the
-figures belong to the full run on a quiet machine; this keeps the benchmark from rotting.
+retraining loop, every server under wrk, the bulk request forms, the profile, batch inference and
+the report. No timing assertions: the figures belong to the full run on a quiet machine; this
+keeps the benchmark from rotting.
 """
 
 from __future__ import annotations
@@ -97,3 +98,23 @@ def test_every_shape_of_serving_many_models_answered_both_models(bench):
     # One application per model starts replicas of its own; the fleet loads a model into its own.
     assert shapes["applications"]["rss_mib_extra_model"] > shapes["fleet"]["rss_mib_extra_model"]
     assert "Many models" in (bench[0] / "report.md").read_text()
+
+
+def test_every_bulk_form_was_answered_and_recorded(bench):
+    serving = bench[1]["serving"]
+    forms = serving["bulk_forms"]
+    assert list(forms["runs"]) == ["instances", "columns", "arrow"]
+    assert forms["rows_per_request"] == serving["plan"]["bulk_rows"] and forms["fastapi_rows_per_s"] > 0
+    for form, run in forms["runs"].items():
+        assert run["requests"] > 0 and run["errors"] == 0, (form, run)
+        # At a quick run's load PostgreSQL keeps up: every answered row has its record once drained.
+        assert run["rows_recorded"] >= run["rows_answered"] > 0 and run["rows_dropped"] == 0, (form, run)
+        assert forms["ratios"][form]["vs_fastapi"] > 0 and forms["ratios"][form]["vs_in_process"] > 0
+    assert "rows per request by form" in (bench[0] / "report.md").read_text()
+
+
+def test_the_batch_job_scored_every_row(bench):
+    batch = bench[1]["batch_predict"]
+    assert batch["job"]["rows"] == batch["rows"] and batch["job"]["rejected_rows"] == 0
+    assert batch["job"]["rows_per_s"] > 0 and batch["ratio_to_one_core"] > 0 and batch["job"]["peak_pss_mib"] > 0
+    assert "## Batch inference" in (bench[0] / "report.md").read_text()

@@ -7,7 +7,8 @@ import json
 import pytest
 import typer
 
-from benchmarks.__main__ import SECTIONS, Phase, Run, main, run_phases, selected, steps
+from benchmarks.__main__ import PHASES, SECTIONS, Phase, Run, main, run_phases, selected, steps
+from benchmarks.report import SECTIONS as REPORT_SECTIONS
 from core.progress import Progress
 
 
@@ -20,22 +21,42 @@ def test_the_plan_puts_the_shared_stack_around_its_phases_and_the_report_last():
         "stack down",
         "training",
         "training_job",
+        "batch_predict",
         "monitor",
         "shadow",
         "report",
     ]
-    assert steps(selected({"loop", "serving", "shapes"})) == ["training", "training_job", "monitor", "shadow", "report"]
+    off_stack = ["training", "training_job", "batch_predict", "monitor", "shadow"]
+    assert steps(selected({"loop", "serving", "shapes"})) == [*off_stack, "report"]
     assert steps(selected(set(SECTIONS))) == ["report"]
 
 
 def test_serving_and_shapes_bring_the_loop_whose_model_they_serve():
-    names = [phase.name for phase in selected({"loop", "training", "training_job", "monitor", "shadow", "shapes"})]
+    names = [phase.name for phase in selected(set(SECTIONS) - {"serving"})]
     assert names == ["loop", "serving"]
 
 
 def test_an_unknown_section_is_refused_by_name():
     with pytest.raises(typer.BadParameter, match="unknown section"):
         selected({"trainig"})
+
+
+def test_the_batch_phase_scores_millions_of_rows_and_far_fewer_when_quick(tmp_path, monkeypatch):
+    import benchmarks.batch_predict
+
+    calls = []
+
+    def batch_inference(rows, baseline_rows):
+        calls.append((rows, baseline_rows))
+        return {"rows": rows}
+
+    monkeypatch.setattr(benchmarks.batch_predict, "batch_inference", batch_inference)
+    (phase,) = [p for p in PHASES if p.name == "batch_predict"]
+    assert not phase.on_stack  # a Ray of its own, on a quiet machine
+    assert phase.measure(Run(quick=False, out=tmp_path)) == {"batch_predict": {"rows": 5_000_000}}
+    assert phase.measure(Run(quick=True, out=tmp_path)) == {"batch_predict": {"rows": 100_000}}
+    assert calls == [(5_000_000, 1_000_000), (100_000, 50_000)]
+    assert "batch_predict" in {s.key for s in REPORT_SECTIONS}  # rendered as its own section, not as key/values
 
 
 def _phases():

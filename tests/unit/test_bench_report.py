@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks.load import JSON_MARKER, LoadGenUsage, loadgen_summary, lua_script, parse_done_json
 from benchmarks.report import fmt, headline, headline_text, label, machine_info, render_markdown, unit_of, write_report
+from benchmarks.serving import bulk_form_ratios
 from core.settings import REPO_ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -241,6 +242,140 @@ def test_a_quick_run_is_flagged_as_not_comparable():
     assert headline_text({"quick": False}) == "Headline: no figures (every section was skipped)"
 
 
+# Batch inference and the bulk request forms -----------------------------------------------------
+
+
+def _batch_predict():
+    """What benchmarks/batch_predict.py's batch_inference() returns, in its shape."""
+    return {
+        "rows": 5_000_000,
+        "input_file_mib": 61.3,
+        "input_in_memory_mib": 1210,
+        "generate_s": 40.2,
+        "cpus": 2,
+        "actors": 2,
+        "batch_size": 4096,
+        "object_store_mib": 256,
+        "in_process_one_core": {
+            "predict_frame": {"rows": 1_000_000, "seconds": 10.0, "rows_per_s": 100_000},
+            "batch_scorer": {"rows": 1_000_000, "seconds": 8.0, "rows_per_s": 125_000},
+        },
+        "job": {
+            "rows": 5_000_000,
+            "rejected_rows": 3,
+            "wall_s": 20.0,
+            "pipeline_s": 17.5,
+            "rows_per_s": 250_000,
+            "peak_rss_mib": 2900,
+            "peak_pss_mib": 1234,
+            "spilled_mib": 0.0,
+        },
+        "ratio_to_one_core": 2.5,
+        "ratio_to_scorer_one_core": 2.0,
+        "goal_ratio": 1.5,
+    }
+
+
+def _section(report, title):
+    start = report.index(f"## {title}")
+    end = report.find("\n## ", start + 1)
+    return report[start : end if end > 0 else len(report)]
+
+
+def test_batch_inference_is_a_table_with_units_and_its_goal():
+    report = render_markdown({"batch_predict": _batch_predict()})
+    body = _section(report, "Batch inference")
+    assert [line for line in body.splitlines() if line.startswith("#")] == [
+        "## Batch inference: Ray Data against one core in-process"
+    ]
+    assert "| rows | job rows/s | one-core in-process rows/s | ratio | peak PSS (MiB) | spilled (MiB) |" in body
+    assert "| 5,000,000 | 250,000 | 100,000 | 2.50× | 1,234 | 0 |" in body
+    assert "the object store capped at 256 MiB" in body and "2 actors, batches of 4,096 rows" in body
+    assert "Goal: the job at ≥ 1.50× the one-core in-process rate: met." in body
+    assert "4.7× the object store: the job streamed it" in body
+    # The job against each in-process path, and what the renderer has no sentence for, with units.
+    assert "| the batch job (Ray Data) | 5,000,000 | 20.0 | 250,000 | — |" in body
+    assert "| 1,000,000 | 8.00 | 125,000 | 2.00× |" in body
+    assert "rows it rejected: 3; peak RSS 2,900 MiB" in body and "Other figures" not in body
+    assert "| ratio_to_one_core |" not in body and "| job.rows_per_s |" not in body  # shown in the tables
+
+
+def test_batch_inference_headline_quotes_the_ratio_to_one_core():
+    (row,) = headline({"batch_predict": _batch_predict()})
+    assert row.measure == "batch inference, 5,000,000 rows"
+    assert row.platform == "250,000 rows/s, peak PSS 1,234 MiB, spilled 0 MiB"
+    assert row.reference == "in-process on one core 100,000 rows/s (2.50×)"
+
+
+def test_a_batch_run_whose_data_fits_the_store_says_so():
+    batch = {**_batch_predict(), "input_in_memory_mib": 20, "ratio_to_one_core": 1.2}
+    body = _section(render_markdown({"batch_predict": batch}), "Batch inference")
+    assert "rate: missed. The data fits in the object store: this run does not show streaming." in body
+
+
+def _bulk_forms():
+    def run(rows_per_s, dropped):
+        return {
+            "body_bytes": 100,
+            "rps": rows_per_s / 1000,
+            "rows_per_s": rows_per_s,
+            "p50_ms": 50.0,
+            "p99_ms": 90.0,
+            "errors": 0,
+            "requests": 600,
+            "cores": {"nginx": 0.3, "haproxy": 0.2, "replica": 1.0},
+            "platform_cores": 1.5,
+            "postgres_cores": 0.3,
+            "rows_answered": 600_000,
+            "rows_recorded_during_run": 590_000,
+            "rows_recorded": 600_000 - dropped,
+            "rows_dropped": dropped,
+            "wrk_cores": 0.01,
+            # What wrk reports besides, in results.json only.
+            "bytes_read": 123_456,
+            "errors_by_kind": {"connect": 0, "read": 0},
+            "extra": {},
+            "p90_ms": 70.0,
+            "loadgen": {"cpu_s": 0.1},
+        }
+
+    runs = {"instances": run(50_000.0, 0), "columns": run(80_000.0, 0), "arrow": run(100_000.0, 1000)}
+    forms = {"server": "platform (Nginx TLS)", "rows_per_request": 1000, "connections": 4, "runs": runs}
+    rows = [_row("fastapi", 4, 1000, 125.0, p50=30.0), _row("fastapi", 1, 1, 900.0, p50=1.0)]
+    bulk_form_ratios(
+        forms, rows, {"serving_path": [{"rows": 1, "rows_per_s": 3000.0}, {"rows": 1000, "rows_per_s": 200_000.0}]}
+    )
+    return forms
+
+
+def test_bulk_form_ratios_are_to_the_bare_server_and_the_serving_path_of_the_same_size():
+    forms = _bulk_forms()
+    assert forms["fastapi_rows_per_s"] == 125_000.0 and forms["in_process_serving_path_rows_per_s"] == 200_000.0
+    assert forms["ratios"]["arrow"] == {"vs_fastapi": 0.8, "vs_in_process": 0.5, "p99_over_p50": 1.8}
+    assert forms["ratios"]["instances"]["vs_fastapi"] == 0.4
+
+
+def test_bulk_forms_are_a_table_in_the_serving_section_and_a_headline_row():
+    results = {"serving": {"rows": _serving_rows(), "bulk_forms": _bulk_forms()}}
+    body = _section(render_markdown(results), "Serving")
+    assert "### 1,000 rows per request by form, 4 connections, platform (Nginx TLS)" in body
+    assert (
+        "| form | body (bytes) | req/s | rows/s | p50 (ms) | p99 (ms) | errors / requests | vs bare FastAPI |" in body
+    )
+    arrow = "| arrow | 100 | 100 | 100,000 | 50.0 | 90.0 | 0 / 600 | 0.80× | 0.50× | 1.50 / 0.30 | 600,000 |"
+    assert arrow + " 590,000 / 599,000 | 1,000 |" in body
+    assert "| instances | 100 | 50.0 | 50,000 |" in body
+    assert "bare FastAPI server (125,000 rows/s, `instances` body)" in body
+    assert "Other figures" not in body and "bulk_forms" not in body  # every figure has its place
+    row = headline(results)[-1]
+    assert row.measure == "1,000-row requests by form, 4 connections, Nginx TLS"
+    assert row.platform == "instances 50,000, columns 80,000, arrow 100,000 rows/s; 1,000 records dropped"
+    assert row.reference == (
+        "bare FastAPI 125,000 rows/s (instances 0.40×, columns 0.64×, arrow 0.80×); "
+        "in-process serving path 200,000 rows/s (instances 0.25×, columns 0.40×, arrow 0.50×)"
+    )
+
+
 # Sections the report does not know yet ----------------------------------------------------------
 
 
@@ -257,9 +392,9 @@ def test_an_unknown_section_is_a_key_value_table_with_units_and_no_headings_of_i
         "rejected_share": 0.0125,
         "notes": None,
     }
-    report = render_markdown({"batch_predict": section})
-    body = report[report.index("## Batch predict") :]
-    assert [line for line in body.splitlines() if line.startswith("#")] == ["## Batch predict"]
+    report = render_markdown({"bulk_export": section})
+    body = report[report.index("## Bulk export") :]
+    assert [line for line in body.splitlines() if line.startswith("#")] == ["## Bulk export"]
     for row in (
         "| rows | 5,000,000 |",
         "| wall_s | 40.2 s |",
