@@ -9,8 +9,11 @@ from core.settings import Settings
 
 
 def ray_metrics_environment(settings: Settings) -> dict[str, str]:
-    """Where the Ray dashboard finds Prometheus (and Grafana, for its embedded charts)."""
+    """Where the Ray dashboard finds Prometheus (and Grafana, for its embedded charts), and the
+    ports of the head's own metrics servers (Ray reads them from the environment only)."""
     env = {
+        "AUTOSCALER_METRIC_PORT": str(settings.ray.autoscaler_metrics_port),
+        "DASHBOARD_METRIC_PORT": str(settings.ray.dashboard_metrics_port),
         "RAY_PROMETHEUS_HOST": settings.prometheus.url,
         "RAY_PROMETHEUS_NAME": "Prometheus",
         # Service name of Serve's proxy spans; replicas set their own in the Serve config.
@@ -27,6 +30,14 @@ def start_ray(settings: Settings, env: dict[str, str]) -> str:
         return "already running"
     require_free(settings.ray.host, settings.ray.gcs_port, "ray", "RAY_GCS_PORT")
     require_free(settings.ray.dashboard_host, settings.ray.dashboard_port, "ray dashboard", "RAY_DASHBOARD_PORT")
+    # Another Ray on this machine (a test's or a script's own) holds Ray's default metrics ports:
+    # Ray would start without those metrics and Prometheus would find the targets down.
+    require_free(
+        settings.ray.host, settings.ray.autoscaler_metrics_port, "ray autoscaler metrics", "RAY_AUTOSCALER_METRICS_PORT"
+    )
+    require_free(
+        settings.ray.host, settings.ray.dashboard_metrics_port, "ray dashboard metrics", "RAY_DASHBOARD_METRICS_PORT"
+    )
     argv = [
         venv_bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address", settings.ray.host,

@@ -69,6 +69,10 @@ class RaySettings(Group):
     # The head's HTTP agent (Jobs API back end); fixed so that Prometheus and firewalls can name it.
     dashboard_agent_port: int = 52365
     metrics_export_port: int = 8090
+    # The head's autoscaler and dashboard serve their own metrics (Ray's defaults). Set, not left to
+    # Ray: a port already taken when the head starts leaves that server off without failing the start.
+    autoscaler_metrics_port: int = 44217
+    dashboard_metrics_port: int = 44227
     # Logical CPUs the head advertises. Training workers and Ray Data tasks mostly wait on each
     # other, so advertising more than the physical cores avoids resource deadlocks on small boxes.
     num_cpus: int = Field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))
