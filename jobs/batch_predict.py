@@ -304,7 +304,15 @@ def score(
             min_bytes_per_file=batch.file_size_mb * MIB,
             concurrency=batch.io_concurrency,
             ray_remote_args={"num_cpus": 0},
+            use_dictionary=text_columns(spec.reconciled.output_schema),
         )
+
+
+def text_columns(schema: pa.Schema) -> list[str]:
+    """The output's text columns, the only ones worth dictionary-encoding in Parquet: they repeat
+    (labels, the model's name and version, often the keys), while scores are almost all distinct,
+    so a dictionary tried on them is work the writer throws away."""
+    return [field.name for field in schema if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
 
 
 def _run_tags(settings: Settings, ref: ModelRef, version: str) -> dict[str, str]:

@@ -144,6 +144,24 @@ def test_the_output_has_the_keys_and_the_in_process_predictions(csv_run, registr
     np.testing.assert_allclose([p[">50K"] for p in joined["probabilities"]], joined["p_>50K"], rtol=1e-5)
 
 
+def test_the_output_keeps_text_as_text_and_dictionary_encodes_only_it(csv_run):
+    # Labels, the model's name and version repeat: a dictionary makes them small; scores hardly
+    # repeat, and a dictionary tried on them only costs the writer time.
+    files = sorted((csv_run["out"] / "adult.parquet").glob("*.parquet"))
+    assert files
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        assert parquet.schema_arrow.field("label").type == pa.string()
+        if parquet.metadata.num_rows == 0:
+            continue
+        group = parquet.metadata.row_group(0)
+        encodings = {group.column(i).path_in_schema: set(group.column(i).encodings) for i in range(group.num_columns)}
+        for text in ("income", "label", "model_name", "model_version"):
+            assert "RLE_DICTIONARY" in encodings[text] or "PLAIN_DICTIONARY" in encodings[text], (text, encodings)
+        for score in ("probability", "probabilities.>50K", "probabilities.<=50K"):
+            assert not encodings[score] & {"RLE_DICTIONARY", "PLAIN_DICTIONARY"}, (score, encodings)
+
+
 def test_the_rejects_name_the_row_the_field_and_the_reason(csv_run):
     rejects = pd.read_parquet(csv_run["out"] / "adult.rejects.parquet").sort_values("id")
     frame = csv_run["frame"]
