@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.bulk_profile stages [--rows 1000] [--iterations 300]
     .venv/bin/python -m benchmarks.bulk_profile recording [--rows 1000] [--flushes 60]
     .venv/bin/python -m benchmarks.bulk_profile http [--duration 15] [--forms instances,columns,arrow] [--profile]
-        [--single 10]
+        [--single 10] [--profile-single]
 
 - `stages`: each step of the replica's path for one request, timed in this process on one core
   and one torch thread (the replica's): reading the body, validating it, the model, encoding the
@@ -25,7 +25,11 @@
   `--profile` samples the replica with py-spy during the `instances` run. Then (`--single`
   seconds, 0 for none) one row per request at one connection through each hop in turn: Nginx
   with TLS, Serve's HAProxy port, the replica's own port, and the bare FastAPI peer; the
-  differences of their mean latencies say what each hop adds.
+  differences of their mean latencies say what each hop adds, and the CPU the replica (or the bare
+  server) spends per request says how much of a hop is work rather than waiting.
+  `--profile-single` samples the replica with py-spy during the run at its own port and splits
+  the samples by layer (`profile_layers`: Ray Serve, FastAPI and the rest of the ASGI stack,
+  logging, the platform's code, the model, the event loop).
 
 Every mode prints one JSON document (and `--out FILE` writes it). Nothing here asserts a time. The
 `http` mode uses only what the platform had before the columnar path as well, so that it can
@@ -42,6 +46,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -481,6 +486,9 @@ def http(
     single: Annotated[
         float, typer.Option(help="seconds per single-row run at 1 connection on each hop (0: none)")
     ] = 10.0,
+    profile_single: Annotated[
+        bool, typer.Option(help="py-spy the replica during the single-row run at its own port")
+    ] = False,
     out: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
     """1,000-row requests through Nginx (TLS, recording on) against the bare FastAPI server with the
@@ -526,8 +534,18 @@ def http(
                 hops["replica"] = f"http://127.0.0.1:{port}/v1/predict"
             one_row = orjson.dumps({"instances": sample[:1]})
             headers = {**auth, "Content-Type": "application/json"}
+            replica = replica_pids(settings)[0]
             result["single_row"] = {
-                hop: _single_row(url, one_row, headers, warmup, single) for hop, url in hops.items()
+                hop: _single_row(
+                    url,
+                    one_row,
+                    headers,
+                    warmup,
+                    single,
+                    server_pid=replica,
+                    spy=(replica, out) if profile_single and hop == "replica" else None,
+                )
+                for hop, url in hops.items()
             }
         with (
             tempfile.TemporaryDirectory(prefix="bulk-peer-") as scratch,
@@ -543,7 +561,7 @@ def http(
             }
             if single > 0:
                 result["single_row"]["fastapi"] = _single_row(
-                    peer.url, peer.body(sample[:1]), peer.headers, warmup, single
+                    peer.url, peer.body(sample[:1]), peer.headers, warmup, single, server_pid=peer.process.pid
                 )
         result["in_process"] = in_process_serving_path(
             model_uri, settings.mlflow.tracking_uri, sample, (ROWS,), iterations
@@ -572,15 +590,70 @@ def _replica_port(settings: Any) -> int | None:
     return None
 
 
-def _single_row(url: str, body: bytes, headers: dict[str, str], warmup: float, duration: float) -> dict[str, Any]:
-    """One row per request at one connection: the latency of each request alone."""
+def _single_row(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    warmup: float,
+    duration: float,
+    server_pid: int | None = None,
+    spy: tuple[int, Path | None] | None = None,
+) -> dict[str, Any]:
+    """One row per request at one connection: the latency of each request alone, and the CPU the
+    server's process (`server_pid` and its children) spent per request; `spy` samples a process
+    with py-spy meanwhile."""
     from benchmarks.load import run_wrk
+    from benchmarks.peers import process_tree_cpu_s
 
     run_wrk(url, body, headers, 1, warmup, threads=1)
+    cpu_before = process_tree_cpu_s(server_pid) if server_pid is not None else 0.0
+    sampler = _start_py_spy(spy[0], duration, spy[1], "single-row") if spy is not None else None
     load = run_wrk(url, body, headers, 1, duration, threads=1)
     keys = ("rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "requests", "errors")
     figures = load.to_dict()
-    return {key: figures[key] for key in keys}
+    result = {key: figures[key] for key in keys}
+    if server_pid is not None and load.requests:
+        spent = process_tree_cpu_s(server_pid) - cpu_before
+        result["server_cpu_ms_per_request"] = round(1000 * spent / load.requests, 3)
+    if sampler is not None:
+        summary = _finish_py_spy(*sampler)
+        result["profile"] = {**summary, "layers": profile_layers(Path(summary["file"]).read_text(encoding="utf-8"))}
+    return result
+
+
+# Where a sample's time belongs: the innermost frame that matches one of these (py-spy names a
+# frame's file from its package: "(serve_apps/ingress.py:317)", "(numpy/_core/...)").
+LAYERS = (
+    ("platform code", ("(serve_apps/", "(cluster/", "(core/")),
+    ("model and preprocessing", ("(jobs/", "torch/", "numpy/")),
+    ("prediction recording", ("psycopg",)),
+    ("Ray Serve", ("ray/serve/", "ray/util/", "ray/_private/", "ray/_common/")),
+    ("FastAPI, Starlette, uvicorn, pydantic", ("fastapi/", "starlette/", "uvicorn/", "pydantic", "httptools")),
+    ("logging", ("logging/",)),
+    ("event loop and threads", ("asyncio/", "threading.py", "concurrent/", "selectors.py")),
+)
+
+
+def _layer(frame: str) -> str | None:
+    for name, markers in LAYERS:
+        if any(marker in frame for marker in markers):
+            return name
+    return None
+
+
+def profile_layers(raw: str) -> dict[str, float]:
+    """py-spy's raw stacks as shares of the samples by layer: each sample goes to the layer of its
+    innermost frame that belongs to one (so the standard library called by our code counts as
+    ours), "other" when no frame does."""
+    counts: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        layers = [layer for layer in map(_layer, stack.split(";")) if layer is not None]
+        counts[layers[-1] if layers else "other"] += int(count)
+    total = sum(counts.values())
+    return {layer: round(n / total, 3) for layer, n in counts.most_common()} if total else {}
 
 
 def _breakdown(single_row: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -601,10 +674,12 @@ def _breakdown(single_row: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return shares
 
 
-def _start_py_spy(pid: int, seconds: float, out: Path | None) -> tuple[subprocess.Popen[bytes], Path]:
+def _start_py_spy(
+    pid: int, seconds: float, out: Path | None, name: str = "replica"
+) -> tuple[subprocess.Popen[bytes], Path]:
     from benchmarks.serving import _py_spy
 
-    raw = (out.parent if out is not None else Path(tempfile.gettempdir())) / "bulk-profile-replica.txt"
+    raw = (out.parent if out is not None else Path(tempfile.gettempdir())) / f"bulk-profile-{name}.txt"
     record = ["record", "-p", str(pid), "-d", str(max(1, round(seconds - 1))), "-r", "250", "--gil", "--nonblocking"]
     process = subprocess.Popen([_py_spy(), *record, "-f", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL)
     return process, raw
