@@ -15,7 +15,15 @@ from jobs.predictor import TabularPredictor
 PREDICTOR_ARTIFACT = "predictor"
 # What a version carries of this package, besides __init__.py: these modules import nothing of
 # the platform but each other (an import-linter contract in pyproject.toml keeps it so).
-INFERENCE_MODULES = ("pyfunc.py", "predictor.py", "model.py", "preprocess.py", "schema.py", "profile.py")
+INFERENCE_MODULES = (
+    "pyfunc.py",
+    "predictor.py",
+    "model.py",
+    "inference.py",
+    "preprocess.py",
+    "schema.py",
+    "profile.py",
+)
 # What scoring needs installed, pinned to the versions the model was trained with.
 INFERENCE_REQUIREMENTS = ("torch", "pandas", "numpy", "pydantic")
 

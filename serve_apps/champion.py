@@ -269,26 +269,40 @@ class ColumnEncoder:
         state = preprocessor.state
         self._categorical = [f.name for f in schema.categorical]
         self._bucketed = [(f.name, np.asarray(state.bucket_edges[f.name])) for f in schema.bucketed]
-        self._numeric = [
-            (f.name, f.transform, state.numeric_stats[f.name].mean, state.numeric_stats[f.name].std)
-            for f in schema.numeric
-        ]
+        # The numeric inputs as one matrix: a few whole-matrix passes instead of several per
+        # feature, which is most of the cost of a request of a few rows.
+        numeric = [f.name for f in schema.numeric]
+        self._raw = numeric + [name for name, _ in self._bucketed if name not in numeric]
+        self._numeric_at = list(range(len(numeric)))
+        self._bucketed_at = [self._raw.index(name) for name, _ in self._bucketed]
+        self._transforms: dict[str, list[int]] = {}
+        for j, f in enumerate(schema.numeric):
+            if f.transform != "none":
+                self._transforms.setdefault(f.transform, []).append(j)
+        self._mean = np.array([state.numeric_stats[name].mean for name in numeric], dtype=np.float64)
+        self._std = np.array([state.numeric_stats[name].std for name in numeric], dtype=np.float64)
 
     def encode(self, batch: FeatureBatch) -> Encoded:
         rows = batch.size
+        raw = np.empty((rows, len(self._raw)), dtype=np.float64)
+        for j, name in enumerate(self._raw):
+            raw[:, j] = batch.numeric[name]
         n_cat = len(self._categorical)
         x_cat = np.empty((rows, n_cat + len(self._bucketed)), dtype=np.int64)
         for j, name in enumerate(self._categorical):
             x_cat[:, j] = batch.codes[name]
         for j, (name, edges) in enumerate(self._bucketed):
-            raw = batch.numeric[name]
-            bucket = np.searchsorted(edges, raw, side="right") + 1
-            x_cat[:, n_cat + j] = np.where(np.isnan(raw), 0, bucket)
-        x_num = np.empty((rows, len(self._numeric)), dtype=np.float32)
-        for j, (name, transform, mean, std) in enumerate(self._numeric):
-            # The preprocessing's own transform: the two paths cannot drift apart.
-            values = (_transform(batch.numeric[name], transform) - mean) / std
-            x_num[:, j] = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+            x_cat[:, n_cat + j] = np.searchsorted(edges, batch.numeric[name], side="right") + 1
+        if self._bucketed:
+            bucketed = x_cat[:, n_cat:]  # a view: missing values get the reserved code 0 in place
+            bucketed[np.isnan(raw[:, self._bucketed_at])] = 0
+        values = raw[:, self._numeric_at]  # a copy (a list index), transformed in place
+        for transform, at in self._transforms.items():
+            # The preprocessing's own transform, element for element: the two paths cannot drift apart.
+            values[:, at] = _transform(values[:, at], transform)
+        values -= self._mean
+        values /= self._std
+        x_num = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
         return Encoded(x_cat=x_cat, x_num=x_num)
 
 
