@@ -616,8 +616,7 @@ def _single_row(
         spent = process_tree_cpu_s(server_pid) - cpu_before
         result["server_cpu_ms_per_request"] = round(1000 * spent / load.requests, 3)
     if sampler is not None:
-        summary = _finish_py_spy(*sampler)
-        result["profile"] = {**summary, "layers": profile_layers(Path(summary["file"]).read_text(encoding="utf-8"))}
+        result["profile"] = _finish_py_spy(*sampler, by_layer=True)
     return result
 
 
@@ -645,13 +644,12 @@ def profile_layers(raw: str) -> dict[str, float]:
     """py-spy's raw stacks as shares of the samples by layer: each sample goes to the layer of its
     innermost frame that belongs to one (so the standard library called by our code counts as
     ours), "other" when no frame does."""
+    from benchmarks.serving import collapsed_stacks
+
     counts: Counter[str] = Counter()
-    for line in raw.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        layers = [layer for layer in map(_layer, stack.split(";")) if layer is not None]
-        counts[layers[-1] if layers else "other"] += int(count)
+    for frames, n in collapsed_stacks(raw):
+        layers = [layer for layer in map(_layer, frames) if layer is not None]
+        counts[layers[-1] if layers else "other"] += n
     total = sum(counts.values())
     return {layer: round(n / total, 3) for layer, n in counts.most_common()} if total else {}
 
@@ -685,12 +683,15 @@ def _start_py_spy(
     return process, raw
 
 
-def _finish_py_spy(process: subprocess.Popen[bytes], raw: Path) -> dict[str, Any]:
+def _finish_py_spy(process: subprocess.Popen[bytes], raw: Path, by_layer: bool = False) -> dict[str, Any]:
     from benchmarks.serving import summarise_profile
 
     process.wait(timeout=120)
-    summary = summarise_profile(raw.read_text(encoding="utf-8"), top=30)
+    stacks = raw.read_text(encoding="utf-8")
+    summary = summarise_profile(stacks, top=30)
     summary["file"] = str(raw)
+    if by_layer:
+        summary["layers"] = profile_layers(stacks)
     return summary
 
 

@@ -15,7 +15,7 @@ import functools
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,19 +269,22 @@ def _py_spy() -> str:
     return found
 
 
+def collapsed_stacks(raw: str) -> Iterator[tuple[list[str], int]]:
+    """py-spy's raw (collapsed) output as (frames, outermost first; samples) per stack."""
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            yield stack.split(";"), int(count)
+
+
 def summarise_profile(raw: str, top: int = 25) -> dict[str, Any]:
     """py-spy's raw (collapsed) stacks as shares of the samples: inclusive per frame, and self time
     attributed to the innermost frame in our code or a framework on the request path."""
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
     total = 0
-    for line in raw.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
+    for frames, n in collapsed_stacks(raw):
         total += n
-        frames = stack.split(";")
         for frame in set(frames):
             inclusive[_frame_name(frame)] += n
         known = [f for f in frames if any(m in f for m in PROFILE_MODULES)]

@@ -101,12 +101,11 @@ def fold(module: TabularMLP) -> FoldedMLP:
         width = embedding.embedding_dim
         tables.append(embedding.weight @ first.weight[:, column : column + width].T)
         column += width
-    sizes = [embedding.num_embeddings for embedding in embeddings]
-    starts = torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0) if sizes else torch.zeros(0, dtype=torch.int64)
+    sizes = torch.tensor([embedding.num_embeddings for embedding in embeddings], dtype=torch.int64)
     return FoldedMLP(
         contributions=torch.cat(tables).contiguous() if tables else torch.zeros(0, first.weight.shape[0]),
-        offsets=starts,
-        cardinalities=torch.tensor(sizes, dtype=torch.int64),
+        offsets=sizes.cumsum(0) - sizes,
+        cardinalities=sizes,
         first_numeric=_Linear(first.weight[:, column:].contiguous(), first.bias),
         rest=tuple(steps[1:]),
     )

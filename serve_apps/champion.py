@@ -273,7 +273,7 @@ class ColumnEncoder:
         # feature, which is most of the cost of a request of a few rows.
         numeric = [f.name for f in schema.numeric]
         self._raw = numeric + [name for name, _ in self._bucketed if name not in numeric]
-        self._numeric_at = list(range(len(numeric)))
+        self._n_numeric = len(numeric)
         self._bucketed_at = [self._raw.index(name) for name, _ in self._bucketed]
         self._transforms: dict[str, list[int]] = {}
         for j, f in enumerate(schema.numeric):
@@ -296,7 +296,7 @@ class ColumnEncoder:
         if self._bucketed:
             bucketed = x_cat[:, n_cat:]  # a view: missing values get the reserved code 0 in place
             bucketed[np.isnan(raw[:, self._bucketed_at])] = 0
-        values = raw[:, self._numeric_at]  # a copy (a list index), transformed in place
+        values = raw[:, : self._n_numeric]  # the numeric features' columns, transformed in place
         for transform, at in self._transforms.items():
             # The preprocessing's own transform, element for element: the two paths cannot drift apart.
             values[:, at] = _transform(values[:, at], transform)
