@@ -324,18 +324,19 @@ def test_b_a_worse_canary_step_gives_all_traffic_back_to_the_champion(stack, rol
         active = until("the canary answering", lambda: _rollout_of(stack, name, broken, since), 120)
         assert active["kind"] == "canary" and 0 < active["share"] < 1, active
         record = until("the canary decided", lambda: _decided(stack, name, broken, since), 300)
-        # Once the replicas follow the decision, the champion answers everyone. Answers sent just
-        # before the replicas caught up may still come from the canary, so the probe looks at the
-        # latest answers only; the strict check is on the tail that follows it.
-        until("the champion answering all", lambda: _recent_versions(load) == {v1}, 90)
-        tail_from = len(load.outcomes)
-        load.wait_for_count(tail_from + 90)
+        # Once every replica follows the decision, the champion answers everyone. Replicas follow
+        # at their own polls, and answers sent before they caught up may come back late and from
+        # the canary, so the probe waits for the latest answers by send time to cover every caller
+        # more than once; the strict check is on every request sent after them.
+        settled = until("the champion answering all", lambda: _answering_only(load, v1), 90)
+        load.wait_for_count(len(load.outcomes) + 90)
     summary = load.summary()
     assert summary.failed == 0, summary.as_dict()
     assert record["state"] == "rejected" and record["kind"] == "canary", record
     assert record["step"] == 0 and record["figures"]["challenger_served_rows"] > 0, record
     assert summary.versions.get(broken, 0) > 0, summary.versions  # the canary did answer its share
-    assert _tail_versions(load, tail_from) == {v1}
+    tail = [o for o in load.outcomes if o.sent_at > settled]
+    assert len(tail) >= 60 and {o.version for o in tail} == {v1}, (len(tail), {o.version for o in tail})
     # One caller saw one version while the canary lasted: a caller inside it went to the challenger
     # once and back to the champion once, never to and fro; every caller ends with the champion.
     for caller, versions in _client_versions(load.outcomes).items():
@@ -343,15 +344,13 @@ def test_b_a_worse_canary_step_gives_all_traffic_back_to_the_champion(stack, rol
     figures["rollout_canary_rejected"] = _figures(summary, record)
 
 
-def _recent_versions(load: SteadyLoad, count: int = 30) -> set[str]:
-    """The versions that answered the latest `count` requests (empty until there are that many)."""
+def _answering_only(load: SteadyLoad, version: str, count: int = 3 * CLIENTS) -> float | None:
+    """When the latest `count` answers by send time (every caller's more than once) all came from
+    `version`, the send time of the last of them; None until then."""
     recent = sorted(load.outcomes, key=lambda o: o.sent_at)[-count:]
-    return {o.version for o in recent if o.version is not None} if len(recent) >= count else set()
-
-
-def _tail_versions(load: SteadyLoad, start: int) -> set[str]:
-    tail = load.outcomes[start:]
-    return {o.version for o in tail if o.version is not None} if len(tail) >= 30 else set()
+    if len(recent) < count or {o.version for o in recent} != {version}:
+        return None
+    return recent[-1].sent_at
 
 
 def test_c_a_champion_worse_on_live_labels_is_rolled_back_by_itself(stack, rollout_model, figures):
@@ -464,10 +463,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_dashboards_and_rules_use_only_metrics_prometheus_scraped(stack, rollout_model):
+def test_dashboards_and_rules_use_only_metrics_prometheus_scraped(stack, trained, rollout_model):
     # The last e2e module that creates series: after the closed loop (feedback, retraining), the
     # learning loop and the rollouts above (shadow, canary, probation, rollback); and after a window
-    # of predictions the drift monitor has judged, so its series exist.
+    # of predictions the drift monitor has judged, so its series exist. Adult's traffic needs its
+    # champion served, which earlier modules leave behind but this one, run alone, must ask for.
+    until("Adult's champion served", lambda: stack.http.get("/readyz").status_code == 200, 120)
     _varied_adult_traffic(stack, stack.settings.monitor.max_rows)
     wait_for(stack, f'model_estimated_accuracy{{model="{stack.settings.model.name}"}}', 120)
     names = set(httpx.get(f"{stack.settings.prometheus.url}/api/v1/label/__name__/values", timeout=10).json()["data"])

@@ -160,6 +160,9 @@ def test_the_second_task_is_served_next_to_adult_through_the_edge(stack, adult_s
     figures["served_together"] = {"models": sorted(models), "fleet_prediction": answer["predictions"][0]}
 
 
+# `make test` swaps a champion under load in tests/reliability/test_zero_downtime_swap.py and serves two
+# models side by side above; this one adds a third model and a swap while both take load.
+@pytest.mark.extended
 def test_models_appear_and_swap_while_load_runs_on_the_others(stack, adult_served, tmp_path, figures):
     """Load split across Adult and the second model (by name) while a third model is trained and
     becomes servable, and the second model's champion moves to a new version: no request of either
