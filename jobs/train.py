@@ -252,6 +252,19 @@ def loop_config(config: JobConfig, settings: Settings, pre: Preprocessor, run_id
     }
 
 
+def worker_scaling(config: JobConfig) -> Any:
+    """The Ray Train worker group `config` asks for (a `ScalingConfig`)."""
+    from ray.train import ScalingConfig
+
+    tc = config.train
+    return ScalingConfig(
+        num_workers=tc.num_workers,
+        use_gpu=tc.use_gpu,
+        resources_per_worker={**tc.resources_per_worker, "CPU": tc.cpus_per_worker},
+        placement_strategy=tc.placement_strategy,
+    )
+
+
 def fit(
     config: JobConfig,
     settings: Settings,
@@ -266,9 +279,8 @@ def fit(
     `ray_datasets`); returns the best weights, the number of epochs run and the run's phases. Tune
     trials pass datasets built once for all of them, the callback that reports each epoch to
     Tune, and `standalone=False` (see `trainer_class`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    tc = config.train
     # Read from this process's environment when the trainer starts its controller.
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     shared = _shared_columns(datasets)
@@ -276,12 +288,7 @@ def fit(
     trainer = trainer_class(standalone=standalone, ray_data=not shared)(
         train_loop_per_worker,
         train_loop_config={**loop_config(config, settings, pre, run_id), **data_config},
-        scaling_config=ScalingConfig(
-            num_workers=tc.num_workers,
-            use_gpu=tc.use_gpu,
-            resources_per_worker={**tc.resources_per_worker, "CPU": tc.cpus_per_worker},
-            placement_strategy=tc.placement_strategy,
-        ),
+        scaling_config=worker_scaling(config),
         datasets=None if shared else datasets,
         run_config=RunConfig(
             name=run_name or f"{config.name}-{run_id or int(time.time())}",
