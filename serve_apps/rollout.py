@@ -28,7 +28,7 @@ from serve_apps.champion import ChampionModel, LoadedModel, RefusedSwap, Serving
 from serve_apps.errors import request_id_of
 from serve_apps.fleet import ModelFleet
 from serve_apps.metrics import RolloutMetrics
-from services.rollout.models import RolloutOverview, RolloutRecord
+from services.rollout.models import RolloutOverview, RolloutRecord, RolloutState
 from services.rollout.store import RolloutStore
 
 log = logging.getLogger("ray.serve")
@@ -179,15 +179,35 @@ class RolloutFollower:
         self._last_read = time.monotonic()
         by_model = {r.model_name: r for r in records if r.active and r.kind in ("shadow", "canary")}
         for champion in self.fleet.served():
-            if champion.rollout is not None and champion.model_name not in by_model:
-                # Ended, perhaps in a promotion: follow the alias now, with the challenger still in
-                # memory, rather than at the next alias poll (a canary's callers would flip back
-                # to the old champion meanwhile).
+            ended = champion.rollout
+            if ended is not None and champion.model_name not in by_model and await self._may_be_champion(ended):
+                # Ended in a promotion (or by other hands): follow the alias now, with the
+                # challenger still in memory, rather than at the next alias poll (a canary's
+                # callers would flip back to the old champion meanwhile). A rejected challenger
+                # is dropped below at once, however slow or far away the registry is.
                 await champion.refresh()
         to_load = [c for c in self.fleet.served() if not self.apply(c, by_model.get(c.model_name))]
         for champion in to_load:
             await self._load(champion, by_model[champion.model_name])
         self.report()
+
+    async def _may_be_champion(self, ended: ServingRollout) -> bool:
+        """Whether the alias may now name the challenger of a rollout that is no longer active: it
+        was promoted, or ended by other hands. False when it was rejected or its end cannot be
+        read: the champion it was compared with, which answered the rest all along, then answers
+        everyone."""
+        try:
+            record = await asyncio.wait_for(self.store.get(ended.id), max(2 * self.interval_s, 5.0))
+        except Exception as exc:
+            log.warning(
+                "rollout %d of version %s: how it ended is not readable (%s: %s); the champion answers everything",
+                ended.id,
+                ended.challenger.version,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        return record is not None and record.state in (RolloutState.PROMOTED, RolloutState.ENDED)
 
     def apply(self, champion: ChampionModel, record: RolloutRecord | None) -> bool:
         """Follow `record` (None: no active rollout) where no download is needed; False when its

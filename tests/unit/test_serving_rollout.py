@@ -460,6 +460,11 @@ class FakeRolloutStore:
             raise self.fails
         return list(self.records)
 
+    async def get(self, rollout_id: int) -> RolloutRecord | None:
+        if self.fails is not None:
+            raise self.fails
+        return next((r for r in self.records if r.id == rollout_id), None)
+
     async def overview(self, model_name: str) -> RolloutOverview:
         if self.fails is not None:
             raise self.fails
@@ -510,8 +515,8 @@ def test_the_follower_loads_updates_and_drops_the_challenger(champion_v1, challe
         store.records = [_record(state=RolloutState.REJECTED), _record(id_=8, model_name="other")]
         await follower.refresh()
         assert champion.rollout is None
-        # Once, when the rollout ended: it may have ended in a promotion.
-        assert champion.refreshed == 1
+        # Rejected: dropped without asking the registry where the alias points.
+        assert champion.refreshed == 0
         # A new rollout with another challenger replaces the old one.
         store.records = [_record(id_=9, kind="shadow", share=0.0, challenger="2")]
         await follower.refresh()
@@ -521,6 +526,81 @@ def test_the_follower_loads_updates_and_drops_the_challenger(champion_v1, challe
         assert loads == ["2", "2", "3"]
 
     asyncio.run(scenario())
+
+
+class HangingChampion(OfflineChampion):
+    """A champion whose registry never answers an alias poll, noting what it served meanwhile."""
+
+    seen_during_refresh: ServingRollout | None = None
+
+    async def refresh(self) -> str | None:
+        self.refreshed += 1
+        self.seen_during_refresh = self.rollout
+        await asyncio.sleep(3600)
+        return None
+
+
+def _hanging(loaded: LoadedModel) -> HangingChampion:
+    champion = HangingChampion("income", "champion", NO_REGISTRY, poll_interval_s=60)
+    champion.loaded = loaded
+    return champion
+
+
+@pytest.mark.parametrize("ending", ["rejected", "unreadable", "gone"])
+def test_a_rejected_canary_stops_answering_at_once_whatever_the_registry_does(champion_v1, loads, ending):
+    """Fail closed: the service's rejection reaches the callers at the next poll even while the
+    registry hangs, and so does a rollout whose end cannot be read (or whose record is gone)."""
+    champion = _hanging(champion_v1)
+    follower, store = _follower(champion)
+    store.records = [_record(share=0.5)]
+
+    async def scenario() -> None:
+        await follower.refresh()
+        assert champion.rollout is not None
+        store.records = [_record(state=RolloutState.REJECTED)] if ending != "gone" else []
+        if ending == "unreadable":
+            store.get = _failing_get  # type: ignore[method-assign]
+        await asyncio.wait_for(follower.refresh(), 5)
+        assert champion.rollout is None and champion.refreshed == 0
+
+    asyncio.run(scenario())
+
+
+async def _failing_get(rollout_id: int) -> RolloutRecord | None:
+    raise psycopg.OperationalError("server away")
+
+
+@pytest.mark.parametrize("state", [RolloutState.PROMOTED, RolloutState.ENDED])
+def test_a_promoted_challenger_is_followed_by_the_alias_before_it_is_dropped(champion_v1, loads, state):
+    """Promoted (or ended by other hands): the alias is asked for before the challenger is dropped,
+    so that its callers do not flip back to the old champion in between."""
+    champion = _champion(champion_v1)
+    follower, store = _follower(champion)
+    store.records = [_record(share=0.5)]
+
+    async def scenario() -> None:
+        await follower.refresh()
+        store.records = [_record(state=state)]
+        await follower.refresh()
+
+    asyncio.run(scenario())
+    assert champion.refreshed == 1 and champion.rollout is None
+
+
+def test_the_promoted_challenger_is_in_memory_while_the_alias_is_asked_for(champion_v1, challenger_v2, loads):
+    champion = _hanging(champion_v1)
+    follower, store = _follower(champion)
+    store.records = [_record(share=0.5)]
+
+    async def scenario() -> None:
+        await follower.refresh()
+        store.records = [_record(state=RolloutState.PROMOTED)]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(follower.refresh(), 0.5)
+
+    asyncio.run(scenario())
+    assert champion.refreshed == 1
+    assert champion.seen_during_refresh is not None and champion.seen_during_refresh.challenger is challenger_v2
 
 
 def test_a_challenger_that_breaks_the_contract_is_refused_once(champion_v1, loads):
