@@ -12,7 +12,6 @@ it from the submission to SUCCEEDED: the floor under the whole job's wall time.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +39,13 @@ def main(config: Path = typer.Option(CONFIG, "--config", help="job config YAML: 
     settings = get_settings()
     job = load_config(config)
     ray.init(address=settings.ray.address)
-    os.environ.setdefault(train.POLL_INTERVAL_ENV, train.POLL_INTERVAL_S)
-    os.environ.setdefault(train.PREEMPTION_WATCHER_ENV, "0")
     trainer = train.trainer_class(standalone=True, ray_data=False)(
         report_once,
         scaling_config=train.worker_scaling(job),
         run_config=RunConfig(name=f"floor-{job.name}", storage_path=settings.resolved_storage_path),
     )
-    trainer.fit()
+    with train.trainer_environment(standalone=True):
+        trainer.fit()
 
 
 if __name__ == "__main__":

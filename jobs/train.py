@@ -281,8 +281,6 @@ def fit(
     Tune, and `standalone=False` (see `trainer_class`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    # Read from this process's environment when the trainer starts its controller.
-    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     shared = _shared_columns(datasets)
     data_config = {"shared_data": shared} if shared else {"cache_shards": cache_shards(datasets)}
     trainer = trainer_class(standalone=standalone, ray_data=not shared)(
@@ -299,7 +297,7 @@ def fit(
         ),
     )
     fit_started = time.time()
-    with _environment_default(PREEMPTION_WATCHER_ENV, "0" if standalone else None):
+    with trainer_environment(standalone=standalone):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training produced no checkpoint")
@@ -321,6 +319,16 @@ def _environment_default(name: str, value: str | None) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(name, None)
+
+
+@contextmanager
+def trainer_environment(*, standalone: bool) -> Iterator[None]:
+    """What Ray Train reads from this process's environment when `fit` starts its controller: the
+    shorter health-check poll (kept for the process, unless already set), and for a standalone run
+    no preemption watcher (see `trainer_class`)."""
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
+    with _environment_default(PREEMPTION_WATCHER_ENV, "0" if standalone else None):
+        yield
 
 
 def trainer_class(*, standalone: bool, ray_data: bool) -> type[Any]:

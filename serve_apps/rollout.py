@@ -142,6 +142,10 @@ class RolloutFollower:
     def interval_s(self) -> float:
         return self.fleet.default.poll_interval_s
 
+    @property
+    def _read_timeout_s(self) -> float:
+        return max(2 * self.interval_s, 5.0)
+
     async def _run(self) -> None:
         await self._prepare()
         while True:
@@ -169,7 +173,7 @@ class RolloutFollower:
         """One look at the records: drop ended rollouts and update shares at once, then load any
         new challenger (one download at a time; the models already served are not held up)."""
         try:
-            records = await asyncio.wait_for(self.store.serving_rollouts(), max(2 * self.interval_s, 5.0))
+            records = await asyncio.wait_for(self.store.serving_rollouts(), self._read_timeout_s)
         except Exception as exc:
             self._failed(exc)
             return
@@ -197,7 +201,7 @@ class RolloutFollower:
         read: the champion it was compared with, which answered the rest all along, then answers
         everyone."""
         try:
-            record = await asyncio.wait_for(self.store.get(ended.id), max(2 * self.interval_s, 5.0))
+            record = await asyncio.wait_for(self.store.get(ended.id), self._read_timeout_s)
         except Exception as exc:
             log.warning(
                 "rollout %d of version %s: how it ended is not readable (%s: %s); the champion answers everything",
