@@ -35,6 +35,7 @@ def main(config: Path = typer.Option(CONFIG, "--config", help="job config YAML: 
     import jobs.train as train  # the training driver's imports: a job pays them before it starts
     from core.settings import get_settings
     from jobs.config import load_config
+    from jobs.run_store import run_store
 
     settings = get_settings()
     job = load_config(config)
@@ -42,7 +43,7 @@ def main(config: Path = typer.Option(CONFIG, "--config", help="job config YAML: 
     trainer = train.trainer_class(standalone=True, ray_data=False)(
         report_once,
         scaling_config=train.worker_scaling(job),
-        run_config=RunConfig(name=f"floor-{job.name}", storage_path=settings.resolved_storage_path),
+        run_config=RunConfig(name=f"floor-{job.name}", **run_store(settings).run_config_kwargs()),
     )
     with train.trainer_environment(standalone=True):
         trainer.fit()

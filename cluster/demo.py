@@ -31,6 +31,8 @@ from cluster.startup import StartupError
 from core.health import wait_until
 from core.progress import Progress, duration, output_to_log
 from core.settings import REPO_ROOT, Settings, get_settings
+from jobs.config import load_config
+from jobs.data.storage import push_file, resolve_local
 from jobs.result import training_result
 from serve_apps.schemas import EXAMPLE_ROW
 from services.ray_submission import follow_job, submit_training
@@ -311,12 +313,35 @@ def summary(settings: Settings, key: str, job_log: Path | None, took_s: float) -
     text = (
         f"\nThe stack is up (stop it with `make down`); the demo took {duration(took_s)}.\n"
         f"{edge_urls(settings)}API key       : {key}   (in .env as API_KEYS)\n"
-        f"{observability_urls(settings)}{logs}\n\nTry it:\n{curl_example(settings, key)}\n\n"
+        f"{observability_urls(settings)}{storage_lines(settings)}{logs}\n\nTry it:\n{curl_example(settings, key)}\n\n"
         f"Submit a training job as a user would:\n{ray_submit_example(settings)}\n"
     )
     if settings.training_jobs_enabled:
         text += f"\nQueue a training job (then GET the Location it returns):\n{training_job_example(settings, key)}\n"
     return text
+
+
+def data_in_bucket(settings: Settings, config: str) -> list[str]:
+    """With the object store on (S3_BUCKET), the config's local data set files are pushed to the
+    bucket (content-addressed, so pushing again is a no-op) and the job reads them from there, as a
+    cluster whose nodes share no disk must: the `--set` overrides that say so. Off: none."""
+    if not settings.s3.bucket:
+        return []
+    job = load_config(config)
+    overrides = []
+    for field in ("train_uri", "test_uri"):
+        uri = getattr(job.data, field)
+        if uri is not None and not uri.startswith("s3://"):
+            overrides.append(f"data.{field}={push_file(resolve_local(uri), job.name, settings)}")
+    return overrides
+
+
+def storage_lines(settings: Settings) -> str:
+    """Where the run's durable files went: the bucket in S3 mode, else the state directory."""
+    return (
+        f"Artifacts     : {settings.resolved_artifacts_destination} (MLflow)\n"
+        f"Checkpoints   : {settings.resolved_storage_path} (Ray Train and Tune)\n"
+    )
 
 
 @dataclass
@@ -366,7 +391,10 @@ def _steps(run: _DemoRun, log_file: Path) -> int:
             step.fail(str(exc), None if " see " in str(exc) else settings.logs_dir)
             return 1
     with progress.step("train", f"{run.config} as a Ray job, through the Jobs API", log=log_file) as step:
-        job_id = submit_training(settings, run.config)
+        overrides = data_in_bucket(settings, run.config)
+        if overrides:
+            step.note(f"data sets in the bucket: {', '.join(o.split('=', 1)[1] for o in overrides)}")
+        job_id = submit_training(settings, run.config, overrides)
         run.job_log = step.log = settings.logs_dir / f"demo-train-{job_id}.log"
         step.note(f"job {job_id}; its output goes to {shown(run.job_log)}")
         status, logs = follow_into(settings, job_id, run.job_log, step.note)

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +21,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from core.settings import Settings
 from jobs.batch_config import BatchRefusedError, CsvOptions, InputFormat, Target, is_input_file
+from jobs.data.storage import s3_filesystem
 
 # A row's id: the file (relative to the input folder, or the input file's name) and the row's
 # position among the file's data rows, from 0 (a CSV header is not a row). The key of inputs whose
@@ -37,26 +37,6 @@ STREAM_NAMES = {FILE_COLUMN: "__batch_input_file", ROW_COLUMN: "__batch_input_ro
 SUCCESS_MARKER = "_SUCCESS"
 # Bytes of CSV text parsed at a time (whole lines): a read hands on tables of about this much text.
 CSV_BLOCK_BYTES = 4 * 1024**2
-
-
-def s3_filesystem(settings: Settings) -> pafs.S3FileSystem:
-    """The object store of the project's S3 settings (S3_ENDPOINT_URL, S3_REGION, AWS_*), as the
-    boto3 client of jobs/data/storage.py reaches it."""
-    kwargs = settings.s3_client_kwargs()
-    endpoint = kwargs.get("endpoint_url")
-    scheme, override = "https", None
-    if endpoint:
-        parsed = urlparse(endpoint)
-        scheme, override = (parsed.scheme or "https"), (parsed.netloc or endpoint)
-    return pafs.S3FileSystem(
-        access_key=kwargs.get("aws_access_key_id"),
-        secret_key=kwargs.get("aws_secret_access_key"),
-        region=kwargs["region_name"],
-        endpoint_override=override,
-        scheme=scheme,
-        allow_bucket_creation=False,
-        allow_bucket_deletion=False,
-    )
 
 
 def filesystem_for(target: Target, settings: Settings) -> pafs.FileSystem:

@@ -43,6 +43,14 @@ from jobs.preprocess import Preprocessor
 from jobs.promote import EXIT_NOT_PROMOTED, Decision, gate
 from jobs.registry import log_and_register, log_job_files, requester, requester_tags
 from jobs.result import result_line
+from jobs.run_store import (
+    RunStore,
+    RunStoreUnreachableError,
+    require_run_store,
+    run_store,
+    unreachable_message,
+    unreachable_reason,
+)
 from jobs.schema import build_schema, snake_case
 from jobs.tracking import bound_request_retries, require_tracking_server
 from jobs.train_worker import CHECKPOINT_FILE as CHECKPOINT_FILE  # re-exported: jobs.tune reads it
@@ -281,6 +289,7 @@ def fit(
     Tune, and `standalone=False` (see `trainer_class`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+    store = run_store(settings)
     shared = _shared_columns(datasets)
     data_config = {"shared_data": shared} if shared else {"cache_shards": cache_shards(datasets)}
     trainer = trainer_class(standalone=standalone, ray_data=not shared)(
@@ -290,14 +299,14 @@ def fit(
         datasets=None if shared else datasets,
         run_config=RunConfig(
             name=run_name or f"{config.name}-{run_id or int(time.time())}",
-            storage_path=settings.resolved_storage_path,
+            **store.run_config_kwargs(),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=2),
             callbacks=list(callbacks),
         ),
     )
     fit_started = time.time()
-    with trainer_environment(standalone=standalone):
+    with trainer_environment(standalone=standalone), run_store_errors(store):
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training produced no checkpoint")
@@ -305,6 +314,19 @@ def fit(
         saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     worker = WorkerTimings.from_dict(saved["timings"]) if "timings" in saved else None
     return Fitted(saved["best_model"], int(saved["epoch"]) + 1, fit_phases(fit_started, time.time(), worker))
+
+
+@contextmanager
+def run_store_errors(store: RunStore) -> Iterator[None]:
+    """A run that failed because its store stopped answering says so: Ray Train only reports
+    that its workers failed (after its retries, each of which fails on the store too)."""
+    try:
+        yield
+    except Exception as exc:
+        reason = unreachable_reason(store)
+        if reason is not None:
+            raise RunStoreUnreachableError(unreachable_message(store, reason)) from exc
+        raise
 
 
 @contextmanager
@@ -398,6 +420,7 @@ def run_training(config: JobConfig, settings: Settings | None = None, phases: Ph
     started = time.perf_counter()
     with phases.timed("tracking_check"):
         require_tracking_server(settings)
+        require_run_store(run_store(settings))
         bound_request_retries()
         # The fluent API (runs, params, the model's upload) reads the process's tracking URI; every
         # client below is given it explicitly.

@@ -42,6 +42,7 @@ from jobs.predictor import TabularPredictor
 from jobs.preprocess import Preprocessor
 from jobs.promote import Decision
 from jobs.registry import log_and_register, log_job_files, requester
+from jobs.run_store import RunStore, require_run_store, run_store
 from jobs.schema import build_schema
 from jobs.tracking import bound_request_retries, require_tracking_server
 from jobs.train import (
@@ -55,6 +56,7 @@ from jobs.train import (
     provenance_tags,
     ray_datasets,
     report_outcome,
+    run_store_errors,
 )
 
 if TYPE_CHECKING:
@@ -262,7 +264,7 @@ def tuner(context: TrialContext, datasets: dict[str, Any]) -> Tuner:
             # A fresh actor per trial: stopping a trial must take its Train controller with it.
             reuse_actors=False,
         ),
-        run_config=tune.RunConfig(name=context.name, storage_path=context.settings.resolved_storage_path, verbose=1),
+        run_config=tune.RunConfig(name=context.name, verbose=1, **run_store(context.settings).run_config_kwargs()),
     )
 
 
@@ -298,14 +300,15 @@ def _close_child_runs(client: MlflowClient, context: TrialContext, results: list
     return {trial_id: run.info.run_id for trial_id, run in children.items()}
 
 
-def _best_weights(result: Result) -> tuple[dict[str, Any], int]:
+def _best_weights(result: Result, store: RunStore) -> tuple[dict[str, Any], int]:
     from ray.train import Checkpoint
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
     path = (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
     if not path:
         raise RuntimeError(f"best trial {_trial_id(result)} reported no checkpoint")
-    with Checkpoint(path).as_directory() as directory:
+    # On the object store the reported path has no scheme: the run store's filesystem reads it.
+    with Checkpoint(path, filesystem=store.filesystem).as_directory() as directory:
         saved = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     return saved["best_model"], int(saved["epoch"]) + 1
 
@@ -362,6 +365,8 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
     started = time.perf_counter()
     tc = _tune_section(config)
     require_tracking_server(settings)
+    store = run_store(settings)
+    require_run_store(store)
     bound_request_retries()
     mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     experiment_id = mlflow.set_experiment(settings.mlflow.experiment).experiment_id
@@ -391,14 +396,15 @@ def run_tuning(config: JobConfig, settings: Settings | None = None) -> TuningOut
             tags=tags,
             name=f"tune-{config.name}-{parent.info.run_id[:8]}",
         )
-        grid = tuner(context, datasets).fit()
-        run_ids = _close_child_runs(client, context, trial_results(grid))
-        best = _best_result(grid, tc)
-        best_run_id = run_ids[str(_trial_id(best))]
-        best_params = decode_params(best.config or {}, tc.search_space)
-        best_config = trial_config(config, best.config or {})
-        log.info("best of %d trials: %s (run %s) with %s", len(grid), _trial_id(best), best_run_id, best_params)
-        best_state, epochs_run = _best_weights(best)
+        with run_store_errors(store):
+            grid = tuner(context, datasets).fit()
+            run_ids = _close_child_runs(client, context, trial_results(grid))
+            best = _best_result(grid, tc)
+            best_run_id = run_ids[str(_trial_id(best))]
+            best_params = decode_params(best.config or {}, tc.search_space)
+            best_config = trial_config(config, best.config or {})
+            log.info("best of %d trials: %s (run %s) with %s", len(grid), _trial_id(best), best_run_id, best_params)
+            best_state, epochs_run = _best_weights(best, store)
         predictor = TabularPredictor.from_state_dict(pre, architecture_for(pre, best_config), best_state)
         # Calibrated before the test metrics: they score what gets registered and served.
         calibration = calibrate_and_profile(predictor, splits.train, splits.val)

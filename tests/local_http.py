@@ -31,25 +31,42 @@ def local_http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         server.server_close()
 
 
-@contextmanager
-def moto_s3_server() -> Iterator[str]:
-    """moto in server mode, an S3-compatible endpoint over real HTTP: its base URL."""
-    port = free_port()
-    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    proc = subprocess.Popen(
-        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
+class MotoS3:
+    """moto in server mode, an S3-compatible endpoint over real HTTP, as a process of its own that a
+    test can stop (the store going away under a running job). Its objects live in its memory."""
 
-    def up() -> bool:
+    def __init__(self) -> None:
+        self.url = f"http://127.0.0.1:{free_port()}"
+        binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+        port = self.url.rsplit(":", 1)[1]
+        self.proc = subprocess.Popen(
+            [binary, "-H", "127.0.0.1", "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def up(self) -> bool:
         try:
-            return httpx.get(url, timeout=1).status_code < 500
+            return httpx.get(self.url, timeout=1).status_code < 500
         except httpx.HTTPError:
             return False
 
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@contextmanager
+def moto_s3() -> Iterator[MotoS3]:
+    server = MotoS3()
     try:
-        assert wait_until(up, 30), "moto_server did not start"
-        yield url
+        assert wait_until(server.up, 30), "moto_server did not start"
+        yield server
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
+
+
+@contextmanager
+def moto_s3_server() -> Iterator[str]:
+    """moto in server mode, an S3-compatible endpoint over real HTTP: its base URL."""
+    with moto_s3() as server:
+        yield server.url

@@ -9,10 +9,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import psutil
 from mlflow.tracking import MlflowClient
 
 from cluster.demo import wait_for_version
 from cluster.sandbox import Stack
+from cluster.supervisor import managed, read_pid, session_members
+from core.settings import Settings
 
 
 def until(what: str, probe: Callable[[], Any], timeout_s: float = 120) -> Any:
@@ -53,3 +56,18 @@ def champion_client(stack: Stack) -> Iterator[httpx.Client]:
     assert wait_for_version(stack.settings, str(champion.version), 60), "the champion was not picked up"
     with httpx.Client(base_url=stack.api_url, verify=stack.verify, timeout=60, headers=stack.auth) as client:
         yield client
+
+
+def train_worker_pids(settings: Settings) -> list[int]:
+    """The Ray Train worker processes of the stack `settings` describe (the members of its Ray
+    head's session; another stack's workers on this machine are not)."""
+    leader = read_pid(managed(settings, "ray"))
+    assert leader is not None, "the stack's Ray head is not running"
+    pids = []
+    for proc in session_members(leader):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()) or "RayTrainWorker" in proc.name():
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids

@@ -11,9 +11,16 @@ from urllib.parse import urlparse
 from core.settings import REPO_ROOT, Settings, get_settings
 
 if TYPE_CHECKING:
+    import pyarrow.fs as pafs
     from mypy_boto3_s3 import S3Client  # pragma: no cover
 else:
     S3Client = Any
+
+
+# How long an Arrow filesystem waits to connect to the object store, and how many times it tries a
+# request, before the caller sees the error.
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,33 @@ def s3_client(settings: Settings | None = None) -> S3Client:
     settings = settings or get_settings()
     config = Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"})
     return boto3.client("s3", config=config, **settings.s3_client_kwargs())
+
+
+def s3_filesystem(settings: Settings) -> pafs.S3FileSystem:
+    """The object store of the project's S3 settings (S3_ENDPOINT_URL, S3_REGION, AWS_*) as an
+    Arrow filesystem (Ray Data, Ray Train and Tune read and write through one), reaching it as the
+    boto3 client above does."""
+    import pyarrow.fs as pafs
+
+    kwargs = settings.s3_client_kwargs()
+    endpoint = kwargs.get("endpoint_url")
+    scheme, override = "https", None
+    if endpoint:
+        parsed = urlparse(endpoint)
+        scheme, override = (parsed.scheme or "https"), (parsed.netloc or endpoint)
+    return pafs.S3FileSystem(
+        access_key=kwargs.get("aws_access_key_id"),
+        secret_key=kwargs.get("aws_secret_access_key"),
+        region=kwargs["region_name"],
+        endpoint_override=override,
+        scheme=scheme,
+        allow_bucket_creation=False,
+        allow_bucket_deletion=False,
+        # A store that does not answer fails the caller within seconds instead of hanging a
+        # training run's checkpoint upload (the SDK's own retries still cover a blip).
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    )
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

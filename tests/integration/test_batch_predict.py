@@ -29,11 +29,10 @@ from cluster.sandbox import Stack, run_cli
 from core.health import wait_until
 from core.settings import REPO_ROOT, AwsSettings, S3Settings, Settings, get_settings
 from jobs.batch_config import BatchConfig, BatchRefusedError
-from jobs.batch_io import s3_filesystem
 from jobs.batch_predict import EXIT_REFUSED, run_batch
 from jobs.config import load_config
 from jobs.data.loading import load_splits
-from jobs.data.storage import s3_client
+from jobs.data.storage import s3_client, s3_filesystem
 from jobs.registry import load_predictor
 from jobs.result import training_result
 from tests.local_http import moto_s3_server

@@ -3,14 +3,13 @@
 import os
 import signal
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.supervisor import managed, read_pid, session_members
 from core.health import wait_until
 from jobs.result import training_result
 from services.ray_submission import follow_job, jobs_client, submit_training
+from tests.stack_probes import train_worker_pids
 
 # CI checks resuming from a checkpoint with the harder fault, the whole node lost
 # (test_node_failure.py); this one runs in `make test-reliability` and `make test-extended`.
@@ -19,25 +18,12 @@ pytestmark = pytest.mark.extended
 EPOCHS = 6
 
 
-def _train_workers(stack) -> list[int]:
-    leader = read_pid(managed(stack.settings, "ray"))
-    assert leader is not None
-    pids = []
-    for proc in session_members(leader):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()) or "RayTrainWorker" in proc.name():
-                pids.append(proc.pid)
-        except psutil.Error:
-            continue
-    return pids
-
-
 def test_killed_worker_resumes_from_checkpoint(stack, trained):
     overrides = [f"train.epochs={EPOCHS}", f"train.patience={EPOCHS}", "promotion.enabled=false"]
     job_id = submit_training(stack.settings, "jobs/configs/adult.yaml", overrides)
     jobs = jobs_client(stack.settings)
     assert wait_until(lambda: "Reporting training result 2:" in jobs.get_job_logs(job_id), 300, max_wait_s=1)
-    workers = _train_workers(stack)
+    workers = train_worker_pids(stack.settings)
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0], signal.SIGKILL)
 

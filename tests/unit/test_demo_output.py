@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.demo import DEMO_LOG, JobOutput, failure_reason, metrics_line, run_demo, shown, summary
+from cluster.demo import DEMO_LOG, JobOutput, data_in_bucket, failure_reason, metrics_line, run_demo, shown, summary
 from core.settings import REPO_ROOT, Settings, environment_variables, get_settings
 
 TRACEBACK = """\
@@ -94,6 +94,17 @@ def test_the_summary_says_where_the_logs_are(tmp_path):
     assert f"{tmp_path / 'logs'}/ (each component's, and this command's {DEMO_LOG})" in text
     assert f"Training job  : {tmp_path / 'logs' / 'demo-train-raysubmit_1.log'}" in text
     assert "curl -s" in text and "ray" in text and "job submit" in text
+    assert f"Artifacts     : {tmp_path / 'mlartifacts'} (MLflow)" in text
+    assert f"Checkpoints   : {tmp_path / 'ray_results'} (Ray Train and Tune)" in text
+
+
+def test_in_s3_mode_the_summary_points_at_the_bucket_and_local_data_is_left_alone_without_it(tmp_path):
+    s3 = Settings(_env_file=None, state_dir=tmp_path, nginx={"enabled": False}, s3={"bucket": "platform"})
+    text = summary(s3, "k1", None, 5)
+    assert "Artifacts     : s3://platform/mlflow (MLflow)" in text
+    assert "Checkpoints   : s3://platform/ray-results (Ray Train and Tune)" in text
+    # Without a bucket the job reads the config's own paths: nothing to push, no overrides.
+    assert data_in_bucket(Settings(_env_file=None, state_dir=tmp_path), "jobs/configs/adult.yaml") == []
 
 
 @pytest.fixture
