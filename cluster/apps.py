@@ -47,6 +47,11 @@ def render_serve_config(settings: Settings) -> Path:
             "exporter_import_path": "core.telemetry:serve_span_processors",
             "sampling_ratio": settings.otel.traces_sampler_ratio,
         }
+    if settings.log_dir is not None:
+        # Replicas, proxies and the controller write their JSON files where the collector tails
+        # every node's logs (compose mounts LOG_DIR on each Ray node), not into a node's own
+        # session directory, which only that node sees.
+        config.setdefault("logging_config", {})["logs_dir"] = str(settings.log_dir / "serve")
     target = settings.state_dir / "serve_config.yaml"
     target.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return target

@@ -78,7 +78,8 @@ class RaySettings(Group):
     num_cpus: int = Field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))
     # Short temp dir: Ray's unix sockets must fit in 107 characters.
     temp_dir: OptionalPath = None
-    # Where Ray Train keeps checkpoints; a shared URI (s3://...) once there are several nodes.
+    # Where Ray Train and Tune keep checkpoints and results; a shared URI (s3://...) once there
+    # are several nodes (`resolved_storage_path`).
     storage_path: str | None = None
     # Ray token authentication (RAY_AUTH_MODE=token, Ray >= 2.52) for the whole cluster: GCS,
     # dashboard, Jobs API. Without a token the dashboard is not routed through Nginx at all.
@@ -569,6 +570,10 @@ class Settings(BaseSettings):
     # Recorded on every run; set when the code travels without its .git (containers, Ray jobs).
     git_commit: str | None = None
     log_level: str = "INFO"
+    # Also write each process's JSON log lines to <log_dir>/<service>.log, size-bounded and
+    # rotated, for a log shipper to tail (compose: the platform-logs volume, read by the
+    # OpenTelemetry collector). Unset: stderr only, which `cluster up` already sends to files.
+    log_dir: OptionalPath = None
     # The W3C traceparent a Ray job continues (set by the dispatcher in the job's environment).
     traceparent: str | None = None
     # Who started the Ray job (core.audit.Actor as JSON), set by the dispatcher in the job's
@@ -636,7 +641,13 @@ class Settings(BaseSettings):
 
     @property
     def resolved_storage_path(self) -> str:
-        return self.ray.storage_path or str(self.state_dir / "ray_results")
+        """Where Ray Train and Tune keep checkpoints and results: RAY_STORAGE_PATH, else the object
+        store when S3_BUCKET is set (nothing durable on a node's disk), else the state dir."""
+        if self.ray.storage_path:
+            return self.ray.storage_path
+        if self.s3.bucket:
+            return f"s3://{self.s3.bucket}/ray-results"
+        return str(self.state_dir / "ray_results")
 
     @property
     def batch_data_dir(self) -> Path:
