@@ -55,7 +55,7 @@ test: venv ## the whole suite: unit, integration (real Ray, MLflow, PostgreSQL, 
 	$(PY) -m pytest $(TESTS) -m "not extended" \
 	  --reliability-report reliability-report.json
 
-test-extended: venv tools ## what `make test` leaves out for time: the benchmark smoke run, the training benchmark's quick run, the benchmark peers' check, a killed Train worker, a lost Ray node, a failed `cluster up`, models appearing and swapping under load on two models
+test-extended: venv tools ## what `make test` leaves out for time: the benchmark smoke run, the training benchmark's quick run, the benchmark peers' check, a killed Train worker, a lost Ray node, a failed `cluster up`, models appearing and swapping under load on two models, a registered model in a bare environment
 	$(PY) -m pytest tests -m extended
 
 test-reliability: venv tools ## faults under load, hostile input, the auth matrix, and the full 10-minute soak

@@ -3,6 +3,8 @@ Prometheus, the model the API serves."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +17,9 @@ from mlflow.tracking import MlflowClient
 from cluster.demo import wait_for_version
 from cluster.sandbox import Stack
 from cluster.supervisor import managed, read_pid, session_members
+from core.health import wait_until
 from core.settings import Settings
+from services.ray_submission import jobs_client
 
 
 def until(what: str, probe: Callable[[], Any], timeout_s: float = 120) -> Any:
@@ -71,3 +75,22 @@ def train_worker_pids(settings: Settings) -> list[int]:
         except psutil.Error:
             continue
     return pids
+
+
+def kill_a_train_worker_after(settings: Settings, job_id: str, reports: int = 2, timeout_s: float = 600) -> None:
+    """SIGKILL one Ray Train worker of the stack once job `job_id` has reported `reports` epochs,
+    each with its checkpoint."""
+    jobs = jobs_client(settings)
+    reported = f"Reporting training result {reports}:"
+    assert wait_until(lambda: reported in jobs.get_job_logs(job_id), timeout_s, max_wait_s=1), reported
+    workers = train_worker_pids(settings)
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[0], signal.SIGKILL)
+
+
+def assert_resumed(settings: Settings, run_id: str, epochs: int) -> None:
+    """Run `run_id` logged every epoch and resumed rather than restarted after a killed worker: at
+    most the epoch in flight at the kill is logged twice."""
+    history = MlflowClient(settings.mlflow.tracking_uri).get_metric_history(run_id, "val_loss")
+    steps = sorted(m.step for m in history)
+    assert set(steps) == set(range(epochs)) and len(steps) <= epochs + 1, steps

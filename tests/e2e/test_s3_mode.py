@@ -9,7 +9,6 @@ checkpoint; and with the bucket gone mid-run the job fails, saying so, and regis
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from jobs.result import training_result
 from serve_apps.schemas import EXAMPLE_ROW
 from services.ray_submission import follow_job, jobs_client, submit_training
 from tests.local_http import MotoS3, moto_s3
-from tests.stack_probes import train_worker_pids
+from tests.stack_probes import assert_resumed, kill_a_train_worker_after
 
 CONFIG = "jobs/configs/adult.yaml"
 BUCKET = "platform-s3-mode"
@@ -70,11 +69,7 @@ def run_resumed_after_a_kill(stack: Stack) -> dict[str, Any]:
     its second checkpoint: its result line, logs and data overrides."""
     data = data_in_bucket(stack.settings, CONFIG)
     job_id = submit_training(stack.settings, CONFIG, [*data, f"train.epochs={EPOCHS}", f"train.patience={EPOCHS}"])
-    jobs = jobs_client(stack.settings)
-    assert wait_until(lambda: "Reporting training result 2:" in jobs.get_job_logs(job_id), 600, max_wait_s=1)
-    workers = train_worker_pids(stack.settings)
-    assert workers, "no Ray Train worker process found"
-    os.kill(workers[0], signal.SIGKILL)
+    kill_a_train_worker_after(stack.settings, job_id)
     status, logs = follow_job(stack.settings, job_id)
     assert status == "SUCCEEDED", logs[-4000:]
     result = training_result(logs)
@@ -118,10 +113,7 @@ def test_the_registered_version_is_in_the_bucket_and_nowhere_on_disk(s3_stack: S
 def test_a_killed_worker_resumes_from_its_s3_checkpoint(s3_stack: Stack, run: dict[str, Any]) -> None:
     result = run["result"]
     assert result["epochs_run"] == EPOCHS
-    history = MlflowClient(s3_stack.settings.mlflow.tracking_uri).get_metric_history(result["run_id"], "val_loss")
-    steps = sorted(m.step for m in history)
-    # Resumed, not restarted: at most the epoch in flight at the kill is logged twice.
-    assert set(steps) == set(range(EPOCHS)) and len(steps) <= EPOCHS + 1, steps
+    assert_resumed(s3_stack.settings, result["run_id"], EPOCHS)
     run_name = f"adult-income-{result['run_id']}"
     checkpoints = [key for key in bucket_keys(s3_stack, f"ray-results/{run_name}/") if "/checkpoint_" in key]
     assert checkpoints, bucket_keys(s3_stack, "ray-results/")
@@ -140,18 +132,6 @@ def test_the_champion_is_served_from_the_bucket(s3_stack: Stack, run: dict[str, 
     assert str(body["model"]["version"]) == version and len(body["predictions"]) == 1
 
 
-def test_a_run_leaves_its_data_artifacts_and_checkpoints_in_the_bucket(s3_stack: Stack, run: dict[str, Any]) -> None:
-    """What a run leaves in the bucket, by top-level prefix (the listing is in the test's output)."""
-    keys = bucket_keys(s3_stack)
-    by_prefix: dict[str, int] = {}
-    for key in keys:
-        by_prefix[key.split("/", 1)[0]] = by_prefix.get(key.split("/", 1)[0], 0) + 1
-    print(f"s3://{BUCKET}: " + ", ".join(f"{prefix}/ {count} objects" for prefix, count in sorted(by_prefix.items())))
-    for key in keys:
-        print(f"  {key}")
-    assert {"datasets", "mlflow", "ray-results"} <= set(by_prefix)
-
-
 def test_a_tuning_run_keeps_its_results_and_trial_checkpoints_in_the_bucket(
     s3_stack: Stack, run: dict[str, Any]
 ) -> None:
@@ -159,11 +139,11 @@ def test_a_tuning_run_keeps_its_results_and_trial_checkpoints_in_the_bucket(
     overrides = [
         *data,
         "model_name=adult-income-tuned",  # its own model: the champion above stays served
-        "train.epochs=2",
-        "train.patience=2",
-        "tune.num_samples=2",
+        "train.epochs=1",
+        "train.patience=1",
+        "tune.num_samples=1",
         "tune.max_concurrent_trials=1",
-        "tune.grace_period=2",
+        "tune.grace_period=1",
     ]
     job_id = submit_training(s3_stack.settings, "jobs/configs/adult-tune.yaml", overrides, module="jobs.tune")
     status, logs = follow_job(s3_stack.settings, job_id)
@@ -178,6 +158,19 @@ def test_a_tuning_run_keeps_its_results_and_trial_checkpoints_in_the_bucket(
     assert trials, bucket_keys(s3_stack, "ray-results/")
     assert not (s3_stack.settings.state_dir / "ray_results").exists()
     assert not (Path.home() / "ray_results" / experiment).exists()
+
+
+def test_a_run_leaves_its_data_artifacts_and_checkpoints_in_the_bucket(s3_stack: Stack, run: dict[str, Any]) -> None:
+    """What the runs above (a training run, a tuning run) leave in the bucket, by top-level prefix
+    (the whole listing is in the test's output)."""
+    keys = bucket_keys(s3_stack)
+    by_prefix: dict[str, int] = {}
+    for key in keys:
+        by_prefix[key.split("/", 1)[0]] = by_prefix.get(key.split("/", 1)[0], 0) + 1
+    print(f"s3://{BUCKET}: " + ", ".join(f"{prefix}/ {count} objects" for prefix, count in sorted(by_prefix.items())))
+    for key in keys:
+        print(f"  {key}")
+    assert {"datasets", "mlflow", "ray-results"} <= set(by_prefix)
 
 
 # Last in the module: it stops the store.

@@ -75,6 +75,9 @@ def test_the_version_carries_only_the_inference_modules(model_dir):
     assert {r.split("==")[0] for r in requirements} == {"mlflow", "torch", "pandas", "numpy", "pydantic"}
 
 
+# Building a bare environment (torch included) takes minutes: `make test-extended`; `make test` keeps
+# the version's contents (the inference modules only) and import-linter's contract on them.
+@pytest.mark.extended
 def test_a_bare_environment_loads_and_scores_it(model_dir, bare_env, tmp_path):
     script = f"""
 import importlib.util, json, sys
@@ -123,6 +126,7 @@ def served(model_dir: Path, bare_env: Path, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.extended
 def test_mlflow_models_serve_answers_from_the_bare_environment(served):
     body = {"dataframe_split": pd.DataFrame(ROWS).to_dict(orient="split")}
     response = httpx.post(f"{served}/invocations", json=body, timeout=60)

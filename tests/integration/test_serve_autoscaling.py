@@ -36,7 +36,9 @@ FAST_AUTOSCALING: dict[str, Any] = {
     "metrics_interval_s": 0.5,
     "look_back_period_s": 2,
     "upscale_delay_s": 1,
-    "downscale_delay_s": 3,
+    # Long enough that a moment in which this process's clients fall behind (two cores run the
+    # load, Nginx, HAProxy and both replicas) does not take the second replica away mid-load.
+    "downscale_delay_s": 10,
 }
 # Closed-loop clients: each sends its next request as soon as the previous one is answered, so the
 # replica always has several in hand. Ten rows a request keep the work in the replica rather than
@@ -47,8 +49,9 @@ ROWS_PER_REQUEST = 10
 SCALE_OUT_TIMEOUT_S = 90
 # Requests answered after the scale-out, while both replicas serve, before the load stops.
 REQUESTS_ON_TWO = 300
-# The scaled-in replica drains for Serve's direct-ingress minimum (30 s) before it is gone.
-SCALE_IN_TIMEOUT_S = 60
+# After the downscale delay the scaled-in replica drains for Serve's direct-ingress minimum (30 s)
+# before it is gone.
+SCALE_IN_TIMEOUT_S = 90
 GONE_TIMEOUT_S = 120
 
 

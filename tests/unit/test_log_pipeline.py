@@ -512,22 +512,16 @@ def test_a_second_writer_follows_the_rotation_of_the_first(tmp_path: Path) -> No
 
 
 def test_add_log_file_gives_a_dict_config_the_same_file(tmp_path: Path, root_logger: logging.Logger) -> None:
-    """MLflow's uvicorn workers are configured by a dictConfig file (cluster/mlflow_server.py)."""
-    stderr = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
-    quiet = {"handlers": ["stderr"], "level": "INFO", "propagate": False}
-    config = {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "core.logs.JsonFormatter", "service": "mlflow"}},
-        "handlers": {"stderr": stderr},
-        "root": {"handlers": ["stderr"], "level": "INFO"},
-        "loggers": {"uvicorn.access": quiet},
-    }
-    path = tmp_path / "logging.json"
-    path.write_text(json.dumps(config), encoding="utf-8")
+    """MLflow's uvicorn workers are configured by a dictConfig file: the one cluster/mlflow_server.py
+    writes, which compose hands on through `add_log_file`."""
+    from cluster.mlflow_server import mlflow_log_config
+
+    path = mlflow_log_config(Settings(_env_file=None, state_dir=tmp_path))
+    config = json.loads(path.read_text(encoding="utf-8"))
     assert add_log_file(path, "mlflow", None) == path
     assert json.loads(path.read_text(encoding="utf-8")) == config
     add_log_file(path, "mlflow", tmp_path / "logs")
+    quieted = [logging.getLogger(name) for name in config["loggers"]]
     access = logging.getLogger("uvicorn.access")
     try:
         logging.config.dictConfig(json.loads(path.read_text(encoding="utf-8")))
@@ -535,10 +529,11 @@ def test_add_log_file_gives_a_dict_config_the_same_file(tmp_path: Path, root_log
         # A logger no other test or library configures: its line reaches the root handlers.
         logging.getLogger("tests.log_pipeline.root").warning("root line")
     finally:
-        for handler in access.handlers:
-            handler.close()
-        access.handlers.clear()
-        access.propagate = True
+        for logger in quieted:
+            for handler in logger.handlers:
+                handler.close()
+            logger.handlers.clear()
+            logger.propagate = True
     for handler in root_logger.handlers:
         handler.flush()
     lines = read_lines(tmp_path / "logs" / "mlflow.log")
