@@ -55,7 +55,8 @@ def unreachable_reason(store: RunStore) -> str | None:
     try:
         info = store.filesystem.get_file_info(bucket)
     except OSError as exc:
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
+        detail = str(exc).strip() or repr(exc)
+        return f"{type(exc).__name__}: {detail.splitlines()[0]}"
     if info.type == pafs.FileType.NotFound:
         return f"bucket {bucket!r} does not exist"
     return None

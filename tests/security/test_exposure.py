@@ -9,7 +9,7 @@ import ipaddress
 import psutil
 
 from cluster.sandbox import Stack
-from tests.unit.test_compose import environment, services
+from tests.compose_file import environment, services
 
 
 def test_grafana_has_no_anonymous_access_and_a_required_admin_password() -> None:

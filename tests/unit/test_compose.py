@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from core.settings import REPO_ROOT
+from tests.compose_file import COMPOSE_FILE, compose, environment, services
 
-COMPOSE_FILE = REPO_ROOT / "compose.yaml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
@@ -49,21 +49,6 @@ RAY_SERVICES = {"ray-head", "ray-worker", "dispatcher"}
 RAY_PORTS = {6380, 10001, 8265, 52365, 8090, 8000}
 # The scripts compose runs, bind-mounted or from the image.
 SCRIPTS = sorted({REPO_ROOT / path for path in re.findall(r"cluster/[\w./-]+\.sh", COMPOSE_FILE.read_text())})
-
-
-def compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE_FILE.read_text())
-
-
-def services() -> dict[str, dict[str, Any]]:
-    return dict(compose()["services"])
-
-
-def environment(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {str(k): str(v) for k, v in env.items()}
 
 
 def variables(text: str, required_only: bool = False) -> set[str]:

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from core.settings import REPO_ROOT
+from tests.compose_file import services
 
 DEPLOYMENT_DOC = REPO_ROOT / "docs/deployment.md"
-COMPOSE_FILE = REPO_ROOT / "compose.yaml"
 KUBERAY_DIR = REPO_ROOT / "cluster/kuberay"
 SECTION = "## What is verified, and how"
 COLUMNS = ["what", "runtime test", "static test", "not verifiable here"]
@@ -68,7 +68,7 @@ def table_rows() -> list[Row]:
 
 
 def compose_services() -> list[str]:
-    return sorted(yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"])
+    return sorted(services())
 
 
 def kuberay_kinds() -> dict[str, set[str]]:

@@ -25,8 +25,8 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from core import logs
 from core.logs import JsonFormatter, SharedRotatingFileHandler, add_log_file, configure_logging, log_context, log_file
 from core.settings import REPO_ROOT, RaySettings, Settings
+from tests.compose_file import COMPOSE_FILE, environment, services
 
-COMPOSE_FILE = REPO_ROOT / "compose.yaml"
 COLLECTOR_FILE = REPO_ROOT / "cluster/otel-collector/config.yaml"
 LOKI_FILE = REPO_ROOT / "cluster/loki/loki.yaml"
 TEMPO_FILE = REPO_ROOT / "cluster/tempo/tempo.yaml"
@@ -53,10 +53,6 @@ def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def services() -> dict[str, dict[str, Any]]:
-    return dict(load_yaml(COMPOSE_FILE)["services"])
-
-
 def one_shot(service: dict[str, Any]) -> bool:
     return str(service.get("restart", "no")) == "no"
 
@@ -68,13 +64,6 @@ def platform_services() -> dict[str, dict[str, Any]]:
         for name, service in services().items()
         if str(service.get("image", "")).split(":")[0] == PLATFORM_IMAGE and not one_shot(service)
     }
-
-
-def environment(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {str(key): str(value) for key, value in env.items()}
 
 
 def command_text(service: dict[str, Any]) -> str:

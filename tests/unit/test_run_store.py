@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-import yaml
 
 from cluster.sandbox import free_port, settings_from
-from core.settings import REPO_ROOT, Settings
+from core.settings import Settings
 from jobs.run_store import RunStoreUnreachableError, require_run_store, run_store, unreachable_reason
 from jobs.train import run_store_errors
+from tests.compose_file import environment, services
 
 
 def settings(tmp_path: Path, **s3: str | None) -> Settings:
@@ -82,14 +82,14 @@ def test_a_failed_fit_on_a_healthy_store_keeps_its_own_error(tmp_path: Path) -> 
         raise ValueError("bad loss")
 
 
-def interpolated(env: dict[str, object]) -> dict[str, str]:
+def interpolated(env: dict[str, str]) -> dict[str, str]:
     """A service's environment as compose hands it over with no .env: defaults taken, required
     values given a placeholder."""
 
     def value(match: re.Match[str]) -> str:
         return match.group(3) if match.group(2) == ":-" else "required-value"
 
-    return {k: VARIABLE.sub(value, str(v)) for k, v in env.items()}
+    return {k: VARIABLE.sub(value, v) for k, v in env.items()}
 
 
 VARIABLE = re.compile(r"\$\{([A-Za-z_]\w*)(:[-?])?([^}]*)\}")
@@ -98,13 +98,13 @@ VARIABLE = re.compile(r"\$\{([A-Za-z_]\w*)(:[-?])?([^}]*)\}")
 def test_compose_keeps_every_artifact_of_a_run_in_minio() -> None:
     """The production settings (compose.yaml): checkpoints and Tune results, MLflow's artifacts and
     data sets all resolve to MinIO's buckets, reached at MinIO's endpoint; none to a node's disk."""
-    services = yaml.safe_load((REPO_ROOT / "compose.yaml").read_text())["services"]
+    described = services()
     for name in ("ray-head", "ray-worker", "dispatcher"):
-        env = interpolated(services[name]["environment"])
+        env = interpolated(environment(described[name]))
         configured = settings_from(env)
         store = run_store(configured)
         assert store.uri.startswith("s3://") and isinstance(store.filesystem, pafs.S3FileSystem), name
         assert configured.s3.endpoint_url == "http://minio:9000" and configured.s3.bucket, name
-    mlflow = interpolated(services["mlflow"]["environment"])
+    mlflow = interpolated(environment(described["mlflow"]))
     assert mlflow["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     assert settings_from(mlflow).resolved_artifacts_destination == mlflow["MLFLOW_ARTIFACTS_DESTINATION"]
